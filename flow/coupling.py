@@ -1,0 +1,214 @@
+"""Layers of the SANF-AD flow: soft clamp, class attention, CAFF subnet, flow-based learning layer.
+
+Equation numbers refer to ``../shared/SPEC.md`` section 3 and to the paper (Ma, Lan et al., "A
+Semantics-aware Normalizing Flow Model for Anomaly Detection", ICME 2023).
+
+Sign convention (as in zuko / FrEIA): ``forward`` returns ``(z, +log|det dz/dy|)`` and ``inverse``
+returns ``(y, log|det dy/dz|)``, which is minus the forward log-det at the same point. Log-dets are in
+nats, one value per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Arctan soft clamp of a log-scale (eq. 5): ``c(s) = (2 alpha / pi) * arctan(s / alpha)``.
+
+    Args:
+        s: raw log-scales, any shape.
+        alpha: clamp bound (paper: 3); the output lies in the open interval (-alpha, alpha).
+
+    Returns:
+        Tensor of the shape of ``s``.
+    """
+    return (2.0 * alpha / math.pi) * torch.atan(s / alpha)
+
+
+class ClassAttention(nn.Module):
+    """Multi-head class attention of one query vector over ``[v; tokens]`` (eq. 6-10).
+
+    ``Q = W_q v + b_q`` (1 token), ``K, V = W_{k,v} [v; T] + b`` (1 + P tokens),
+    ``A = softmax(Q K^T / sqrt(d_head))``, ``Out_CA = W_o (A V) + b_o``. The paper prints the
+    sqrt outside the softmax (eq. 9); scaled dot-product attention is meant.
+
+    Attention runs in ``attn_dim = num_heads * ceil(in_dim / num_heads)`` channels, i.e. the
+    input width rounded up to a multiple of the head count (the reference code attends in the
+    input width); ``W_o`` maps to ``out_dim`` (H).
+
+    Args:
+        in_dim: d, channels of v and of each token.
+        out_dim: width of Out_CA (H).
+        num_heads: attention heads (reference code: 4).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int = 4) -> None:
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = -(-in_dim // num_heads)
+        self.attn_dim = self.head_dim * num_heads
+        self.q = nn.Linear(in_dim, self.attn_dim)
+        # K and V share one matmul over the 1 + P tokens (same math as two layers).
+        self.kv = nn.Linear(in_dim, 2 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, out_dim)
+
+    def forward(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Attend from ``v`` over ``[v; tokens]``.
+
+        Args:
+            v: (B, d) query vector.
+            tokens: (B, P, d) patch tokens.
+
+        Returns:
+            Out_CA of shape (B, H).
+        """
+        B, P, d = tokens.shape
+        m = torch.cat([v.unsqueeze(1), tokens], dim=1)  # (B, 1+P, d)
+        q = self.q(v).view(B, self.num_heads, 1, self.head_dim)
+        k, val = self.kv(m).view(B, 1 + P, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, val)  # (B, heads, 1, head_dim); scale 1/sqrt(head_dim)
+        return self.proj(out.reshape(B, self.attn_dim))
+
+
+class CAFFSubnet(nn.Module):
+    """Coupling subnet with class-attention feature fusion (CAFF, eq. 6-11).
+
+    ``[s, t] = FC(concat(MLP(v), gamma * Out_CA(v, T)))`` where MLP is three Linear+ReLU layers of
+    width H and gamma a per-channel scale initialised to 1. With ``use_caff=False`` (the paper's
+    "without CAFF" ablation, Table 5) it is ``[s, t] = FC(MLP(v))`` and the patch tokens are unused.
+
+    Args:
+        in_dim: d, channels of the conditioning half v (and of each patch token half).
+        out_dim: channels of the half being transformed; s and t each have this many.
+        hidden: H (paper: 1024).
+        num_heads: class-attention heads.
+        use_caff: fuse the patch tokens by class attention.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 1024, num_heads: int = 4,
+                 use_caff: bool = True) -> None:
+        super().__init__()
+        self.use_caff = use_caff
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+        )
+        if use_caff:
+            self.attn = ClassAttention(in_dim, hidden, num_heads)
+            self.gamma = nn.Parameter(torch.ones(hidden))
+        self.fc = nn.Linear(2 * hidden if use_caff else hidden, 2 * out_dim)
+
+    def forward(self, v: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the raw log-scale and the shift.
+
+        Args:
+            v: (B, d) conditioning half.
+            tokens: (B, P, d) patch-token halves aligned with v; may be None without CAFF.
+
+        Returns:
+            ``(s, t)``, each (B, out_dim); s is not yet clamped.
+        """
+        h = self.mlp(v)
+        if self.use_caff:
+            h = torch.cat([h, self.gamma * self.attn(v, tokens)], dim=-1)
+        s, t = self.fc(h).chunk(2, dim=-1)
+        return s, t
+
+
+class FlowLayer(nn.Module):
+    """One flow-based learning layer (FLL): fixed permutation, then a two-step affine coupling (eq. 2-5).
+
+    With y permuted and split into ``a`` (first floor(D/2) channels) and ``b`` (the rest), and the patch
+    tokens permuted and split alike into ``T_a``, ``T_b``::
+
+        (s1, t1) = CAFF_1(a, T_a);   b' = b * exp(c(s1)) + t1
+        (s2, t2) = CAFF_2(b', T_b);  a' = a * exp(c(s2)) + t2
+        output [a', b'],  log|det J| = sum c(s1) + sum c(s2)
+
+    The output stays in the permuted channel order; :meth:`permute_tokens` gives the patch tokens in
+    that order for the next layer.
+
+    Args:
+        dim: D, channels of the semantic vector and of each patch token.
+        hidden: H of the subnets.
+        num_heads: class-attention heads.
+        alpha: soft-clamp bound (eq. 5).
+        use_caff: CAFF subnets (True) or MLP-only subnets (ablation).
+        seed: seed of this layer's channel permutation.
+    """
+
+    def __init__(self, dim: int, hidden: int = 1024, num_heads: int = 4, alpha: float = 3.0,
+                 use_caff: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"dim must be >= 2 to split into two halves, got {dim}")
+        self.dim = dim
+        self.alpha = alpha
+        self.dim_a = dim // 2
+        self.dim_b = dim - self.dim_a
+        perm = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+        self.subnet1 = CAFFSubnet(self.dim_a, self.dim_b, hidden, num_heads, use_caff)
+        self.subnet2 = CAFFSubnet(self.dim_b, self.dim_a, hidden, num_heads, use_caff)
+        self.use_caff = use_caff
+
+    def permute_tokens(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Apply this layer's channel permutation to (B, P, D) patch tokens (None passes through)."""
+        return None if tokens is None else tokens[..., self.perm]
+
+    def _split_tokens(self, tokens: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if tokens is None or not self.use_caff:
+            return None, None
+        tokens = self.permute_tokens(tokens)
+        return tokens[..., : self.dim_a], tokens[..., self.dim_a:]
+
+    def forward(self, y: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map y to z.
+
+        Args:
+            y: (B, D) input, channel order aligned with ``tokens``.
+            tokens: (B, P, D) patch tokens aligned with y (None only without CAFF).
+
+        Returns:
+            ``z`` (B, D) in this layer's permuted order and ``log|det dz/dy|`` (B,) in nats.
+        """
+        y = y[:, self.perm]
+        a, b = y[:, : self.dim_a], y[:, self.dim_a:]
+        t_a, t_b = self._split_tokens(tokens)
+        s1, t1 = self.subnet1(a, t_a)
+        s1 = soft_clamp(s1, self.alpha)
+        b = b * torch.exp(s1) + t1
+        s2, t2 = self.subnet2(b, t_b)
+        s2 = soft_clamp(s2, self.alpha)
+        a = a * torch.exp(s2) + t2
+        return torch.cat([a, b], dim=1), s1.sum(dim=1) + s2.sum(dim=1)
+
+    def inverse(self, z: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form inverse of :meth:`forward`.
+
+        Args:
+            z: (B, D) output of forward (permuted order).
+            tokens: (B, P, D) the same patch tokens given to forward (aligned with its input y).
+
+        Returns:
+            ``y`` (B, D) and ``log|det dy/dz|`` (B,) = minus the forward log-det.
+        """
+        a, b = z[:, : self.dim_a], z[:, self.dim_a:]
+        t_a, t_b = self._split_tokens(tokens)
+        s2, t2 = self.subnet2(b, t_b)
+        s2 = soft_clamp(s2, self.alpha)
+        a = (a - t2) * torch.exp(-s2)
+        s1, t1 = self.subnet1(a, t_a)
+        s1 = soft_clamp(s1, self.alpha)
+        b = (b - t1) * torch.exp(-s1)
+        y = torch.cat([a, b], dim=1)[:, self.inv_perm]
+        return y, -(s1.sum(dim=1) + s2.sum(dim=1))

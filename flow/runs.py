@@ -1,0 +1,367 @@
+"""Fitting flows on a cache, saving them as runs, and scoring every run: the library behind ``fit`` and ``score``.
+
+A run is a folder ``<runs_dir>/<name>/`` holding ``model.safetensors`` (the flow's state dict),
+``run.json`` (every setting, the cache and its fingerprint, the train loss per epoch, wall time) and,
+after scoring, ``scores.csv``. ``<runs_dir>/auroc.csv`` collects one row per (run, score type).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cache import CacheError, FeatureCache
+
+from .metrics import auroc
+from .model import FlowConfig, SANFFlow, count_parameters
+from .train import TrainConfig, fit_flow, resolve_device, score_batches
+
+RUN_FORMAT = "sanf-ad-run"
+RUN_VERSION = 1
+SCORE_TYPES = ("nll", "z2")
+AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
+                 "n_normal", "n_anomalous", "run", "cache")
+
+
+class RunError(Exception):
+    """A run folder or its cache is missing, changed or unreadable."""
+
+
+def resolve_normal(spec: str | int, class_names: Sequence[str]) -> list[int]:
+    """Turn ``--normal`` into class indices.
+
+    Args:
+        spec: ``"all"``, a class index (int or digit string) or a class name.
+        class_names: the cache's class names.
+
+    Returns:
+        Sorted class indices.
+
+    Raises:
+        ValueError: out of range or unknown name; the message lists the allowed values.
+    """
+    text = str(spec).strip()
+    if text == "all":
+        return list(range(len(class_names)))
+    if text.lstrip("-").isdigit():
+        k = int(text)
+        if 0 <= k < len(class_names):
+            return [k]
+        raise ValueError(f"--normal must be 'all', an index 0..{len(class_names) - 1} or a class name; got {text}")
+    if text in class_names:
+        return [list(class_names).index(text)]
+    raise ValueError(f"--normal must be 'all', an index 0..{len(class_names) - 1} or one of "
+                     f"{', '.join(class_names)}; got {text!r}")
+
+
+def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) -> Path:
+    """The cache file to use: ``cache`` when given, else the only ``*.h5`` in ``cache_dir``.
+
+    Raises:
+        ValueError: no cache given and ``cache_dir`` holds none or several (the candidates are listed).
+    """
+    if cache is not None:
+        return Path(cache)
+    found = sorted(Path(cache_dir).glob("*.h5"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache")
+    raise ValueError(f"--cache-dir {cache_dir} holds {len(found)} caches; pass --cache with one of: "
+                     + ", ".join(str(p) for p in found))
+
+
+def method_name(use_caff: bool) -> str:
+    """``"sanf"`` for the CAFF flow, ``"sanf-nocaff"`` for the MLP-only ablation."""
+    return "sanf" if use_caff else "sanf-nocaff"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class FitOutcome:
+    """One fitted run: where it was saved and its record (the content of ``run.json``)."""
+
+    path: Path
+    record: dict
+
+
+def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str | os.PathLike = "runs",
+              seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
+              device: str = "auto", progress: bool = True,
+              log: Callable[[str], None] = print) -> list[FitOutcome]:
+    """Fit one flow per normal class on the train split of a cache and save each as a run.
+
+    Only the train rows of the normal class are read from the file (not the whole cache).
+
+    Args:
+        cache: the ``.h5`` feature cache.
+        normal: ``"all"``, a class index or a class name (see :func:`resolve_normal`).
+        runs_dir: folder that receives one run folder per fitted model.
+        seed: initialisation and batch-order seed.
+        flow_config: FlowConfig fields other than ``dim`` (taken from the cache).
+        train_config: optimisation settings.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        progress: show progress bars.
+        log: where to print one line per fitted class.
+
+    Returns:
+        One :class:`FitOutcome` per normal class, in class order.
+
+    Raises:
+        CacheError: the cache is unreadable or invalid.
+        ValueError: a bad ``normal`` or a normal class without train rows.
+        FlowTrainingError: training diverged.
+    """
+    dev = resolve_device(device)
+    runs_dir = Path(runs_dir)
+    outcomes = []
+    with FeatureCache(cache) as fc:
+        classes = resolve_normal(normal, fc.class_names)
+        fingerprint = fc.fingerprint()
+        train = fc.split("train")
+        config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **(flow_config or {}))
+        n_params = count_parameters(SANFFlow(config))
+        log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
+            f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
+            f"{n_params:,} trainable parameters")
+        for k in classes:
+            rows = train.rows_of_class(k)
+            if rows.size == 0:
+                raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
+            cls_np, patches_np = train.read(rows)
+            cls_t = torch.from_numpy(cls_np)
+            patches_t = torch.from_numpy(patches_np) if config.use_caff else None
+            model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
+                                     progress=progress)
+            name = (f"{Path(cache).stem}__{method_name(config.use_caff)}__normal{k}-{fc.class_names[k]}"
+                    f"__seed{seed}")
+            record = {
+                "format": RUN_FORMAT,
+                "format_version": RUN_VERSION,
+                "method": method_name(config.use_caff),
+                "dataset": fc.attrs["dataset"],
+                "backbone": fc.attrs["backbone"],
+                "normal_class": k,
+                "normal_name": fc.class_names[k],
+                "seed": seed,
+                "flow": config.to_dict(),
+                "train": train_config.to_dict(),
+                "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
+                "epochs": train_config.epochs,
+                "epoch_losses": result.epoch_losses,
+                "final_train_loss": result.final_loss,
+                "num_train": int(rows.size),
+                "num_parameters": n_params,
+                "wall_time_s": round(result.wall_time_s, 3),
+                "device": str(dev),
+                "cache": str(Path(cache).resolve()),
+                "cache_fingerprint": fingerprint,
+                "torch_version": torch.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            path = save_run(runs_dir, name, model, record)
+            log(f"fitted normal class {k} ({fc.class_names[k]}): {rows.size} train rows, "
+                f"{train_config.epochs} epochs, final loss {result.final_loss:.4f} nats/dim, "
+                f"{result.wall_time_s:.1f} s -> {path}")
+            outcomes.append(FitOutcome(path, record))
+    return outcomes
+
+
+def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
+    """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        final = runs_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
+    """Load a run folder's model (eval mode) and record.
+
+    Raises:
+        RunError: ``run.json`` or ``model.safetensors`` is missing or of another format.
+    """
+    path = Path(path)
+    try:
+        record = json.loads((path / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunError(f"run {path}: cannot read run.json ({err})") from None
+    if record.get("format") != RUN_FORMAT or record.get("format_version") != RUN_VERSION:
+        raise RunError(f"run {path}: run.json is not a {RUN_FORMAT} v{RUN_VERSION} record")
+    model = SANFFlow(FlowConfig(**record["flow"]))
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
+        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), record
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """Run folders (those holding a ``run.json``) directly under ``runs_dir``, sorted by name."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return sorted(p for p in runs_dir.iterdir() if not p.name.startswith(".") and (p / "run.json").is_file())
+
+
+def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, device: str = "auto",
+               block_rows: int = 2048, log: Callable[[str], None] = print) -> list[dict]:
+    """Score the test split of its cache with every run under ``runs_dir``; write scores and AUROCs.
+
+    The test split is read once per cache in blocks of ``block_rows`` rows and every run on that cache
+    scores each block, so memory stays bounded by a block whatever the cache's size.
+
+    Writes ``<run>/scores.csv`` (sample_id, label, is_anomaly, nll in nats, z2) per run and
+    ``<runs_dir>/auroc.csv`` (columns ``AUROC_COLUMNS``: one row per run and score type).
+
+    Args:
+        runs_dir: folder of run folders.
+        batch_size: samples per forward pass.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        block_rows: test rows read from the cache at once.
+        log: where to print progress lines.
+
+    Returns:
+        The AUROC rows (dicts keyed by ``AUROC_COLUMNS``).
+
+    Raises:
+        RunError: no runs, a run's cache is missing or its fingerprint changed.
+        CacheError: a cache is invalid.
+        MetricError: non-finite scores, or a test split without normal or anomalous samples.
+    """
+    dev = resolve_device(device)
+    runs = list_runs(runs_dir)
+    if not runs:
+        raise RunError(f"no fitted runs under {runs_dir}; run 'fit' first")
+    by_cache: dict[str, list[Path]] = {}
+    for run in runs:
+        record = json.loads((run / "run.json").read_text())
+        by_cache.setdefault(record.get("cache", ""), []).append(run)
+    rows: list[dict] = []
+    for cache_path, cache_runs in by_cache.items():
+        if not Path(cache_path).exists():
+            raise RunError(f"the cache of run {cache_runs[0].name} is missing: {cache_path}")
+        with FeatureCache(cache_path) as fc:
+            fingerprint = fc.fingerprint()
+            loaded = []
+            for run in cache_runs:
+                model, record = load_run(run, dev)
+                if record["cache_fingerprint"] != fingerprint:
+                    raise RunError(f"the cache {cache_path} changed since run {run.name} was fitted "
+                                   f"(fingerprint {fingerprint[:12]} != {record['cache_fingerprint'][:12]}); "
+                                   "fit again")
+                loaded.append((run, model, record))
+            test = fc.split("test")
+            scores = {run: {key: [] for key in SCORE_TYPES} for run, _, _ in loaded}
+            start = time.perf_counter()
+            for _, cls_np, patches_np in test.iter_blocks(block_rows):
+                cls_t = torch.from_numpy(cls_np)
+                patches_t = torch.from_numpy(patches_np)
+                for run, model, _ in loaded:
+                    block = score_batches(model, cls_t, patches_t, batch_size)
+                    for key in SCORE_TYPES:
+                        scores[run][key].append(block[key])
+            elapsed = time.perf_counter() - start
+            labels = test.labels
+            sample_ids = test.sample_ids
+            for run, _, record in loaded:
+                per_run = {key: np.concatenate(parts) for key, parts in scores[run].items()}
+                is_anomaly = (labels != record["normal_class"]).astype(np.int64)
+                _write_scores(run / "scores.csv", sample_ids, labels, is_anomaly, per_run)
+                for key in SCORE_TYPES:
+                    rows.append({
+                        "dataset": record["dataset"], "backbone": record["backbone"],
+                        "normal_class": record["normal_class"], "normal_name": record["normal_name"],
+                        "method": record["method"], "score": key, "seed": record["seed"],
+                        "auroc": auroc(is_anomaly, per_run[key]),
+                        "n_normal": int((is_anomaly == 0).sum()), "n_anomalous": int(is_anomaly.sum()),
+                        "run": run.name, "cache": cache_path,
+                    })
+            log(f"scored {test.num_rows} test rows of {Path(cache_path).name} with {len(loaded)} run(s) "
+                f"in {elapsed:.1f} s")
+    rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["normal_class"], r["seed"], r["score"]))
+    _write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
+    return rows
+
+
+def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anomaly: np.ndarray,
+                  scores: dict[str, np.ndarray]) -> None:
+    rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a), "nll": repr(float(n)), "z2": repr(float(z))}
+            for s, l, a, n, z in zip(sample_ids, labels, is_anomaly, scores["nll"], scores["z2"])]
+    _write_csv(path, ("sample_id", "label", "is_anomaly", "nll", "z2"), rows)
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_text(path, buffer.getvalue())
+
+
+def auroc_table(rows: list[dict]) -> str:
+    """A plain-text table: one line per normal class, one column per (method, score), and the mean.
+
+    AUROCs of several seeds of the same run settings are averaged. One table per (dataset, backbone).
+    """
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["backbone"]), []).append(row)
+    for (dataset, backbone), group in groups.items():
+        columns = sorted({(r["method"], r["score"]) for r in group})
+        classes = sorted({(r["normal_class"], r["normal_name"]) for r in group})
+        cell: dict[tuple, list[float]] = {}
+        for r in group:
+            cell.setdefault((r["normal_class"], r["method"], r["score"]), []).append(r["auroc"])
+        names = [f"{m}/{s}" for m, s in columns]
+        width = max(12, *(len(n) for n in names))
+        first = max(14, *(len(f"{k} {n}") for k, n in classes))
+        out.append(f"AUROC  dataset={dataset}  backbone={backbone}")
+        out.append("normal class".ljust(first) + "".join(n.rjust(width + 2) for n in names))
+        means = {c: [] for c in columns}
+        for k, name in classes:
+            line = f"{k} {name}".ljust(first)
+            for c in columns:
+                values = cell.get((k, *c))
+                if values:
+                    v = float(np.mean(values))
+                    means[c].append(v)
+                    line += f"{v:.4f}".rjust(width + 2)
+                else:
+                    line += "-".rjust(width + 2)
+            out.append(line)
+        out.append("mean".ljust(first) + "".join(
+            (f"{np.mean(means[c]):.4f}" if means[c] else "-").rjust(width + 2) for c in columns))
+    return "\n".join(out)

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""SANF-AD command line: ``extract`` features once, ``fit`` flows on the cache, ``score`` the test split.
+
+Each subcommand is a thin layer over one library function whose keyword names match its options:
+``extract`` -> :func:`extract.extract_features`, ``fit`` -> :func:`flow.runs.fit_cache`,
+``score`` -> :func:`flow.runs.score_runs`. ``demo`` chains the three on the embedded default (digits,
+EfficientNet-Lite0 with its packaged ImageNet weights). Bad input exits with code 2 and a one-line error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_CACHE_DIR = "cache"
+DEFAULT_RUNS_DIR = "runs"
+
+
+class InputError(click.ClickException):
+    """A one-line ``Error: ...`` and exit code 2 (bad input: argument, file, data)."""
+
+    exit_code = 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if "Original Traceback" in text:  # an exception re-raised from a DataLoader worker
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def user_errors(fn):
+    """Turn the library's input errors into :class:`InputError` (exit 2, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cache import CacheError
+        from extract import BackboneError, DatasetError, ImageReadError
+        from flow import MetricError
+        from flow.runs import RunError
+
+        try:
+            return fn(*args, **kwargs)
+        except (CacheError, DatasetError, BackboneError, ImageReadError, RunError, MetricError, ValueError) as err:
+            raise InputError(_one_line(err)) from None
+        except RuntimeError as err:
+            if "ImageReadError" in str(err):
+                raise InputError(_one_line(err)) from None
+            raise
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def cli() -> None:
+    """SANF-AD: semantics-aware normalizing flow anomaly detection (Ma, Lan et al., ICME 2023)."""
+
+
+def _device_option(fn):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                        help="Where to run; auto = CUDA when available.")(fn)
+
+
+@cli.command()
+@click.option("--dataset", required=True, type=click.Choice(["cifar10", "fashion-mnist", "digits", "folder"]),
+              help="Dataset and protocol (see README).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Folder holding the data; required for 'folder'.")
+@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not under --data-root.")
+@click.option("--backbone", default="vit_base_patch16_384", help="Any timm model name.")
+@click.option("--weights", default="auto",
+              help="'auto' (packaged weights for tf_efficientnet_lite0, else timm's hub), 'timm', or a "
+                   "state-dict file (.safetensors/.pth).")
+@click.option("--random-init", is_flag=True, help="Use a randomly initialised backbone (tests only).")
+@click.option("--patch-grid", type=click.IntRange(min=0), default=8,
+              help="Average-pool the token grid to at most G x G; 0 keeps every token.")
+@click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size override (pixels).")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Centre-crop fraction override (default: the model's pretrained config).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader decoding processes.")
+@_device_option
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              help="Backbone forward precision (autocast).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float16",
+              help="Storage dtype of the cached features.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
+              help="Folder receiving the cache file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache of the same settings.")
+@user_errors
+def extract(no_download: bool, **options) -> None:
+    """Encode every image of a dataset once; write class tokens and patch tokens to HDF5."""
+    from extract import extract_features
+
+    extract_features(download=not no_download, **options)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(dir_okay=False, path_type=str))
+@user_errors
+def info(cache: str) -> None:
+    """Print a cache's attributes, per-split shapes and class counts."""
+    from cache import FeatureCache
+
+    with FeatureCache(cache) as fc:
+        for key in sorted(fc.attrs):
+            value = fc.attrs[key]
+            click.echo(f"{key}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
+        for split in ("train", "test"):
+            group = fc.file[split]
+            click.echo(f"[{split}] cls {group['cls'].shape}  patches {group['patches'].shape}  "
+                       f"label {group['label'].shape}")
+            counts = fc.class_counts(split)
+            click.echo("  " + ", ".join(f"{name}: {n}" for name, n in counts.items()))
+
+
+def _fit_options(fn):
+    options = [
+        click.option("--cache", type=click.Path(dir_okay=False, path_type=str), default=None,
+                     help="Cache file; default: the only *.h5 in --cache-dir."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR),
+        click.option("--normal", default="all", help="Normal class: 'all', an index, or a class name."),
+        click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR),
+        click.option("--seed", type=int, default=0, help="Initialisation and batch-order seed."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Training epochs [default: flow.train.TrainConfig.epochs]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5),
+        click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.8),
+        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.8),
+        click.option("--adam-eps", type=click.FloatRange(min=0, min_open=True), default=1e-4),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5),
+        click.option("--blocks", type=click.IntRange(min=1), default=4, help="K, flow layers."),
+        click.option("--hidden", type=click.IntRange(min=1), default=1024, help="H, subnet width."),
+        click.option("--heads", type=click.IntRange(min=1), default=4, help="Class-attention heads."),
+        click.option("--clamp", type=click.FloatRange(min=0, min_open=True), default=3.0,
+                     help="alpha of the arctan soft clamp (eq. 5)."),
+        click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation)."),
+        _device_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run_fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps,
+             weight_decay, blocks, hidden, heads, clamp, no_caff, device):
+    from flow.runs import find_cache, fit_cache
+    from flow.train import TrainConfig
+
+    train_config = TrainConfig(batch_size=batch_size, lr=lr, betas=(beta1, beta2), eps=adam_eps,
+                               weight_decay=weight_decay,
+                               **({"epochs": epochs} if epochs is not None else {}))
+    flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp,
+                   "use_caff": not no_caff}
+    return fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed,
+                     flow_config=flow_config, train_config=train_config, device=device, log=click.echo)
+
+
+@cli.command()
+@_fit_options
+@user_errors
+def fit(**options) -> None:
+    """Train the CAFF flow on the cached train rows of one normal class (or of each)."""
+    _run_fit(**options)
+
+
+@cli.command()
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Samples per forward pass.")
+@_device_option
+@user_errors
+def score(runs_dir: str, batch_size: int, device: str) -> None:
+    """Score the test split with every fitted run; write per-sample scores and runs/auroc.csv."""
+    from flow.runs import auroc_table, score_runs
+
+    rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo)
+    click.echo(auroc_table(rows))
+    click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
+
+
+@cli.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR)
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs [default: flow.train.TrainConfig.epochs].")
+@_device_option
+@user_errors
+def demo(cache_dir: str, runs_dir: str, epochs: int | None, device: str) -> None:
+    """The main job on the embedded default: digits, EfficientNet-Lite0 (packaged ImageNet weights).
+
+    Extracts (unless the cache exists), fits a flow for every digit as normal class, scores, and
+    prints the AUROC table. Needs no download.
+    """
+    from extract import extract_features
+    from flow.runs import auroc_table, score_runs
+
+    cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,
+                             device=device, num_workers=0, skip_existing=True, log=click.echo)
+    _run_fit(cache=str(cache), cache_dir=cache_dir, normal="all", runs_dir=runs_dir, seed=0, epochs=epochs,
+             batch_size=32, lr=5e-5, beta1=0.8, beta2=0.8, adam_eps=1e-4, weight_decay=1e-5, blocks=4,
+             hidden=1024, heads=4, clamp=3.0, no_caff=False, device=device)
+    rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
+    click.echo(auroc_table([r for r in rows if r["cache"] == str(Path(cache).resolve())]))
+    click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
+
+
+if __name__ == "__main__":
+    cli(prog_name=os.path.basename(sys.argv[0]))
