@@ -1,0 +1,235 @@
+"""Reading and validating a feature cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from .schema import (
+    FORMAT_NAME,
+    JSON_ATTRS,
+    READABLE_VERSIONS,
+    REQUIRED_ROOT_ATTRS,
+    SPLIT_DATASETS,
+    SPLITS,
+    CacheError,
+)
+from .writer import PARTIAL_SUFFIX
+
+
+def _decode_attr(key: str, value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if key in JSON_ATTRS and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted row indices into ``(start, stop)`` runs of consecutive rows."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    stops = np.concatenate((breaks, [rows.size]))
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+class CacheSplit:
+    """One split (``train`` or ``test``) of an open cache.
+
+    Attributes:
+        name: the split's name.
+        num_rows: N.
+        labels: (N,) int64 class indices, loaded on open.
+    """
+
+    def __init__(self, cache: "FeatureCache", name: str) -> None:
+        self._cache = cache
+        self.name = name
+        group = cache.file[name]
+        self.num_rows = int(group["label"].shape[0])
+        self.labels = group["label"][:].astype(np.int64)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """The N sample ids (relative path or ``<split>/<index>``)."""
+        return [s.decode("utf-8") if isinstance(s, bytes) else s for s in self._cache.file[self.name]["sample_id"][:]]
+
+    def rows_of_class(self, label: int) -> np.ndarray:
+        """Sorted row indices whose label is ``label``, shape (n,)."""
+        return np.flatnonzero(self.labels == label)
+
+    def read(self, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        """Read the semantic vectors and patch tokens of some rows as float32.
+
+        Only the requested rows are read from disk (contiguous runs are read as slices).
+
+        Args:
+            rows: sorted row indices, shape (n,), or a slice.
+
+        Returns:
+            ``cls`` of shape (n, D) and ``patches`` of shape (n, P, D), float32.
+        """
+        group = self._cache.file[self.name]
+        if isinstance(rows, slice):
+            return group["cls"][rows].astype(np.float32), group["patches"][rows].astype(np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        runs = _contiguous_runs(rows)
+        d = group["cls"].shape[1]
+        p = group["patches"].shape[1]
+        cls = np.empty((rows.size, d), dtype=np.float32)
+        patches = np.empty((rows.size, p, d), dtype=np.float32)
+        at = 0
+        for start, stop in runs:
+            n = stop - start
+            cls[at:at + n] = group["cls"][start:stop]
+            patches[at:at + n] = group["patches"][start:stop]
+            at += n
+        return cls, patches
+
+    def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(start, cls, patches)`` for consecutive blocks of at most ``block_rows`` rows."""
+        for start in range(0, self.num_rows, block_rows):
+            cls, patches = self.read(slice(start, min(start + block_rows, self.num_rows)))
+            yield start, cls, patches
+
+
+class FeatureCache:
+    """A complete, validated feature cache opened read-only.
+
+    Opening checks the format name and version, the ``complete`` mark, the required attributes, that
+    every split has all datasets with consistent shapes, and that labels index ``class_names``.
+    The HDF5 file is opened lazily in the process that uses it, so the object can be pickled into
+    DataLoader workers.
+
+    Args:
+        path: the ``.h5`` cache file.
+
+    Raises:
+        CacheError: the file is missing, not HDF5, of another format or version, incomplete, or
+            inconsistent. The message names the file and what is wrong.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        self.attrs = self._validate()
+        self.class_names: list[str] = list(self.attrs["class_names"])
+        self._splits: dict[str, CacheSplit] = {}
+
+    @property
+    def file(self) -> h5py.File:
+        """The open HDF5 file (opened on first use in this process)."""
+        if self._file is None or not self._file.id.valid:
+            self._file = h5py.File(self.path, "r")
+        return self._file
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_splits"] = {}
+        return state
+
+    def close(self) -> None:
+        """Close the HDF5 file if open."""
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _validate(self) -> dict[str, Any]:
+        where = str(self.path)
+        if not self.path.exists():
+            partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+            hint = f" (an unfinished {partial.name} exists: the extraction was interrupted; run it again)" \
+                if partial.exists() else ""
+            raise CacheError(f"cache file {where} does not exist{hint}")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError:
+            raise CacheError(f"{where} is not a readable HDF5 file (truncated or of another kind)") from None
+        self._file = f
+        raw = dict(f.attrs)
+        fmt = _decode_attr("format", raw.get("format"))
+        if fmt != FORMAT_NAME:
+            raise CacheError(f"{where} is not a {FORMAT_NAME} cache (format attribute: {fmt!r})")
+        version = _decode_attr("format_version", raw.get("format_version"))
+        if version not in READABLE_VERSIONS:
+            raise CacheError(f"{where} has format version {version!r}; this build reads versions "
+                             f"{list(READABLE_VERSIONS)}")
+        if not bool(raw.get("complete", False)):
+            raise CacheError(f"{where} is incomplete (its extraction did not finish); run the extraction again")
+        missing = [k for k in REQUIRED_ROOT_ATTRS if k not in raw]
+        if missing:
+            raise CacheError(f"{where} lacks required attributes {missing}")
+        attrs = {k: _decode_attr(k, v) for k, v in raw.items()}
+        num_classes = len(attrs["class_names"])
+        d = int(attrs["feature_dim"])
+        p = int(attrs["num_patches"])
+        for split in SPLITS:
+            if split not in f:
+                raise CacheError(f"{where} has no split {split!r}")
+            group = f[split]
+            absent = [name for name in SPLIT_DATASETS if name not in group]
+            if absent:
+                raise CacheError(f"{where}: split {split!r} lacks datasets {absent}")
+            n = group["label"].shape[0]
+            expected = {"cls": (n, d), "patches": (n, p, d), "sample_id": (n,)}
+            for name, shape in expected.items():
+                if group[name].shape != shape:
+                    raise CacheError(f"{where}: /{split}/{name} has shape {group[name].shape}, expected {shape}")
+            labels = group["label"][:]
+            if n and (labels.min() < 0 or labels.max() >= num_classes):
+                raise CacheError(f"{where}: /{split}/label holds values outside 0..{num_classes - 1}")
+        return attrs
+
+    def split(self, name: str) -> CacheSplit:
+        """The split ``name`` (``train`` or ``test``).
+
+        Raises:
+            ValueError: unknown split name.
+        """
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        if name not in self._splits:
+            self._splits[name] = CacheSplit(self, name)
+        return self._splits[name]
+
+    def fingerprint(self) -> str:
+        """A sha256 hex digest of the cache's content.
+
+        Covers the root attributes (creation time included, so a re-extraction changes it), and per
+        split the labels, sample ids, the semantic vectors and the shapes of the patch tokens. Patch
+        token values are not hashed (they are the bulk of the file); they change only together with
+        the rest.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self.attrs, sort_keys=True, default=str).encode())
+        for name in SPLITS:
+            group = self.file[name]
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(group["label"][:]).tobytes())
+            h.update("\n".join(self.split(name).sample_ids).encode())
+            h.update(repr(group["patches"].shape).encode())
+            for start in range(0, group["cls"].shape[0], 65536):
+                h.update(np.ascontiguousarray(group["cls"][start:start + 65536]).tobytes())
+        return h.hexdigest()
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        """Samples per class name in ``split``."""
+        counts = np.bincount(self.split(split).labels, minlength=len(self.class_names))
+        return {name: int(c) for name, c in zip(self.class_names, counts)}
