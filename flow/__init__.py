@@ -5,7 +5,7 @@
 
 from .coupling import CAFFSubnet, ClassAttention, FlowLayer, soft_clamp
 from .metrics import MetricError, auroc
-from .model import FlowConfig, SANFFlow, count_parameters, flow_loss
+from .model import FlowConfig, SANFFlow, count_flops, count_parameters, flow_loss
 from .train import FlowTrainingError, TrainConfig, TrainResult, fit_flow, score_batches
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "auroc",
+    "count_flops",
     "count_parameters",
     "fit_flow",
     "flow_loss",

@@ -143,3 +143,24 @@ def flow_loss(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (buffers such as the permutations excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(config: FlowConfig, num_patches: int) -> int:
+    """Floating-point operations of one forward pass for one sample (``torch.utils.flop_counter``).
+
+    Counts matrix products and attention (a multiply-add counts as 2 FLOPs), as the paper's Table 6.
+
+    Args:
+        config: the architecture.
+        num_patches: P, patch tokens per sample.
+
+    Returns:
+        FLOPs per sample.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = SANFFlow(config).eval()
+    tokens = torch.zeros(1, num_patches, config.dim) if config.use_caff else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, config.dim), tokens)
+    return int(counter.get_total_flops())

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from cache import CacheError, FeatureCache
 
 from .metrics import auroc
-from .model import FlowConfig, SANFFlow, count_parameters
+from .model import FlowConfig, SANFFlow, count_flops, count_parameters
 from .train import TrainConfig, fit_flow, resolve_device, score_batches
 
 RUN_FORMAT = "sanf-ad-run"
@@ -139,9 +139,10 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         train = fc.split("train")
         config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **(flow_config or {}))
         n_params = count_parameters(SANFFlow(config))
+        flops = count_flops(config, int(fc.attrs["num_patches"]))
         log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
-            f"{n_params:,} trainable parameters")
+            f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward)")
         for k in classes:
             rows = train.rows_of_class(k)
             if rows.size == 0:
@@ -170,6 +171,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "final_train_loss": result.final_loss,
                 "num_train": int(rows.size),
                 "num_parameters": n_params,
+                "gflops_per_sample": round(flops / 1e9, 6),
                 "wall_time_s": round(result.wall_time_s, 3),
                 "device": str(dev),
                 "cache": str(Path(cache).resolve()),
