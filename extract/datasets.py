@@ -201,8 +201,10 @@ def _torchvision_dataset(cls, name: str, root: Path, download: bool, transform: 
         return cls(str(root), download=download, transform=transform, **kwargs)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
         if download:
-            raise DatasetError(f"--dataset {name}: data not found under --data-root {root} ({expected}) and "
-                               f"the download did not produce it: {err}") from None
+            first = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
+            raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
+                               f"and downloading it failed ({first}; no network?); download it elsewhere and "
+                               "pass --data-root") from None
         raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}); "
                            "downloading is disabled (--no-download)") from None
     except OSError as err:  # URLError and socket errors are OSErrors: no network
