@@ -142,6 +142,9 @@ def _fit_options(fn):
         click.option("--clamp", type=click.FloatRange(min=0, min_open=True), default=3.0,
                      help="alpha of the arctan soft clamp (eq. 5)."),
         click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation)."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     help="Hold out this fraction of the normal class's train rows and log the loss on "
+                          "them per epoch (to choose --epochs without the test split)."),
         _device_option,
     ]
     for option in reversed(options):
@@ -150,7 +153,7 @@ def _fit_options(fn):
 
 
 def _run_fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps,
-             weight_decay, blocks, hidden, heads, clamp, no_caff, device):
+             weight_decay, blocks, hidden, heads, clamp, no_caff, device, val_fraction=0.0):
     from flow.runs import find_cache, fit_cache
     from flow.train import TrainConfig
 
@@ -160,7 +163,8 @@ def _run_fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, b
     flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp,
                    "use_caff": not no_caff}
     return fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed,
-                     flow_config=flow_config, train_config=train_config, device=device, log=click.echo)
+                     flow_config=flow_config, train_config=train_config, device=device,
+                     val_fraction=val_fraction, log=click.echo)
 
 
 @cli.command()

@@ -105,7 +105,7 @@ class FitOutcome:
 
 def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str | os.PathLike = "runs",
               seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
-              device: str = "auto", progress: bool = True,
+              device: str = "auto", val_fraction: float = 0.0, progress: bool = True,
               log: Callable[[str], None] = print) -> list[FitOutcome]:
     """Fit one flow per normal class on the train split of a cache and save each as a run.
 
@@ -119,6 +119,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         flow_config: FlowConfig fields other than ``dim`` (taken from the cache).
         train_config: optimisation settings.
         device: ``auto``, ``cpu`` or ``cuda``.
+        val_fraction: hold out this fraction of the normal class's train rows (chosen by ``seed``) and
+            record the loss on them after every epoch; the flow is trained on the rest. 0 trains on all.
         progress: show progress bars.
         log: where to print one line per fitted class.
 
@@ -150,8 +152,14 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             cls_np, patches_np = train.read(rows)
             cls_t = torch.from_numpy(cls_np)
             patches_t = torch.from_numpy(patches_np) if config.use_caff else None
+            fit_idx, val_idx = split_holdout(rows.size, val_fraction, seed)
+            val_cls = cls_t[val_idx] if val_idx.numel() else None
+            val_patches = patches_t[val_idx] if (val_idx.numel() and patches_t is not None) else None
+            if val_idx.numel():
+                cls_t = cls_t[fit_idx]
+                patches_t = patches_t[fit_idx] if patches_t is not None else None
             model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
-                                     progress=progress)
+                                     progress=progress, val_cls=val_cls, val_patches=val_patches)
             name = (f"{Path(cache).stem}__{method_name(config.use_caff)}__normal{k}-{fc.class_names[k]}"
                     f"__seed{seed}")
             record = {
@@ -169,7 +177,10 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "epochs": train_config.epochs,
                 "epoch_losses": result.epoch_losses,
                 "final_train_loss": result.final_loss,
-                "num_train": int(rows.size),
+                "val_fraction": val_fraction,
+                "val_losses": result.val_losses,
+                "num_train": int(cls_t.shape[0]),
+                "num_val": int(val_idx.numel()),
                 "num_parameters": n_params,
                 "gflops_per_sample": round(flops / 1e9, 6),
                 "wall_time_s": round(result.wall_time_s, 3),
@@ -180,11 +191,27 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             path = save_run(runs_dir, name, model, record)
-            log(f"fitted normal class {k} ({fc.class_names[k]}): {rows.size} train rows, "
-                f"{train_config.epochs} epochs, final loss {result.final_loss:.4f} nats/dim, "
+            val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
+            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows, "
+                f"{train_config.epochs} epochs, final loss {result.final_loss:.4f} nats/dim{val_note}, "
                 f"{result.wall_time_s:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``range(n)`` into (fit, held-out) index tensors; ``round(fraction * n)`` held out, chosen by ``seed``.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1) or leaving no row to fit on.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1); got {fraction}")
+    n_val = int(round(fraction * n))
+    if n_val >= n:
+        raise ValueError(f"--val-fraction {fraction} leaves no training rows of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003))
+    return order[n_val:].sort().values, order[:n_val].sort().values
 
 
 def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:

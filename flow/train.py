@@ -46,11 +46,13 @@ class TrainResult:
 
     Attributes:
         epoch_losses: mean train loss of each epoch, nats per dimension (eq. 14 / D).
+        val_losses: the same loss on held-out normal-class train rows after each epoch (empty without them).
         wall_time_s: seconds spent in the training loop.
         num_samples: training rows.
     """
 
     epoch_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     num_samples: int = 0
 
@@ -76,7 +78,8 @@ def resolve_device(device: str) -> torch.device:
 
 def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowConfig,
              train_config: TrainConfig, seed: int = 0, device: str | torch.device = "cpu",
-             progress: bool = True) -> tuple[SANFFlow, TrainResult]:
+             progress: bool = True, val_cls: torch.Tensor | None = None,
+             val_patches: torch.Tensor | None = None) -> tuple[SANFFlow, TrainResult]:
     """Train a SANF flow by maximum likelihood on the normal-class train rows (eq. 14).
 
     The model is initialised and the batches are shuffled from ``seed`` alone, so the same inputs and
@@ -90,6 +93,9 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
         seed: seed of the initialisation and of the batch order.
         device: where to train.
         progress: show a progress bar.
+        val_cls: (M, D) held-out rows of the normal class's train split; when given, the loss on them is
+            recorded after every epoch (for choosing the epoch count without the test split).
+        val_patches: (M, P, D) their patch tokens.
 
     Returns:
         The trained model (in eval mode, on ``device``) and a :class:`TrainResult`.
@@ -132,10 +138,29 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
             total += loss.item() * len(idx)
             count += len(idx)
         result.epoch_losses.append(total / count)
+        if val_cls is not None and len(val_cls):
+            result.val_losses.append(_mean_loss(model, val_cls, val_patches if use_tokens else None,
+                                                train_config.batch_size, device))
         bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
     result.wall_time_s = time.perf_counter() - start
     model.eval()
     return model, result
+
+
+@torch.no_grad()
+def _mean_loss(model: SANFFlow, cls: torch.Tensor, patches: torch.Tensor | None, batch_size: int,
+               device: torch.device) -> float:
+    """Loss (eq. 14 / D) over all rows in eval mode, restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for begin in range(0, cls.shape[0], batch_size):
+        y = cls[begin:begin + batch_size].to(device)
+        tokens = patches[begin:begin + batch_size].to(device) if patches is not None else None
+        z, log_det = model(y, tokens)
+        total += flow_loss(z, log_det).item() * y.shape[0]
+    model.train(was_training)
+    return total / cls.shape[0]
 
 
 @torch.no_grad()

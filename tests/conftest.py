@@ -53,13 +53,14 @@ def write_cache(path: Path, splits: dict, class_names, patch_grid=(2, 2), dtype=
 
 
 def gaussian_splits(n_train=40, n_test=20, dim=6, grid=(2, 2), num_classes=3, shift=6.0, seed=0) -> dict:
-    """Classes as Gaussians N(shift * k, I) in the class token; patch tokens noisy copies of it."""
+    """Class k as the Gaussian N(shift * e_k, I) in the class token (e_k the k-th unit vector, so every two
+    classes lie shift * sqrt(2) apart); patch tokens are noisy copies of the class token."""
     rng = np.random.default_rng(seed)
     p = grid[0] * grid[1]
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         labels = np.repeat(np.arange(num_classes), n)
-        cls = rng.standard_normal((len(labels), dim)) + shift * labels[:, None]
+        cls = rng.standard_normal((len(labels), dim)) + shift * np.eye(dim)[labels]
         patches = cls[:, None, :] + 0.1 * rng.standard_normal((len(labels), p, dim))
         out[split] = (cls.astype(np.float32), patches.astype(np.float32), labels.astype(np.int64))
     return out

@@ -1,0 +1,180 @@
+"""fit/score on a cache: runs, AUROC rows and table, metrics on hand-made scores, argument resolution."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from flow import MetricError, TrainConfig, auroc
+from flow.runs import (
+    AUROC_COLUMNS,
+    RunError,
+    auroc_table,
+    find_cache,
+    fit_cache,
+    load_run,
+    resolve_normal,
+    score_runs,
+    split_holdout,
+)
+
+from conftest import gaussian_splits, write_cache
+
+SMALL_FLOW = {"num_blocks": 2, "hidden": 16, "num_heads": 2}
+FAST = TrainConfig(epochs=20, batch_size=16, lr=3e-3)
+
+
+def quiet(_msg):
+    pass
+
+
+def test_auroc_exact_values_on_hand_made_scores():
+    labels = np.array([0, 0, 0, 1, 1])
+    assert auroc(labels, np.array([0.1, 0.2, 0.3, 0.8, 0.9])) == 1.0
+    assert auroc(labels, np.array([0.9, 0.8, 0.7, 0.2, 0.1])) == 0.0  # reversed: reported, never flipped
+    assert auroc(labels, np.ones(5)) == 0.5
+    # one anomaly ranked below one normal: 5 of 6 pairs right
+    assert auroc(labels, np.array([0.1, 0.2, 0.5, 0.4, 0.9])) == pytest.approx(5 / 6)
+
+
+def test_auroc_refuses_non_finite_scores_and_a_single_class():
+    with pytest.raises(MetricError, match="2 of 4 anomaly scores are NaN or infinite"):
+        auroc(np.array([0, 0, 1, 1]), np.array([0.1, np.nan, np.inf, 0.3]))
+    with pytest.raises(MetricError, match="0 normal and 3 anomalous"):
+        auroc(np.ones(3), np.array([0.1, 0.2, 0.3]))
+
+
+def test_resolve_normal():
+    names = ["cat", "dog", "T-shirt/top"]
+    assert resolve_normal("all", names) == [0, 1, 2]
+    assert resolve_normal("1", names) == [1]
+    assert resolve_normal(2, names) == [2]
+    assert resolve_normal("T-shirt/top", names) == [2]
+    with pytest.raises(ValueError, match=r"an index 0\.\.2 .* got 3"):
+        resolve_normal("3", names)
+    with pytest.raises(ValueError, match=r"one of cat, dog, T-shirt/top; got 'cow'"):
+        resolve_normal("cow", names)
+
+
+def test_find_cache(tmp_path):
+    with pytest.raises(ValueError, match="no cache"):
+        find_cache(None, tmp_path)
+    (tmp_path / "a.h5").write_bytes(b"")
+    assert find_cache(None, tmp_path) == tmp_path / "a.h5"
+    (tmp_path / "b.h5").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds 2 caches.*a.h5.*b.h5"):
+        find_cache(None, tmp_path)
+    assert find_cache(tmp_path / "b.h5", tmp_path) == tmp_path / "b.h5"
+
+
+def test_split_holdout_is_disjoint_and_seeded():
+    fit, val = split_holdout(50, 0.2, seed=0)
+    assert len(val) == 10 and len(fit) == 40
+    assert sorted(fit.tolist() + val.tolist()) == list(range(50))
+    assert split_holdout(50, 0.2, seed=0)[1].tolist() == val.tolist()
+    assert split_holdout(50, 0.2, seed=1)[1].tolist() != val.tolist()
+    assert len(split_holdout(50, 0.0, seed=0)[1]) == 0
+    with pytest.raises(ValueError, match="val-fraction"):
+        split_holdout(50, 1.0, seed=0)
+
+
+def test_fit_and_score_separate_gaussian_classes(gaussian_cache, tmp_path):
+    """Classes N(6 e_k, I): every normal class is detected with AUROC >= 0.99 by both scores."""
+    runs = tmp_path / "runs"
+    outcomes = fit_cache(gaussian_cache, normal="all", runs_dir=runs, seed=0, flow_config=SMALL_FLOW,
+                         train_config=FAST, device="cpu", progress=False, log=quiet)
+    assert [o.record["normal_class"] for o in outcomes] == [0, 1, 2]
+    record = outcomes[0].record
+    assert record["num_train"] == 40 and record["epochs"] == 20 and len(record["epoch_losses"]) == 20
+    assert record["flow"]["hidden"] == 16 and record["train"]["lr"] == 3e-3 and record["seed"] == 0
+    assert (outcomes[0].path / "model.safetensors").is_file()
+    rows = score_runs(runs, device="cpu", log=quiet)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["auroc"] >= 0.99, row
+        assert row["n_normal"] == 20 and row["n_anomalous"] == 40
+    with open(runs / "auroc.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert tuple(table[0]) == AUROC_COLUMNS
+    assert {(r["normal_name"], r["score"]) for r in table} == {(n, s) for n in "abc" for s in ("nll", "z2")}
+    with open(outcomes[1].path / "scores.csv") as handle:
+        scores = list(csv.DictReader(handle))
+    assert len(scores) == 60 and list(scores[0]) == ["sample_id", "label", "is_anomaly", "nll", "z2"]
+    assert sum(int(r["is_anomaly"]) for r in scores) == 40
+    assert all(int(r["is_anomaly"]) == (int(r["label"]) != 1) for r in scores)
+
+
+def test_saved_run_reloads_to_identical_scores(gaussian_cache, tmp_path):
+    import torch
+
+    from cache import FeatureCache
+    from flow import score_batches
+
+    outcome = fit_cache(gaussian_cache, normal="b", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                        train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]
+    model, record = load_run(outcome.path)
+    assert record == json.loads((outcome.path / "run.json").read_text())
+    with FeatureCache(gaussian_cache) as fc:
+        cls, patches = fc.split("test").read(slice(None))
+    a = score_batches(model, torch.from_numpy(cls), torch.from_numpy(patches))
+    model2, _ = load_run(outcome.path)
+    b = score_batches(model2, torch.from_numpy(cls), torch.from_numpy(patches))
+    np.testing.assert_array_equal(a["nll"], b["nll"])
+
+
+def test_same_seed_gives_identical_scores(gaussian_cache, tmp_path):
+    for name in ("r1", "r2"):
+        fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / name, flow_config=SMALL_FLOW,
+                  train_config=TrainConfig(epochs=2), device="cpu", progress=False, log=quiet)
+        score_runs(tmp_path / name, device="cpu", log=quiet)
+    run = next((tmp_path / "r1").glob("*/scores.csv")).parent.name
+    assert (tmp_path / "r1" / run / "scores.csv").read_text() == (tmp_path / "r2" / run / "scores.csv").read_text()
+
+
+def test_val_fraction_holds_out_train_rows(gaussian_cache, tmp_path):
+    outcome = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                        train_config=TrainConfig(epochs=3), val_fraction=0.25, device="cpu", progress=False,
+                        log=quiet)[0]
+    assert outcome.record["num_train"] == 30 and outcome.record["num_val"] == 10
+    assert len(outcome.record["val_losses"]) == 3
+
+
+def test_score_refuses_a_changed_or_missing_cache(tmp_path):
+    cache = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"])
+    fit_cache(cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+              train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)
+    write_cache(tmp_path / "c.h5", gaussian_splits(seed=5), ["a", "b", "c"])  # re-extracted: other content
+    with pytest.raises(RunError, match="changed since run"):
+        score_runs(tmp_path / "runs", device="cpu", log=quiet)
+    (tmp_path / "c.h5").unlink()
+    with pytest.raises(RunError, match="missing"):
+        score_runs(tmp_path / "runs", device="cpu", log=quiet)
+    with pytest.raises(RunError, match="no fitted runs"):
+        score_runs(tmp_path / "empty", device="cpu", log=quiet)
+
+
+def test_fit_refuses_a_normal_class_without_train_rows(tmp_path):
+    splits = gaussian_splits()
+    cls, patches, labels = splits["train"]
+    keep = labels != 2
+    splits["train"] = (cls[keep], patches[keep], labels[keep])
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="'c': the train split has no rows"):
+        fit_cache(cache, normal="c", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                  train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)
+
+
+def test_auroc_table_mean_is_the_mean_of_its_rows():
+    rows = [dict(dataset="d", backbone="b", normal_class=k, normal_name=f"c{k}", method="sanf", score="nll",
+                 auroc=v) for k, v in enumerate([0.9, 0.8, 0.6])]
+    rows += [dict(dataset="d", backbone="b", normal_class=0, normal_name="c0", method="sanf", score="z2", auroc=a)
+             for a in (0.5, 0.7)]  # two seeds: averaged in the cell
+    text = auroc_table(rows)
+    lines = text.splitlines()
+    assert lines[0] == "AUROC  dataset=d  backbone=b"
+    mean_line = lines[-1].split()
+    assert mean_line[0] == "mean" and mean_line[1] == "0.7667" and mean_line[2] == "0.6000"
+    assert lines[2].split()[-1] == "0.6000"
