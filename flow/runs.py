@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -160,8 +161,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 patches_t = patches_t[fit_idx] if patches_t is not None else None
             model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
                                      progress=progress, val_cls=val_cls, val_patches=val_patches)
-            name = (f"{Path(cache).stem}__{method_name(config.use_caff)}__normal{k}-{fc.class_names[k]}"
-                    f"__seed{seed}")
+            name = run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
             record = {
                 "format": RUN_FORMAT,
                 "format_version": RUN_VERSION,
@@ -197,6 +197,13 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 f"{result.wall_time_s:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
+
+
+def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, seed: int) -> str:
+    """``<cache>__<method>__normal<k>-<name>__seed<s>``, with characters other than letters, digits, ``.``,
+    ``_`` and ``-`` in the class name replaced by ``-`` (Fashion-MNIST has ``T-shirt/top``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", normal_name)
+    return f"{cache_stem}__{method}__normal{normal_class}-{safe}__seed{seed}"
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,3 +178,10 @@ def test_auroc_table_mean_is_the_mean_of_its_rows():
     mean_line = lines[-1].split()
     assert mean_line[0] == "mean" and mean_line[1] == "0.7667" and mean_line[2] == "0.6000"
     assert lines[2].split()[-1] == "0.6000"
+
+
+def test_run_names_are_single_path_components():
+    from flow.runs import run_name
+
+    assert run_name("c", "sanf", 0, "T-shirt/top", 2) == "c__sanf__normal0-T-shirt-top__seed2"
+    assert run_name("c", "sanf-nocaff", 3, "cat", 0) == "c__sanf-nocaff__normal3-cat__seed0"
