@@ -122,7 +122,11 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._file: h5py.File | None = None
-        self.attrs = self._validate()
+        try:
+            self.attrs = self._validate()
+        except CacheError:
+            self.close()
+            raise
         self.class_names: list[str] = list(self.attrs["class_names"])
         self._splits: dict[str, CacheSplit] = {}
 

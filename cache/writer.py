@@ -85,14 +85,16 @@ class CacheWriter:
             raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
         item = np.dtype(dtype).itemsize
         group = self._file.create_group(split)
-        n = max(num_rows, 1)
+
+        def chunks(row_bytes: int, *row_shape: int):  # an empty split cannot be chunked: stored contiguous
+            return (chunk_rows(row_bytes, num_rows), *row_shape) if num_rows else None
+
         group.create_dataset("cls", shape=(num_rows, feature_dim), dtype=dtype,
-                             chunks=(chunk_rows(feature_dim * item, n), feature_dim))
+                             chunks=chunks(feature_dim * item, feature_dim))
         group.create_dataset("patches", shape=(num_rows, num_patches, feature_dim), dtype=dtype,
-                             chunks=(chunk_rows(num_patches * feature_dim * item, n), num_patches, feature_dim))
-        group.create_dataset("label", shape=(num_rows,), dtype="int64", chunks=(chunk_rows(8, n),))
-        group.create_dataset("sample_id", shape=(num_rows,), dtype=h5py.string_dtype("utf-8"),
-                             chunks=(chunk_rows(64, n),))
+                             chunks=chunks(num_patches * feature_dim * item, num_patches, feature_dim))
+        group.create_dataset("label", shape=(num_rows,), dtype="int64", chunks=chunks(8))
+        group.create_dataset("sample_id", shape=(num_rows,), dtype=h5py.string_dtype("utf-8"), chunks=chunks(64))
         self._written[split] = np.zeros(num_rows, dtype=bool)
 
     def write(self, split: str, start: int, cls: np.ndarray, patches: np.ndarray,

@@ -88,7 +88,9 @@ def load_weights_file(model: nn.Module, path: str | Path) -> LoadedWeights:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise BackboneError(f"--weights {path}: does not fit the model: {str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = "; ".join(lines)[:400] if lines else str(err)
+        raise BackboneError(f"--weights {path}: does not fit the model: {detail}") from None
     return LoadedWeights(f"file {path.resolve()}", file_sha256(path))
 
 
@@ -115,13 +117,23 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _hub_offline_mode() -> None:
-    """Make huggingface_hub use only its local cache in this process (no retries against a dead network)."""
+def _hub_offline_mode():
+    """Make huggingface_hub use only its local cache (no retries against a dead network).
+
+    Returns:
+        A function that restores the previous setting, or None when huggingface_hub is absent.
+    """
     try:
         from huggingface_hub import constants
     except ImportError:
-        return
+        return None
+    previous = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
+
+    def restore() -> None:
+        constants.HF_HUB_OFFLINE = previous
+
+    return restore
 
 
 def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
@@ -149,30 +161,37 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
     """
     if not timm.is_model(name):
         raise BackboneError(f"--backbone {name!r} is not a timm model name (see timm.list_models())")
+    if random_init and weights not in ("auto", "timm"):
+        raise BackboneError("--random-init and --weights FILE exclude each other")
     kwargs = {}
     if img_size is not None:
         kwargs["img_size"] = img_size
     use_hub = not random_init and (weights == "timm" or (weights == "auto" and (
         name != PACKAGED_BACKBONE or packaged_weights_path() is None)))
     offline = use_hub and not hub_reachable()
-    if offline:
-        _hub_offline_mode()
+    restore_online = _hub_offline_mode() if offline else None
     try:
-        try:
-            model = timm.create_model(name, pretrained=use_hub, **kwargs)
-        except TypeError:  # models without an img_size argument (CNNs) take any input size
-            model = timm.create_model(name, pretrained=use_hub)
+        # A fixed seed for random init (the same random backbone in every run: same cache name, same
+        # content), without touching the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                model = timm.create_model(name, pretrained=use_hub, **kwargs)
+            except TypeError:  # models without an img_size argument (CNNs) take any input size
+                model = timm.create_model(name, pretrained=use_hub)
     except Exception as err:  # hub errors come as many types (OSError, HTTP errors, LocalEntryNotFoundError)
         if not use_hub:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         why = (f"{HUB_HOST} is unreachable (no network?) and they are not in the local hub cache" if offline
                else f"{type(err).__name__}: {first[:200]}")
-        raise BackboneError(f"--backbone {name}: could not get timm's pretrained weights ({why}). Pass --weights FILE with a local state dict, "
-                            "or --random-init for a randomly initialised model (tests only)") from None
+        raise BackboneError(f"--backbone {name}: could not get timm's pretrained weights ({why}). Pass "
+                            "--weights FILE with a local state dict, or --random-init for a randomly initialised "
+                            "model (tests only)") from None
+    finally:
+        if restore_online is not None:
+            restore_online()
     if random_init:
-        if weights not in ("auto", "timm"):
-            raise BackboneError("--random-init and --weights FILE exclude each other")
         loaded = LoadedWeights("random-init")
     elif use_hub:
         cfg = getattr(model, "pretrained_cfg", {}) or {}

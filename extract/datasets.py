@@ -63,6 +63,11 @@ class DatasetSource:
     splits: dict[str, SplitSource]
     description: str
 
+    def set_transform(self, transform: Callable) -> None:
+        """Use ``transform`` (PIL image -> tensor) in every split's Dataset."""
+        for part in self.splits.values():
+            part.dataset.transform = transform
+
 
 class ToRGB:
     """Convert a PIL image to 3-channel RGB (grayscale is repeated); picklable for DataLoader workers."""
@@ -226,8 +231,11 @@ def _stage_fashion_mnist(data_root: Path, staging: Path) -> bool:
                 break
             gz = candidate.with_name(candidate.name + ".gz")
             if gz.is_file():
-                with gzip.open(gz, "rb") as src, open(raw / base, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                try:
+                    with gzip.open(gz, "rb") as src, open(raw / base, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                except (EOFError, OSError) as err:  # truncated or damaged (gzip.BadGzipFile is an OSError)
+                    raise DatasetError(f"--data-root {data_root}: damaged Fashion-MNIST file {gz} ({err})") from None
                 break
         else:
             return False
@@ -249,18 +257,27 @@ def build_fashion_mnist(data_root: Path | None, download: bool, transform: Calla
     root = data_root or Path("data")
     expected = "the four idx files " + ", ".join(f + "[.gz]" for f in FASHION_MNIST_FILES)
     with tempfile.TemporaryDirectory(prefix="sanf-fmnist-") as staging:
-        if data_root is not None and _stage_fashion_mnist(data_root, Path(staging)):
-            load_root, load_download, origin = Path(staging), False, f"idx files in {data_root.resolve()}"
-        else:
-            load_root, load_download, origin = root, download, f"torchvision download root {root.resolve()}"
+        staged = False
+        if data_root is not None:
+            staged = _stage_fashion_mnist(data_root, Path(staging))
         splits = {}
         for split in ("train", "test"):
-            try:
-                dataset = _torchvision_dataset(FashionMNIST, "fashion-mnist", load_root, load_download, transform,
+            if staged:
+                try:
+                    dataset = FashionMNIST(staging, train=(split == "train"), transform=transform, download=False)
+                except (RuntimeError, ValueError, AssertionError, EOFError, IndexError) as err:
+                    raise DatasetError(f"--data-root {data_root}: the Fashion-MNIST idx files are damaged "
+                                       f"({type(err).__name__}: {str(err).strip()[:200] or 'bad header or size'})"
+                                       ) from None
+            else:
+                dataset = _torchvision_dataset(FashionMNIST, "fashion-mnist", root, download, transform,
                                                train=(split == "train"), expected=expected)
-            except (ValueError, EOFError) as err:  # a damaged idx file
-                raise DatasetError(f"--data-root {root}: unreadable Fashion-MNIST idx files ({err})") from None
+            if len(dataset.data) != len(dataset.targets):
+                raise DatasetError(f"--data-root {root}: Fashion-MNIST {split} has {len(dataset.data)} images but "
+                                   f"{len(dataset.targets)} labels")
             splits[split] = _torchvision_split(dataset, split)
+        origin = (f"idx files in {data_root.resolve()}" if staged
+                  else f"torchvision download root {Path(root).resolve()}")
     return DatasetSource("fashion-mnist", list(FashionMNIST.classes), splits,
                          f"torchvision.datasets.FashionMNIST from {origin}")
 
@@ -278,8 +295,10 @@ def build_dataset(name: str, data_root: str | Path | None, download: bool, trans
         DatasetError: unknown name, or the data cannot be found, checked or fetched.
     """
     root = Path(data_root) if data_root is not None else None
-    if root is not None and not root.is_dir():
+    if root is not None and root.exists() and not root.is_dir():
         raise DatasetError(f"--data-root {root} is not a directory")
+    if root is not None and not root.exists() and (name == "folder" or not download):
+        raise DatasetError(f"--data-root {root} does not exist")
     if name == "digits":
         return build_digits(transform)
     if name == "cifar10":

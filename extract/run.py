@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from torchvision import transforms
 
 from cache import CacheWriter
+from flow.train import resolve_device
 
 from .backbone import TokenEncoder, create_backbone
 from .datasets import ToRGB, build_dataset
@@ -62,13 +63,6 @@ def cache_file_name(dataset: str, backbone: str, settings: dict) -> str:
     return f"{safe}__{size}px__g{settings['patch_grid_arg']}__{digest}.h5"
 
 
-def resolve_device(device: str) -> torch.device:
-    """See :func:`flow.train.resolve_device`."""
-    from flow.train import resolve_device as _resolve
-
-    return _resolve(device)
-
-
 def extract_features(dataset: str = "digits", data_root: str | None = None, download: bool = True,
                      backbone: str = "vit_base_patch16_384", weights: str = "auto", random_init: bool = False,
                      patch_grid: int = 8, img_size: int | None = None, crop_pct: float | None = None,
@@ -109,10 +103,11 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     dev = resolve_device(device)
+    source = build_dataset(dataset, data_root, download, transform=None)  # data errors before the backbone
     model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
     encoder = TokenEncoder(model, patch_grid=patch_grid).to(dev)
     config = resolve_preprocessing(model, img_size, crop_pct)
-    source = build_dataset(dataset, data_root, download, build_transform(config))
+    source.set_transform(build_transform(config))
     log(f"dataset {dataset}: {source.description}; "
         + ", ".join(f"{s} {len(v.sample_ids)} images" for s, v in source.splits.items()))
     log(f"backbone {backbone}: weights {loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
@@ -136,28 +131,36 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                                 pin_memory=dev.type == "cuda", persistent_workers=False)
             created = False
             at = 0
-            bar = tqdm(loader, desc=f"extract {split}", unit="batch", disable=not progress, leave=False)
-            for images, labels in bar:
-                with torch.inference_mode(), autocast:
-                    cls, patches = encoder(images.to(dev, non_blocking=True))
-                cls = cls.float().cpu().numpy()
-                patches = patches.float().cpu().numpy()
-                bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
-                if bad.any():
-                    first = at + int(np.flatnonzero(bad)[0])
-                    raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
-                                          f"first {part.sample_ids[first]!r} ({split} row {first}); "
-                                          "try --precision fp32")
-                expected = part.labels[at:at + len(labels)]
-                if not np.array_equal(labels.numpy(), expected):
-                    raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
-                                          "from the sample index")
-                if not created:
-                    writer.create_split(split, len(part.sample_ids), cls.shape[1], patches.shape[1], dtype)
-                    created = True
-                writer.write(split, at, cls.astype(dtype), patches.astype(dtype), expected,
-                             part.sample_ids[at:at + len(labels)])
-                at += len(labels)
+            loader_iter = iter(loader)
+            try:
+                for images, labels in tqdm(loader_iter, total=len(loader), desc=f"extract {split}", unit="batch",
+                                           disable=not progress, leave=False):
+                    with torch.inference_mode(), autocast:
+                        cls, patches = encoder(images.to(dev, non_blocking=True))
+                    cls = cls.float().cpu().numpy()
+                    patches = patches.float().cpu().numpy()
+                    bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+                    if bad.any():
+                        first = at + int(np.flatnonzero(bad)[0])
+                        raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
+                                              f"first {part.sample_ids[first]!r} ({split} row {first}); "
+                                              "try --precision fp32")
+                    expected = part.labels[at:at + len(labels)]
+                    if not np.array_equal(labels.numpy(), expected):
+                        raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
+                                              "from the sample index")
+                    if not created:
+                        writer.create_split(split, len(part.sample_ids), cls.shape[1], patches.shape[1], dtype)
+                        created = True
+                    writer.write(split, at, cls.astype(dtype), patches.astype(dtype), expected,
+                                 part.sample_ids[at:at + len(labels)])
+                    at += len(labels)
+            finally:
+                # An error mid-split leaves the iterator referenced by the traceback; end its worker processes
+                # now rather than when the traceback is collected (torch's DataLoader iterator method).
+                shutdown = getattr(loader_iter, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
             if not created:
                 raise ExtractionError(f"split {split} of {dataset} holds no images")
             total += at
