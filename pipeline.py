@@ -17,8 +17,22 @@ from pathlib import Path
 
 import click
 
+from flow.train import TrainConfig
+
 DEFAULT_CACHE_DIR = "cache"
 DEFAULT_RUNS_DIR = "runs"
+
+
+class FiniteFloat(click.FloatRange):
+    """A float within bounds that is neither NaN nor infinite."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 class InputError(click.ClickException):
@@ -42,12 +56,13 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from cache import CacheError
         from extract import BackboneError, DatasetError, ImageReadError
-        from flow import MetricError
+        from flow import FlowTrainingError, MetricError
         from flow.runs import RunError
 
         try:
             return fn(*args, **kwargs)
-        except (CacheError, DatasetError, BackboneError, ImageReadError, RunError, MetricError, ValueError) as err:
+        except (CacheError, DatasetError, BackboneError, ImageReadError, RunError, MetricError, FlowTrainingError,
+                ValueError) as err:
             raise InputError(_one_line(err)) from None
         except RuntimeError as err:
             if "ImageReadError" in str(err):
@@ -71,7 +86,7 @@ def _device_option(fn):
 @click.option("--dataset", required=True, type=click.Choice(["cifar10", "fashion-mnist", "digits", "folder"]),
               help="Dataset and protocol (see README).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Folder holding the data; required for 'folder'.")
+              help="Folder holding the data; required for 'folder'; torchvision datasets default to ./data.")
 @click.option("--no-download", is_flag=True, help="Never download; fail if the data is not under --data-root.")
 @click.option("--backbone", default="vit_base_patch16_384", help="Any timm model name.")
 @click.option("--weights", default="auto",
@@ -81,7 +96,7 @@ def _device_option(fn):
 @click.option("--patch-grid", type=click.IntRange(min=0), default=8,
               help="Average-pool the token grid to at most G x G; 0 keeps every token.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size override (pixels).")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=None,
               help="Centre-crop fraction override (default: the model's pretrained config).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader decoding processes.")
@@ -105,7 +120,7 @@ def extract(no_download: bool, **options) -> None:
 @click.argument("cache", type=click.Path(dir_okay=False, path_type=str))
 @user_errors
 def info(cache: str) -> None:
-    """Print a cache's attributes, per-split shapes and class counts."""
+    """Print the attributes, per-split shapes and class counts of the cache file CACHE (.h5)."""
     from cache import FeatureCache
 
     with FeatureCache(cache) as fc:
@@ -124,25 +139,31 @@ def _fit_options(fn):
     options = [
         click.option("--cache", type=click.Path(dir_okay=False, path_type=str), default=None,
                      help="Cache file; default: the only *.h5 in --cache-dir."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR),
-        click.option("--normal", default="all", help="Normal class: 'all', an index, or a class name."),
-        click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR),
-        click.option("--seed", type=int, default=0, help="Initialisation and batch-order seed."),
-        click.option("--epochs", type=click.IntRange(min=1), default=None,
-                     help="Training epochs [default: flow.train.TrainConfig.epochs]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5),
-        click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.8),
-        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.8),
-        click.option("--adam-eps", type=click.FloatRange(min=0, min_open=True), default=1e-4),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
+                     help="Folder searched for the cache when --cache is not given."),
+        click.option("--normal", default="all", help="Normal class: a class name, 'all', or an index (a class name wins)."),
+        click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+                     help="Folder receiving one run folder per fitted flow."),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
+                     help="Initialisation and batch-order seed."),
+        click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
+                     help="Passes over the normal class's train rows."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Samples per step (paper: 32)."),
+        click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=5e-5,
+                     help="Adam learning rate (paper: 5e-5)."),
+        click.option("--beta1", type=FiniteFloat(0, 1, max_open=True), default=0.8, help="Adam beta1 (paper: 0.8)."),
+        click.option("--beta2", type=FiniteFloat(0, 1, max_open=True), default=0.8, help="Adam beta2 (paper: 0.8)."),
+        click.option("--adam-eps", type=FiniteFloat(min=0, min_open=True), default=1e-4,
+                     help="Adam epsilon (reference code: 1e-4)."),
+        click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-5,
+                     help="Adam weight decay (paper: 1e-5)."),
         click.option("--blocks", type=click.IntRange(min=1), default=4, help="K, flow layers."),
         click.option("--hidden", type=click.IntRange(min=1), default=1024, help="H, subnet width."),
         click.option("--heads", type=click.IntRange(min=1), default=4, help="Class-attention heads."),
-        click.option("--clamp", type=click.FloatRange(min=0, min_open=True), default=3.0,
+        click.option("--clamp", type=FiniteFloat(min=0, min_open=True), default=3.0,
                      help="alpha of the arctan soft clamp (eq. 5)."),
         click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation)."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+        click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
                      help="Hold out this fraction of the normal class's train rows and log the loss on "
                           "them per epoch (to choose --epochs without the test split)."),
         _device_option,
@@ -157,9 +178,8 @@ def _run_fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, b
     from flow.runs import find_cache, fit_cache
     from flow.train import TrainConfig
 
-    train_config = TrainConfig(batch_size=batch_size, lr=lr, betas=(beta1, beta2), eps=adam_eps,
-                               weight_decay=weight_decay,
-                               **({"epochs": epochs} if epochs is not None else {}))
+    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, betas=(beta1, beta2), eps=adam_eps,
+                               weight_decay=weight_decay)
     flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp,
                    "use_caff": not no_caff}
     return fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed,
@@ -176,12 +196,13 @@ def fit(**options) -> None:
 
 
 @cli.command()
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR)
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+              help="Folder of fitted runs; receives auroc.csv.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Samples per forward pass.")
 @_device_option
 @user_errors
 def score(runs_dir: str, batch_size: int, device: str) -> None:
-    """Score the test split with every fitted run; write per-sample scores and runs/auroc.csv."""
+    """Score the test split with every fitted run; write per-sample scores and <runs-dir>/auroc.csv."""
     from flow.runs import auroc_table, score_runs
 
     rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo)
@@ -190,13 +211,15 @@ def score(runs_dir: str, batch_size: int, device: str) -> None:
 
 
 @cli.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR)
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR)
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Training epochs [default: flow.train.TrainConfig.epochs].")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
+              help="Folder receiving (or holding) the digits cache.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+              help="Folder receiving the fitted runs and auroc.csv.")
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
+              help="Passes over each digit's train rows.")
 @_device_option
 @user_errors
-def demo(cache_dir: str, runs_dir: str, epochs: int | None, device: str) -> None:
+def demo(cache_dir: str, runs_dir: str, epochs: int, device: str) -> None:
     """The main job on the embedded default: digits, EfficientNet-Lite0 (packaged ImageNet weights).
 
     Extracts (unless the cache exists), fits a flow for every digit as normal class, scores, and

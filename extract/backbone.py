@@ -191,6 +191,9 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
     finally:
         if restore_online is not None:
             restore_online()
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size is not None and patch is not None and img_size < max(patch):
+        raise BackboneError(f"--img-size {img_size} is smaller than the patch size {max(patch)} of {name}")
     if random_init:
         loaded = LoadedWeights("random-init")
     elif use_hub:

@@ -101,9 +101,14 @@ def load_image(path: str) -> Image.Image:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()
-            return image.convert("RGB") if image.mode not in ("RGB", "L") else image
     except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
-        raise ImageReadError(f"cannot read image {path}: {err}") from None
+        reason = str(err).replace(repr(handle), "").strip() if "handle" in locals() else str(err)
+        raise ImageReadError(f"cannot read image {path}: {reason or type(err).__name__}") from None
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits (PIL's convert would clip)
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if image.mode in ("I", "F"):
+        raise ImageReadError(f"cannot read image {path}: {image.mode!r} (32-bit) images have no defined 8-bit range")
+    return image if image.mode in ("RGB", "L") else image.convert("RGB")
 
 
 def _image_folder_split(root: Path, split: str, transform: Callable) -> tuple[list[str], SplitSource]:

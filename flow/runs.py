@@ -27,7 +27,7 @@ from cache import CacheError, FeatureCache
 
 from .metrics import auroc
 from .model import FlowConfig, SANFFlow, count_flops, count_parameters
-from .train import TrainConfig, fit_flow, resolve_device, score_batches
+from .train import FlowTrainingError, TrainConfig, fit_flow, resolve_device, score_batches
 
 RUN_FORMAT = "sanf-ad-run"
 RUN_VERSION = 1
@@ -43,28 +43,29 @@ class RunError(Exception):
 def resolve_normal(spec: str | int, class_names: Sequence[str]) -> list[int]:
     """Turn ``--normal`` into class indices.
 
+    A class name matches first (so a folder class named ``3`` or ``all`` is chosen by its name), then
+    ``all``, then an index.
+
     Args:
-        spec: ``"all"``, a class index (int or digit string) or a class name.
+        spec: a class name, ``"all"``, or a class index (int or digit string).
         class_names: the cache's class names.
 
     Returns:
         Sorted class indices.
 
     Raises:
-        ValueError: out of range or unknown name; the message lists the allowed values.
+        ValueError: no such name and not a valid index; the message lists the allowed values.
     """
-    text = str(spec).strip()
-    if text == "all":
-        return list(range(len(class_names)))
-    if text.lstrip("-").isdigit():
-        k = int(text)
-        if 0 <= k < len(class_names):
-            return [k]
-        raise ValueError(f"--normal must be 'all', an index 0..{len(class_names) - 1} or a class name; got {text}")
+    text = str(spec)
     if text in class_names:
         return [list(class_names).index(text)]
+    text = text.strip()
+    if text == "all":
+        return list(range(len(class_names)))
+    if text.isdigit() and int(text) < len(class_names):
+        return [int(text)]
     raise ValueError(f"--normal must be 'all', an index 0..{len(class_names) - 1} or one of "
-                     f"{', '.join(class_names)}; got {text!r}")
+                     f"{', '.join(class_names)}; got {str(spec)!r}")
 
 
 def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) -> Path:
@@ -138,6 +139,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     outcomes = []
     with FeatureCache(cache) as fc:
         classes = resolve_normal(normal, fc.class_names)
+        check_writable_dir(runs_dir, "--runs-dir")
         fingerprint = fc.fingerprint()
         train = fc.split("train")
         config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **(flow_config or {}))
@@ -159,9 +161,11 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             if val_idx.numel():
                 cls_t = cls_t[fit_idx]
                 patches_t = patches_t[fit_idx] if patches_t is not None else None
+            name = run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
+            if (runs_dir / name).exists():
+                log(f"replacing the existing run {runs_dir / name}")
             model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
                                      progress=progress, val_cls=val_cls, val_patches=val_patches)
-            name = run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
             record = {
                 "format": RUN_FORMAT,
                 "format_version": RUN_VERSION,
@@ -221,15 +225,40 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises:
+        ValueError: it cannot be created or written (the message names the option and the path).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
+
+
 def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
-    """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name."""
+    """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name.
+
+    Raises:
+        FlowTrainingError: the weights hold NaN or infinite values (nothing is written).
+        RunError: something other than a run folder is in the way.
+    """
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FlowTrainingError(f"run {name}: {len(bad)} weight tensors hold NaN or infinite values after "
+                                "training (check --lr and --weight-decay); nothing saved")
+    final = runs_dir / name
+    if final.exists() and not (final / "run.json").is_file():
+        raise RunError(f"{final} exists and is not a run folder; move it away")
     runs_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        final = runs_dir / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -239,25 +268,52 @@ def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
     return final
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
-    """Load a run folder's model (eval mode) and record.
+RECORD_KEYS = ("method", "dataset", "backbone", "normal_class", "normal_name", "seed", "flow", "cache",
+               "cache_fingerprint")
+
+
+def read_run_record(path: str | os.PathLike) -> dict:
+    """Read and check a run folder's ``run.json``.
 
     Raises:
-        RunError: ``run.json`` or ``model.safetensors`` is missing or of another format.
+        RunError: unreadable, not JSON, of another format or version, or lacking a required key; the
+            message names the run folder.
     """
     path = Path(path)
     try:
         record = json.loads((path / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunError(f"run {path}: cannot read run.json ({err})") from None
-    if record.get("format") != RUN_FORMAT or record.get("format_version") != RUN_VERSION:
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT \
+            or record.get("format_version") != RUN_VERSION:
         raise RunError(f"run {path}: run.json is not a {RUN_FORMAT} v{RUN_VERSION} record")
-    model = SANFFlow(FlowConfig(**record["flow"]))
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise RunError(f"run {path}: run.json lacks {missing}")
+    return record
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
+    """Load a run folder's model (eval mode) and record.
+
+    Raises:
+        RunError: ``run.json`` or ``model.safetensors`` is missing, damaged, of another format, or the
+            weights do not fit the recorded architecture; the message names the run folder.
+    """
+    path = Path(path)
+    record = read_run_record(path)
+    try:
+        model = SANFFlow(FlowConfig(**record["flow"]))
+    except (TypeError, ValueError) as err:
+        raise RunError(f"run {path}: run.json has an invalid flow configuration ({err})") from None
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as err:  # OSError, or safetensors' own error type on a damaged file
         raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json") from None
     return model.to(device).eval(), record
 
 
@@ -300,8 +356,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
         raise RunError(f"no fitted runs under {runs_dir}; run 'fit' first")
     by_cache: dict[str, list[Path]] = {}
     for run in runs:
-        record = json.loads((run / "run.json").read_text())
-        by_cache.setdefault(record.get("cache", ""), []).append(run)
+        by_cache.setdefault(read_run_record(run)["cache"], []).append(run)
     rows: list[dict] = []
     for cache_path, cache_runs in by_cache.items():
         if not Path(cache_path).exists():

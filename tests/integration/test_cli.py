@@ -283,7 +283,8 @@ def test_normal_out_of_range(pipeline_run, tmp_path):
     cache = str(pipeline_run["caches"][0])
     for value in ("2", "-1"):
         result = invoke("fit", "--cache", cache, "--normal", value, "--runs-dir", str(tmp_path / "runs"))
-        line = assert_input_error(result, "--normal must be 'all', an index 0..1 or a class name", f"got {value}")
+        line = assert_input_error(result, "--normal must be 'all', an index 0..1 or one of blue, red",
+                                  f"got '{value}'")
         assert result.output.splitlines() == [line]
     assert not (tmp_path / "runs").exists()
 
@@ -430,3 +431,85 @@ def test_unknown_backbone(tree, tmp_path):
     args = extract_args(tree, tmp_path / "cache")
     args[args.index("--backbone") + 1] = "no_such_net"
     assert_input_error(invoke(*args), "--backbone 'no_such_net' is not a timm model name")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# found by trying to break the CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option,value", [("--lr", "inf"), ("--weight-decay", "inf"), ("--clamp", "nan"),
+                                          ("--beta1", "nan")])
+def test_non_finite_hyperparameters_are_refused(pipeline_run, tmp_path, option, value):
+    result = invoke("fit", "--cache-dir", str(pipeline_run["cache_dir"]), "--runs-dir", str(tmp_path / "runs"),
+                    option, value)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}'" in result.output and "not a finite number" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_diverging_training_is_a_one_line_error(pipeline_run, tmp_path):
+    result = invoke("fit", "--cache-dir", str(pipeline_run["cache_dir"]), "--runs-dir", str(tmp_path / "runs"),
+                    "--normal", "blue", "--epochs", "3", "--hidden", "16", "--lr", "1e30", "--device", "cpu")
+    assert_input_error(result, "non-finite")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_unwritable_runs_dir_is_refused_before_training(pipeline_run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = invoke("fit", "--cache-dir", str(pipeline_run["cache_dir"]), "--runs-dir", str(blocker / "runs"),
+                    "--epochs", "1", "--hidden", "16", "--device", "cpu")
+    assert_input_error(result, f"--runs-dir {blocker / 'runs'}: cannot write there")
+    assert "fitted" not in result.output
+
+
+def test_a_file_in_the_place_of_a_run_folder_is_refused(pipeline_run, tmp_path):
+    from flow.runs import run_name
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / run_name(pipeline_run["caches"][0].stem, "sanf", 0, "blue", 0)).write_text("not a run")
+    result = invoke("fit", "--cache-dir", str(pipeline_run["cache_dir"]), "--runs-dir", str(runs),
+                    "--normal", "blue", "--epochs", "1", "--hidden", "16", "--device", "cpu")
+    assert_input_error(result, "exists and is not a run folder")
+
+
+@pytest.mark.parametrize("content,fragment", [("[]", "is not a sanf-ad-run v1 record"),
+                                              ('{"format": "sanf-ad-run", "format_version": 1}', "lacks"),
+                                              ('{"trunc', "cannot read run.json")])
+def test_score_names_a_damaged_run_json(pipeline_run, tmp_path, content, fragment):
+    runs = tmp_path / "runs"
+    shutil.copytree(pipeline_run["runs_dir"], runs)
+    victim = sorted(p for p in runs.iterdir() if p.is_dir())[0]
+    (victim / "run.json").write_text(content)
+    assert_input_error(invoke("score", "--runs-dir", str(runs), "--device", "cpu"), f"run {victim}", fragment)
+
+
+def test_score_names_weights_that_do_not_fit_the_record(pipeline_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(pipeline_run["runs_dir"], runs)
+    victim = sorted(p for p in runs.iterdir() if p.is_dir())[0]
+    record = json.loads((victim / "run.json").read_text())
+    record["flow"]["hidden"] = 32
+    (victim / "run.json").write_text(json.dumps(record))
+    assert_input_error(invoke("score", "--runs-dir", str(runs), "--device", "cpu"), f"run {victim}",
+                       "does not fit the flow described in run.json")
+
+
+def test_img_size_smaller_than_the_patch(tree, tmp_path):
+    args = extract_args(tree, tmp_path / "cache")
+    args[args.index("--img-size") + 1] = "8"
+    assert_input_error(invoke(*args), "--img-size 8 is smaller than the patch size 16")
+
+
+def test_class_names_that_look_like_indices(tmp_path):
+    root = make_image_tree(tmp_path / "data", classes=("1", "2", "all"), per_split={"train": 2, "test": 1})
+    assert_ok(invoke(*extract_args(root, tmp_path / "cache", backbone=SMALL)))
+    result = invoke("fit", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
+                    "--normal", "1", "--epochs", "1", "--hidden", "8", "--device", "cpu")
+    assert_ok(result)
+    assert "fitted normal class 0 (1)" in result.output
+    result = invoke("fit", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
+                    "--normal", "all", "--epochs", "1", "--hidden", "8", "--device", "cpu")
+    assert "fitted normal class 2 (all)" in result.output and "normal class 0" not in result.output

@@ -693,3 +693,27 @@ def test_real_fashion_mnist_counts(shared_data):
     image, label = test.dataset[0]
     assert image.shape == (28, 28) and image.dtype == np.uint8
     assert label == 9  # the first test image of Fashion-MNIST is an ankle boot
+
+
+def test_sixteen_bit_and_float_images(tmp_path):
+    from PIL import Image
+
+    from extract.datasets import ImageReadError, load_image
+
+    values = np.array([[0, 256, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    img = load_image(str(tmp_path / "deep.png"))
+    assert img.mode == "L" and np.asarray(img).tolist() == [[0, 1, 255]]
+    Image.fromarray(np.ones((2, 2), dtype=np.float32) * 0.5).save(tmp_path / "float.tiff")
+    with pytest.raises(ImageReadError, match=r"float.tiff: 'F' \(32-bit\) images"):
+        load_image(str(tmp_path / "float.tiff"))
+
+
+def test_unreadable_image_message_is_clean(tmp_path):
+    from extract.datasets import ImageReadError, load_image
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageReadError) as info:
+        load_image(str(tmp_path / "empty.jpg"))
+    assert str(info.value).startswith(f"cannot read image {tmp_path / 'empty.jpg'}: ")
+    assert "BufferedReader" not in str(info.value)

@@ -53,8 +53,10 @@ def test_resolve_normal():
     assert resolve_normal("1", names) == [1]
     assert resolve_normal(2, names) == [2]
     assert resolve_normal("T-shirt/top", names) == [2]
-    with pytest.raises(ValueError, match=r"an index 0\.\.2 .* got 3"):
+    with pytest.raises(ValueError, match=r"an index 0\.\.2 or one of cat, dog, T-shirt/top; got '3'"):
         resolve_normal("3", names)
+    assert resolve_normal("1", ["1", "2", "all"]) == [0]  # a class name wins over an index
+    assert resolve_normal("all", ["1", "2", "all"]) == [2]
     with pytest.raises(ValueError, match=r"one of cat, dog, T-shirt/top; got 'cow'"):
         resolve_normal("cow", names)
 
