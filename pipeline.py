@@ -62,7 +62,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (CacheError, DatasetError, BackboneError, ImageReadError, RunError, MetricError, FlowTrainingError,
-                ValueError) as err:
+                ValueError, OSError) as err:  # OSError: an output path that cannot be written
             raise InputError(_one_line(err)) from None
         except RuntimeError as err:
             if "ImageReadError" in str(err):

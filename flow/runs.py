@@ -90,11 +90,23 @@ def method_name(use_caff: bool) -> str:
     return "sanf" if use_caff else "sanf-nocaff"
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` with the process umask applied (tempfile creates 0600 files and 0700 folders)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -256,6 +268,7 @@ def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
     runs_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, _umask_mode(0o777))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -187,3 +187,20 @@ def test_run_names_are_single_path_components():
 
     assert run_name("c", "sanf", 0, "T-shirt/top", 2) == "c__sanf__normal0-T-shirt-top__seed2"
     assert run_name("c", "sanf-nocaff", 3, "cat", 0) == "c__sanf-nocaff__normal3-cat__seed0"
+
+
+def test_run_files_follow_the_umask(gaussian_cache, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        outcome = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                            train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]
+        score_runs(tmp_path / "runs", device="cpu", log=quiet)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(outcome.path.stat().st_mode) == 0o755
+    for path in (tmp_path / "runs" / "auroc.csv", outcome.path / "scores.csv", outcome.path / "run.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")] == []
