@@ -80,8 +80,10 @@ def load_weights_file(model: nn.Module, path: str | Path) -> LoadedWeights:
         BackboneError: unreadable file, or tensors that do not fit the model.
     """
     path = Path(path)
+    if path.is_dir():
+        raise BackboneError(f"--weights {path} is a folder; expected a state-dict file (.safetensors or .pth)")
     if not path.is_file():
-        raise BackboneError(f"--weights {path}: no such file")
+        raise BackboneError(f"--weights {path}: no such file (expected 'auto', 'timm' or a state-dict file)")
     state = _read_state_dict(path)
     if set(state) != set(model.state_dict()):
         state = _map_by_order(state, model, path)

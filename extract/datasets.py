@@ -8,6 +8,7 @@ front, so that protocol counts can be checked before any image is decoded.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -119,6 +120,13 @@ def _image_folder_split(root: Path, split: str, transform: Callable) -> tuple[li
         dataset = ImageFolder(str(folder), transform=transform, loader=load_image)
     except (FileNotFoundError, OSError) as err:
         raise DatasetError(f"--data-root {root}: cannot index {folder}: {err}") from None
+    seen: dict[str, str] = {}
+    for path, _ in dataset.samples:  # ImageFolder follows directory links: a loop would repeat images
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DatasetError(f"--data-root {root}: the image {real} is reached twice ({seen[real]} and {path}); "
+                               "remove the duplicate or the directory link")
+        seen[real] = path
     ids = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return list(dataset.classes), SplitSource(dataset, ids, labels)

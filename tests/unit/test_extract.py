@@ -717,3 +717,22 @@ def test_unreadable_image_message_is_clean(tmp_path):
         load_image(str(tmp_path / "empty.jpg"))
     assert str(info.value).startswith(f"cannot read image {tmp_path / 'empty.jpg'}: ")
     assert "BufferedReader" not in str(info.value)
+
+
+def test_a_directory_link_loop_is_refused(tmp_path):
+    import os
+
+    from conftest import make_image_tree
+    from extract.datasets import build_folder
+
+    root = make_image_tree(tmp_path / "data", per_split={"train": 1, "test": 1})
+    os.symlink("..", root / "train" / "blue" / "up")
+    with pytest.raises(DatasetError, match="is reached twice"):
+        build_folder(root, np.asarray)
+
+
+def test_weights_that_are_a_folder(tmp_path):
+    from extract.backbone import BackboneError, create_backbone
+
+    with pytest.raises(BackboneError, match="is a folder; expected a state-dict file"):
+        create_backbone("test_vit", weights=str(tmp_path))
