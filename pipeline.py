@@ -173,26 +173,20 @@ def _fit_options(fn):
     return fn
 
 
-def _run_fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps,
-             weight_decay, blocks, hidden, heads, clamp, no_caff, device, val_fraction=0.0):
+@cli.command()
+@_fit_options
+@user_errors
+def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps, weight_decay,
+        blocks, hidden, heads, clamp, no_caff, device, val_fraction) -> None:
+    """Train the CAFF flow on the cached train rows of one normal class (or of each)."""
     from flow.runs import find_cache, fit_cache
-    from flow.train import TrainConfig
 
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, betas=(beta1, beta2), eps=adam_eps,
                                weight_decay=weight_decay)
     flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp,
                    "use_caff": not no_caff}
-    return fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed,
-                     flow_config=flow_config, train_config=train_config, device=device,
-                     val_fraction=val_fraction, log=click.echo)
-
-
-@cli.command()
-@_fit_options
-@user_errors
-def fit(**options) -> None:
-    """Train the CAFF flow on the cached train rows of one normal class (or of each)."""
-    _run_fit(**options)
+    fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed, flow_config=flow_config,
+              train_config=train_config, device=device, val_fraction=val_fraction, log=click.echo)
 
 
 @cli.command()
@@ -226,13 +220,12 @@ def demo(cache_dir: str, runs_dir: str, epochs: int, device: str) -> None:
     prints the AUROC table. Needs no download.
     """
     from extract import extract_features
-    from flow.runs import auroc_table, score_runs
+    from flow.runs import auroc_table, fit_cache, score_runs
 
     cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,
                              device=device, num_workers=0, skip_existing=True, log=click.echo)
-    _run_fit(cache=str(cache), cache_dir=cache_dir, normal="all", runs_dir=runs_dir, seed=0, epochs=epochs,
-             batch_size=32, lr=5e-5, beta1=0.8, beta2=0.8, adam_eps=1e-4, weight_decay=1e-5, blocks=4,
-             hidden=1024, heads=4, clamp=3.0, no_caff=False, device=device)
+    fit_cache(cache, normal="all", runs_dir=runs_dir, seed=0, train_config=TrainConfig(epochs=epochs),
+              device=device, log=click.echo)  # the paper's flow and optimiser defaults
     rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
     click.echo(auroc_table([r for r in rows if r["cache"] == str(Path(cache).resolve())]))
     click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")

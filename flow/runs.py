@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache import CacheError, FeatureCache
+from cache import FeatureCache
 
 from .metrics import auroc
 from .model import FlowConfig, SANFFlow, count_flops, count_parameters
