@@ -29,7 +29,7 @@ class TrainConfig:
         weight_decay: Adam weight decay (paper: 1e-5).
     """
 
-    epochs: int = 20
+    epochs: int = 16
     batch_size: int = 32
     lr: float = 5e-5
     betas: tuple[float, float] = (0.8, 0.8)
