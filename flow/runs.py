@@ -168,11 +168,11 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             cls_t = torch.from_numpy(cls_np)
             patches_t = torch.from_numpy(patches_np) if config.use_caff else None
             fit_idx, val_idx = split_holdout(rows.size, val_fraction, seed)
-            val_cls = cls_t[val_idx] if val_idx.numel() else None
-            val_patches = patches_t[val_idx] if (val_idx.numel() and patches_t is not None) else None
+            val_cls = val_patches = None
             if val_idx.numel():
-                cls_t = cls_t[fit_idx]
-                patches_t = patches_t[fit_idx] if patches_t is not None else None
+                val_cls, cls_t = cls_t[val_idx], cls_t[fit_idx]
+                if patches_t is not None:
+                    val_patches, patches_t = patches_t[val_idx], patches_t[fit_idx]
             name = run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
             if (runs_dir / name).exists():
                 log(f"replacing the existing run {runs_dir / name}")
@@ -258,7 +258,8 @@ def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
         FlowTrainingError: the weights hold NaN or infinite values (nothing is written).
         RunError: something other than a run folder is in the way.
     """
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FlowTrainingError(f"run {name}: {len(bad)} weight tensors hold NaN or infinite values after "
                                 "training (check --lr and --weight-decay); nothing saved")
@@ -269,7 +270,6 @@ def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, _umask_mode(0o777))
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         if final.exists():

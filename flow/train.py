@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -139,28 +140,14 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
             count += len(idx)
         result.epoch_losses.append(total / count)
         if val_cls is not None and len(val_cls):
-            result.val_losses.append(_mean_loss(model, val_cls, val_patches if use_tokens else None,
-                                                train_config.batch_size, device))
+            # eq. 14 / D on the held-out rows: mean nll minus the constant, per dimension
+            nll = score_batches(model, val_cls, val_patches, train_config.batch_size)["nll"]
+            result.val_losses.append(float(nll.mean()) / flow_config.dim - 0.5 * math.log(2 * math.pi))
+            model.train()
         bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
     result.wall_time_s = time.perf_counter() - start
     model.eval()
     return model, result
-
-
-@torch.no_grad()
-def _mean_loss(model: SANFFlow, cls: torch.Tensor, patches: torch.Tensor | None, batch_size: int,
-               device: torch.device) -> float:
-    """Loss (eq. 14 / D) over all rows in eval mode, restoring the model's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for begin in range(0, cls.shape[0], batch_size):
-        y = cls[begin:begin + batch_size].to(device)
-        tokens = patches[begin:begin + batch_size].to(device) if patches is not None else None
-        z, log_det = model(y, tokens)
-        total += flow_loss(z, log_det).item() * y.shape[0]
-    model.train(was_training)
-    return total / cls.shape[0]
 
 
 @torch.no_grad()
