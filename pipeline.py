@@ -107,10 +107,16 @@ def _device_option(fn):
               help="Storage dtype of the cached features.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
               help="Folder receiving the cache file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache of the same settings.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing cache of the same settings; discard an interrupted extraction of it.")
+@click.option("--commit-every", type=click.IntRange(min=1), default=16,
+              help="Batches per committed chunk: a killed run resumes from the last committed chunk.")
 @user_errors
 def extract(no_download: bool, **options) -> None:
-    """Encode every image of a dataset once; write class tokens and patch tokens to HDF5."""
+    """Encode every image of a dataset once; write class tokens and patch tokens to HDF5.
+
+    Work is committed in chunks; running the same command after an interruption resumes it.
+    """
     from extract import extract_features
 
     extract_features(download=not no_download, **options)

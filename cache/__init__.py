@@ -2,15 +2,22 @@
 
 from .reader import CacheSplit, FeatureCache
 from .schema import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, CacheError
-from .writer import PARTIAL_SUFFIX, CacheWriter
+from .chunks import LOCK_SUFFIX, PARTIAL_SUFFIX, CacheLock, ChunkStore, partial_dir, partial_progress
+from .writer import TEMP_SUFFIX, CacheWriter
 
 __all__ = [
     "CacheError",
+    "CacheLock",
     "CacheSplit",
     "CacheWriter",
+    "ChunkStore",
     "FeatureCache",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "LOCK_SUFFIX",
     "PARTIAL_SUFFIX",
     "READABLE_VERSIONS",
+    "TEMP_SUFFIX",
+    "partial_dir",
+    "partial_progress",
 ]

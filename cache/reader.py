@@ -20,7 +20,7 @@ from .schema import (
     SPLITS,
     CacheError,
 )
-from .writer import PARTIAL_SUFFIX
+from .chunks import PARTIAL_SUFFIX, partial_progress
 
 
 def _decode_attr(key: str, value: Any) -> Any:
@@ -122,6 +122,7 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._file: h5py.File | None = None
+        self._owner_pid = os.getpid()
         try:
             self.attrs = self._validate()
         except CacheError:
@@ -132,9 +133,16 @@ class FeatureCache:
 
     @property
     def file(self) -> h5py.File:
-        """The open HDF5 file (opened on first use in this process)."""
+        """The open HDF5 file, opened on first use in this process.
+
+        A handle inherited through ``fork`` (DataLoader workers) is never used: HDF5 handles are not
+        safe to share between processes, so a forked child opens its own.
+        """
+        if self._file is not None and self._owner_pid != os.getpid():
+            self._file = None  # the parent's handle: leave it alone, open our own
         if self._file is None or not self._file.id.valid:
             self._file = h5py.File(self.path, "r")
+            self._owner_pid = os.getpid()
         return self._file
 
     def __getstate__(self) -> dict:
@@ -144,8 +152,8 @@ class FeatureCache:
         return state
 
     def close(self) -> None:
-        """Close the HDF5 file if open."""
-        if self._file is not None and self._file.id.valid:
+        """Close the HDF5 file if this process opened it."""
+        if self._file is not None and self._owner_pid == os.getpid() and self._file.id.valid:
             self._file.close()
         self._file = None
 
@@ -157,10 +165,15 @@ class FeatureCache:
 
     def _validate(self) -> dict[str, Any]:
         where = str(self.path)
+        if self.path.is_dir() and self.path.name.endswith(PARTIAL_SUFFIX):
+            raise CacheError(f"{where} is the work folder of an interrupted extraction, not a cache; run the same "
+                             "extract command again to resume it")
         if not self.path.exists():
-            partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-            hint = f" (an unfinished {partial.name} exists: the extraction was interrupted; run it again)" \
-                if partial.exists() else ""
+            progress = partial_progress(self.path)
+            hint = ""
+            if progress is not None:
+                hint = (f" (its extraction was interrupted with {progress[0]} of {progress[1] or '?'} chunks "
+                        "committed; run the same extract command again to resume)")
             raise CacheError(f"cache file {where} does not exist{hint}")
         try:
             f = h5py.File(self.path, "r")

@@ -21,7 +21,8 @@ from .schema import (
     chunk_rows,
 )
 
-PARTIAL_SUFFIX = ".partial"
+#: Suffix of the file being written; renamed to the final name by :meth:`CacheWriter.finish`.
+TEMP_SUFFIX = ".writing"
 
 
 def _encode_attr(key: str, value: Any) -> Any:
@@ -37,11 +38,12 @@ def _encode_attr(key: str, value: Any) -> Any:
 class CacheWriter:
     """Writes one cache file under a temporary name and renames it into place when finished.
 
-    The file is written to ``<path>.partial`` with the root attribute ``complete = False``; only
+    The file is written to ``<path>.writing`` with the root attribute ``complete = False``; only
     :meth:`finish` sets ``complete = True`` and renames it to ``path``. A run killed at any point
-    therefore leaves at most a ``.partial`` file, which readers refuse.
+    therefore leaves at most a ``.writing`` file, which readers refuse. (Extraction writes through
+    :class:`cache.chunks.ChunkStore`, which commits chunks first so that a killed run can resume.)
 
-    Use as a context manager: leaving the block with an exception deletes the partial file.
+    Use as a context manager: leaving the block with an exception deletes the temporary file.
 
     Args:
         path: final path of the cache (``.h5``).
@@ -53,14 +55,14 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         self.path = Path(path)
-        self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.temp_path = self.path.with_name(self.path.name + TEMP_SUFFIX)
         if self.path.exists() and not overwrite:
             raise CacheError(f"cache {self.path} exists already; pass --overwrite to replace it")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = h5py.File(self.partial_path, "w")
+            self._file = h5py.File(self.temp_path, "w")
         except OSError as err:
-            raise CacheError(f"cannot write cache file {self.partial_path}: {err.strerror or err}") from None
+            raise CacheError(f"cannot write cache file {self.temp_path}: {err.strerror or err}") from None
         self._file.attrs["format"] = FORMAT_NAME
         self._file.attrs["format_version"] = FORMAT_VERSION
         self._file.attrs["complete"] = False
@@ -145,16 +147,16 @@ class CacheWriter:
         self._file.attrs["complete"] = True
         self._file.flush()
         self._file.close()
-        os.replace(self.partial_path, self.path)
+        os.replace(self.temp_path, self.path)
         return self.path
 
     def abort(self) -> None:
-        """Close and delete the partial file (idempotent)."""
+        """Close and delete the temporary file (idempotent)."""
         try:
             if self._file.id.valid:
                 self._file.close()
         finally:
-            self.partial_path.unlink(missing_ok=True)
+            self.temp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from torchvision import transforms
 
-from cache import CacheWriter
+from cache import ChunkStore
 from flow.train import resolve_device
 
 from .backbone import TokenEncoder, create_backbone
@@ -68,7 +68,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      patch_grid: int = 8, img_size: int | None = None, crop_pct: float | None = None,
                      batch_size: int = 64, num_workers: int = 2, device: str = "auto", precision: str = "fp32",
                      dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
-                     skip_existing: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+                     skip_existing: bool = False, commit_every: int = 16, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
 
     Args:
@@ -89,6 +89,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         cache_dir: folder receiving the cache file.
         overwrite: replace an existing cache of the same settings.
         skip_existing: if a complete cache of the same settings exists, return it without encoding.
+        commit_every: batches per committed chunk; a killed run loses at most this many batches, and a
+            chunk is held in memory until committed. A resumed run must use the same value and batch size.
         progress: show progress bars.
         log: where to print status lines.
 
@@ -124,16 +126,34 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         return path
     autocast = (torch.autocast(device_type=dev.type, dtype=PRECISIONS[precision])
                 if PRECISIONS[precision] is not None else contextlib.nullcontext())
+    for split, part in source.splits.items():
+        if not part.sample_ids:
+            raise ExtractionError(f"split {split} of {dataset} holds no images")
+    plan = {
+        "dataset": dataset, "backbone": backbone, "settings": settings, "batch_size": batch_size,
+        "chunk_rows": batch_size * commit_every,
+        "splits": {split: {"num_rows": len(part.sample_ids),
+                           "sample_ids_sha256": hashlib.sha256("\n".join(part.sample_ids).encode()).hexdigest()}
+                   for split, part in source.splits.items()},
+    }
     total, start = 0, time.perf_counter()
-    with CacheWriter(path, overwrite=overwrite) as writer:
+    with ChunkStore(path, plan, overwrite=overwrite, log=log) as store:
         for split, part in source.splits.items():
-            loader = DataLoader(part.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            pending = store.pending(split)
+            # the batches of an uninterrupted run, restricted to the chunks still to do
+            batches = [list(range(b, min(b + batch_size, stop))) for a, stop in pending
+                       for b in range(a, stop, batch_size)]
+            if not batches:
+                continue
+            loader = DataLoader(part.dataset, batch_sampler=batches, num_workers=num_workers,
                                 pin_memory=dev.type == "cuda", persistent_workers=False)
-            created = False
-            at = 0
             loader_iter = iter(loader)
+            chunk_iter = iter(pending)
+            chunk_start, chunk_stop = next(chunk_iter)
+            held: list[tuple[np.ndarray, np.ndarray]] = []
+            at = chunk_start
             try:
-                for images, labels in tqdm(loader_iter, total=len(loader), desc=f"extract {split}", unit="batch",
+                for images, labels in tqdm(loader_iter, total=len(batches), desc=f"extract {split}", unit="batch",
                                            disable=not progress, leave=False):
                     with torch.inference_mode(), autocast:
                         cls, patches = encoder(images.to(dev, non_blocking=True))
@@ -145,27 +165,28 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                         raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
                                               f"first {part.sample_ids[first]!r} ({split} row {first}); "
                                               "try --precision fp32")
-                    expected = part.labels[at:at + len(labels)]
-                    if not np.array_equal(labels.numpy(), expected):
+                    if not np.array_equal(labels.numpy(), part.labels[at:at + len(labels)]):
                         raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
                                               "from the sample index")
-                    if not created:
-                        writer.create_split(split, len(part.sample_ids), cls.shape[1], patches.shape[1], dtype)
-                        created = True
-                    writer.write(split, at, cls.astype(dtype), patches.astype(dtype), expected,
-                                 part.sample_ids[at:at + len(labels)])
+                    held.append((cls.astype(dtype), patches.astype(dtype)))
                     at += len(labels)
+                    total += len(labels)
+                    if at == chunk_stop:
+                        store.commit(split, chunk_start, np.concatenate([c for c, _ in held]),
+                                     np.concatenate([p for _, p in held]), part.labels[chunk_start:chunk_stop],
+                                     part.sample_ids[chunk_start:chunk_stop], encoder.token_grid)
+                        held = []
+                        chunk_start, chunk_stop = next(chunk_iter, (None, None))
+                        at = chunk_start
             finally:
                 # An error mid-split leaves the iterator referenced by the traceback; end its worker processes
                 # now rather than when the traceback is collected (torch's DataLoader iterator method).
                 shutdown = getattr(loader_iter, "_shutdown_workers", None)
                 if shutdown is not None:
                     shutdown()
-            if not created:
-                raise ExtractionError(f"split {split} of {dataset} holds no images")
-            total += at
         elapsed = time.perf_counter() - start
-        h, w = encoder.token_grid
+        geometry = store.geometry()  # from the chunks: a resumed run may have encoded nothing itself
+        h, w = geometry["token_grid"]
         gh, gw = encoder.pooled_grid(h, w)
         attrs = {
             "dataset": dataset,
@@ -186,13 +207,13 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             "crop_mode": config.get("crop_mode", "center"),
             "token_grid": [h, w],
             "patch_grid": [gh, gw],
-            "feature_dim": int(cls.shape[1]),
+            "feature_dim": geometry["feature_dim"],
             "num_patches": gh * gw,
             "precision": precision,
             "dtype": dtype,
             "extract_seconds": round(elapsed, 3),
-            "images_per_second": round(total / elapsed, 3),
+            "images_per_second": round(total / elapsed, 3) if total else 0.0,
         }
-        final = writer.finish(attrs)
-    log(f"encoded {total} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s) -> {final}")
+        final = store.assemble(attrs)
+    log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
     return final

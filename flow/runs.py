@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache import FeatureCache
+from cache import PARTIAL_SUFFIX, FeatureCache
 
 from .metrics import auroc
 from .model import FlowConfig, SANFFlow, count_flops, count_parameters
@@ -80,6 +80,10 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
     if len(found) == 1:
         return found[0]
     if not found:
+        unfinished = sorted(Path(cache_dir).glob(f"*.h5{PARTIAL_SUFFIX}"))
+        if unfinished:
+            raise ValueError(f"no complete cache in --cache-dir {cache_dir}, only an interrupted extraction "
+                             f"({unfinished[0].name}); run the same extract command again to resume it")
         raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache")
     raise ValueError(f"--cache-dir {cache_dir} holds {len(found)} caches; pass --cache with one of: "
                      + ", ".join(str(p) for p in found))

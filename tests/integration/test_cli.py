@@ -404,7 +404,20 @@ def test_unreadable_image_is_named(tmp_path, workers):
     finally:
         _reap_loader_workers(before)
     assert_input_error(result, f"cannot read image {bad}")
-    assert list(cache_dir.iterdir()) == []  # neither the cache nor its .partial is left
+    # the train split (one chunk) was committed before the test image failed: kept for a resume, no .h5
+    work = [p for p in cache_dir.iterdir()]
+    assert len(work) == 1 and work[0].name.endswith(".h5.partial") and work[0].is_dir()
+    assert "kept 1 of 2 committed chunks" in result.stdout
+    assert "run the same extract command again to resume" in result.stdout
+    # repair the image and run the same command: only the missing chunk is encoded
+    make_image_tree(tmp_path / "fixed", per_split={"train": 2, "test": 1})
+    bad.write_bytes((tmp_path / "fixed" / "test" / "red" / "000.png").read_bytes())
+    args = extract_args(bad.parents[2], cache_dir, backbone=SMALL)
+    resumed = invoke(*args)
+    assert_ok(resumed)
+    assert "1 of 2 chunks already committed" in resumed.output
+    assert "encoded 2 images" in resumed.output  # the test split only
+    assert [p.suffix for p in cache_dir.iterdir()] == [".h5"]
 
 
 def test_failed_extraction_leaves_no_worker_processes(tmp_path):

@@ -13,7 +13,7 @@ import cache
 from cache import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    PARTIAL_SUFFIX,
+    TEMP_SUFFIX,
     CacheError,
     CacheWriter,
     FeatureCache,
@@ -25,8 +25,8 @@ KIB = 1024
 MIB = 1024 * 1024
 
 
-def _partial(path):
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+def _temp(path):
+    return path.with_name(path.name + TEMP_SUFFIX)
 
 
 def _poke(path, fn):
@@ -45,7 +45,7 @@ def test_round_trip_arrays_attributes_ids_and_counts(tmp_path):
     path = write_cache(tmp_path / "c.h5", splits, ["ant", "bee", "cat"], patch_grid=(2, 3))
     assert path == tmp_path / "c.h5"
     assert path.is_file()
-    assert not _partial(path).exists()
+    assert not _temp(path).exists()
 
     with FeatureCache(path) as fc:
         # attributes come back decoded: JSON lists as lists, numpy scalars as Python scalars
@@ -218,7 +218,7 @@ def test_create_split_rejects_unknown_split_and_dtype(tmp_path):
             writer.create_split("train", 3, 2, 1, "float64")
         writer.abort()
     assert not (tmp_path / "c.h5").exists()
-    assert not _partial(tmp_path / "c.h5").exists()
+    assert not _temp(tmp_path / "c.h5").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,11 +232,11 @@ def test_exception_inside_writer_leaves_no_file(tmp_path):
         with CacheWriter(path) as writer:
             writer.create_split("train", 4, 2, 1, "float32")
             writer.write("train", 0, np.ones((2, 2)), np.ones((2, 1, 2)), np.zeros(2), ["a", "b"])
-            assert _partial(path).is_file()  # work in progress lives under the temporary name only
+            assert _temp(path).is_file()  # work in progress lives under the temporary name only
             assert not path.exists()
             raise RuntimeError("boom")
     assert not path.exists()
-    assert not _partial(path).exists()
+    assert not _temp(path).exists()
     assert list(path.parent.iterdir()) == []
 
 
@@ -247,7 +247,7 @@ def test_finish_refuses_unwritten_rows_and_missing_attributes(tmp_path):
             writer.create_split("train", 4, 2, 1, "float32")
             writer.write("train", 0, np.ones((2, 2)), np.ones((2, 1, 2)), np.zeros(2), ["a", "b"])
             writer.finish(cache_attrs(["a"], 2, (1, 1)))
-    assert not path.exists() and not _partial(path).exists()
+    assert not path.exists() and not _temp(path).exists()
 
     attrs = cache_attrs(["a"], 2, (1, 1))
     del attrs["backbone"]
@@ -257,7 +257,7 @@ def test_finish_refuses_unwritten_rows_and_missing_attributes(tmp_path):
                 writer.create_split(split, 1, 2, 1, "float32")
                 writer.write(split, 0, np.ones((1, 2)), np.ones((1, 1, 2)), np.zeros(1), ["a"])
             writer.finish(attrs)
-    assert not path.exists() and not _partial(path).exists()
+    assert not path.exists() and not _temp(path).exists()
 
 
 def test_aborted_overwrite_keeps_the_previous_cache(tmp_path):
@@ -267,7 +267,7 @@ def test_aborted_overwrite_keeps_the_previous_cache(tmp_path):
         with CacheWriter(path, overwrite=True) as writer:
             writer.create_split("train", 1, 6, 4, "float32")
             raise KeyboardInterrupt
-    assert not _partial(path).exists()
+    assert not _temp(path).exists()
     assert FeatureCache(path).fingerprint() == before
 
 
@@ -277,7 +277,7 @@ def test_refuses_to_overwrite_without_overwrite(tmp_path):
     with pytest.raises(CacheError, match=r"exists already; pass --overwrite"):
         CacheWriter(path)
     assert path.read_bytes() == before
-    assert not _partial(path).exists()
+    assert not _temp(path).exists()
     # with overwrite=True the old file is replaced
     write_cache(path, gaussian_splits(n_train=2, n_test=2, num_classes=2), ["p", "q"])
     with FeatureCache(path) as fc:
@@ -297,22 +297,21 @@ def test_writer_in_unwritable_place_raises_cache_error(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_missing_file_and_unfinished_partial(tmp_path):
+def test_missing_file_and_unfinished_temporary_file(tmp_path):
     path = tmp_path / "c.h5"
     with pytest.raises(CacheError, match=r"c\.h5 does not exist$"):
         FeatureCache(path)
-    writer = CacheWriter(path)  # a run killed before finish(): only the .partial remains
+    writer = CacheWriter(path)  # a writer killed before finish(): only the .writing file remains
     writer.create_split("train", 2, 2, 1, "float32")
     writer._file.flush()
-    with pytest.raises(CacheError, match=r"does not exist \(an unfinished c\.h5\.partial exists: the extraction "
-                                         r"was interrupted"):
+    with pytest.raises(CacheError, match=r"c\.h5 does not exist$"):
         FeatureCache(path)
     writer._file.close()
-    # opening the .partial itself: the complete mark is False
-    with pytest.raises(CacheError, match=r"c\.h5\.partial is incomplete \(its extraction did not finish\)"):
-        FeatureCache(_partial(path))
+    # opening the temporary file itself: the complete mark is False
+    with pytest.raises(CacheError, match=r"c\.h5\.writing is incomplete \(its extraction did not finish\)"):
+        FeatureCache(_temp(path))
     writer.abort()
-    assert not _partial(path).exists()
+    assert not _temp(path).exists()
 
 
 def test_incomplete_mark_is_refused(tmp_path):

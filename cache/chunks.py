@@ -1,0 +1,328 @@
+"""Resumable extraction: encoded rows are committed in chunks to a work folder, then assembled into the cache.
+
+An extraction of ``<dir>/<name>.h5`` works in the folder ``<dir>/<name>.h5.partial/``:
+
+- ``manifest.json``: the plan of the work (extraction settings, rows and sample-id digest of every split,
+  batch size, rows per chunk). A later run resumes only with the identical plan.
+- ``<split>-<start>.npz``: one committed chunk, rows ``start : start + chunk_rows`` of a split (``cls``,
+  ``patches``, ``label``, ``sample_id``, ``token_grid``). Each is written under a temporary name, flushed to
+  disk and renamed, so a chunk file either holds its whole chunk or does not exist.
+
+A process killed at any moment (SIGKILL included) therefore loses at most the chunk it was encoding.
+When every chunk is committed, :meth:`ChunkStore.assemble` writes the HDF5 cache with
+:class:`~cache.writer.CacheWriter` (temporary name, renamed at the end) and deletes the work folder.
+While it works, the process holds an exclusive lock on ``<dir>/<name>.h5.lock`` (``fcntl.flock``, released by
+the kernel when the process dies), so a second extraction of the same cache is refused instead of
+interleaving writes. POSIX only (Linux, macOS).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .schema import SPLITS, CacheError
+from .writer import CacheWriter
+
+PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+MANIFEST = "manifest.json"
+CHUNK_ARRAYS = ("cls", "patches", "label", "sample_id", "token_grid")
+_CHUNK_NAME = re.compile(r"^(train|test)-(\d{10})\.npz$")
+
+
+def partial_dir(path: str | os.PathLike) -> Path:
+    """The work folder ``<path>.partial`` of an unfinished extraction of the cache ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def partial_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(committed, total)`` chunks of an unfinished extraction of ``path``, or None when there is none.
+
+    ``total`` is 0 when the work folder has no readable manifest.
+    """
+    work = partial_dir(path)
+    if not work.is_dir():
+        return None
+    committed = sum(1 for p in work.iterdir() if _CHUNK_NAME.match(p.name))
+    try:
+        plan = json.loads((work / MANIFEST).read_text())
+        total = sum(len(_ranges(int(s["num_rows"]), int(plan["chunk_rows"]))) for s in plan["splits"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        total = 0
+    return committed, total
+
+
+def _ranges(num_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows)]
+
+
+class CacheLock:
+    """An exclusive, non-blocking ``fcntl.flock`` lock on ``<cache>.lock``.
+
+    Raises:
+        CacheError: another process holds the lock (the message names the cache and the holder's pid),
+            or the lock file cannot be created.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.cache_path = Path(path)
+        self.path = self.cache_path.with_name(self.cache_path.name + LOCK_SUFFIX)
+        self._fd: int | None = None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise CacheError(f"cannot create the lock file {self.path}: {err.strerror or err}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CacheError(f"another extraction (pid {holder}) is writing {self.cache_path}; wait for it to "
+                                 f"finish or stop it (lock {self.path})") from None
+            # the previous holder may have deleted the file between our open and our lock: lock the current one
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Delete the lock file and unlock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+class ChunkStore:
+    """The committed chunks of one extraction, resumed when an earlier run with the same plan was interrupted.
+
+    Use as a context manager. Leaving the block with an exception keeps the committed chunks for a
+    later resume (the work folder is removed when nothing was committed); :meth:`assemble` finishes.
+
+    Args:
+        path: final path of the cache (``.h5``).
+        plan: JSON-serialisable description of the work. Must hold ``splits`` (``{split: {"num_rows": N,
+            ...}}``) and ``chunk_rows`` (rows per chunk, a multiple of the batch size so that a resumed run
+            encodes exactly the batches of an uninterrupted one); every other key is compared on resume.
+        overwrite: discard an unfinished extraction and, at :meth:`assemble`, replace an existing cache.
+        log: where to print status lines.
+
+    Raises:
+        CacheError: the cache exists and ``overwrite`` is False; another process is extracting it; an
+            unfinished extraction of it used a different plan; the folder cannot be written.
+    """
+
+    def __init__(self, path: str | os.PathLike, plan: Mapping[str, Any], overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.path = Path(path)
+        self.work = partial_dir(self.path)
+        self.plan = json.loads(json.dumps(plan))  # normalised as it will be stored (tuples become lists)
+        self.chunk_rows = int(self.plan["chunk_rows"])
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        self._log = log
+        if self.path.exists() and not overwrite:
+            raise CacheError(f"cache {self.path} exists already; pass --overwrite to replace it")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CacheError(f"cannot write cache file {self.path}: {err.strerror or err}") from None
+        self._lock = CacheLock(self.path)
+        try:
+            self._open_work(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open_work(self, overwrite: bool) -> None:
+        if self.work.exists() and not self.work.is_dir():
+            raise CacheError(f"{self.work} is in the way of the extraction's work folder; move it away")
+        if self.work.is_dir() and overwrite:
+            shutil.rmtree(self.work)
+        if self.work.is_dir():
+            try:
+                stored = json.loads((self.work / MANIFEST).read_text())
+            except (OSError, ValueError):
+                stored = None
+            if stored is None:  # killed before the manifest was in place: nothing can have been committed
+                shutil.rmtree(self.work)
+            elif stored != self.plan:
+                keys = sorted(k for k in set(stored) | set(self.plan) if stored.get(k) != self.plan.get(k))
+                raise CacheError(f"an interrupted extraction in {self.work} used other settings (differing: "
+                                 f"{', '.join(keys)}); run it with the same settings to resume, or pass "
+                                 "--overwrite to start over")
+            else:
+                done, total = len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
+                self._log(f"resuming the interrupted extraction in {self.work}: {done} of {total} chunks "
+                          "already committed")
+                return
+        try:
+            self.work.mkdir()
+            manifest = json.dumps(self.plan, indent=1, sort_keys=True).encode()
+            _atomic_write(self.work / MANIFEST, lambda handle: handle.write(manifest))
+        except OSError as err:
+            raise CacheError(f"cannot write cache file {self.path}: {err.strerror or err}") from None
+
+    @property
+    def splits(self) -> list[str]:
+        """The planned splits, in ``SPLITS`` order."""
+        return [s for s in SPLITS if s in self.plan["splits"]]
+
+    def chunks(self, split: str) -> list[tuple[int, int]]:
+        """Every chunk of ``split`` as ``(start, stop)`` row ranges."""
+        return _ranges(int(self.plan["splits"][split]["num_rows"]), self.chunk_rows)
+
+    def _chunk_path(self, split: str, start: int) -> Path:
+        return self.work / f"{split}-{start:010d}.npz"
+
+    def _committed(self) -> set[tuple[str, int]]:
+        found = set()
+        for p in self.work.iterdir():
+            m = _CHUNK_NAME.match(p.name)
+            if m:
+                found.add((m.group(1), int(m.group(2))))
+        return found
+
+    def pending(self, split: str) -> list[tuple[int, int]]:
+        """The chunks of ``split`` not committed yet, in row order."""
+        done = self._committed()
+        return [(a, b) for a, b in self.chunks(split) if (split, a) not in done]
+
+    def commit(self, split: str, start: int, cls: np.ndarray, patches: np.ndarray, labels: np.ndarray,
+               sample_ids: list[str], token_grid: tuple[int, int]) -> None:
+        """Commit one whole chunk atomically (temporary file, fsync, rename).
+
+        Args:
+            split: the split.
+            start: the chunk's first row (a chunk boundary).
+            cls: (n, D) semantic vectors in the storage dtype.
+            patches: (n, P, D) patch tokens in the storage dtype.
+            labels: (n,) class indices.
+            sample_ids: n sample ids.
+            token_grid: (h, w) token grid before pooling.
+
+        Raises:
+            ValueError: ``start`` is not a chunk boundary or the rows do not fill the chunk.
+        """
+        ranges = dict(self.chunks(split))
+        if start not in ranges or ranges[start] - start != len(cls):
+            raise ValueError(f"{split} rows {start}..{start + len(cls)} are not one planned chunk")
+        _atomic_write(self._chunk_path(split, start), lambda handle: np.savez(
+            handle, cls=cls, patches=patches, label=np.asarray(labels, dtype=np.int64),
+            sample_id=np.asarray(sample_ids, dtype=str), token_grid=np.asarray(token_grid, dtype=np.int64)))
+
+    def _load(self, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        path = self._chunk_path(split, start)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in CHUNK_ARRAYS}
+            if not (len(arrays["cls"]) == len(arrays["patches"]) == len(arrays["label"])
+                    == len(arrays["sample_id"]) == stop - start):
+                raise ValueError("wrong row count")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            path.unlink(missing_ok=True)
+            raise CacheError(f"the committed chunk {path} is damaged ({err}) and was removed; run the same "
+                             "extract command again to redo it") from None
+        return arrays
+
+    def assemble(self, attrs: Mapping[str, Any]) -> Path:
+        """Write the HDF5 cache from the committed chunks, then delete the work folder and the lock.
+
+        Args:
+            attrs: the cache's root attributes (see :meth:`CacheWriter.finish`); ``feature_dim``,
+                ``num_patches`` and ``token_grid`` are checked against the chunks.
+
+        Returns:
+            The final cache path.
+
+        Raises:
+            CacheError: a chunk is missing or damaged, or the chunks disagree with ``attrs``.
+        """
+        missing = {s: len(self.pending(s)) for s in self.splits if self.pending(s)}
+        if missing:
+            raise CacheError(f"cannot assemble {self.path}: chunks not committed yet {missing}")
+        with CacheWriter(self.path, overwrite=True) as writer:
+            for split in self.splits:
+                chunks = self.chunks(split)
+                num_rows = int(self.plan["splits"][split]["num_rows"])
+                writer.create_split(split, num_rows, int(attrs["feature_dim"]), int(attrs["num_patches"]),
+                                    str(attrs["dtype"]))
+                for start, stop in chunks:
+                    arrays = self._load(split, start, stop)
+                    expected = (stop - start, int(attrs["num_patches"]), int(attrs["feature_dim"]))
+                    grid = [int(v) for v in arrays["token_grid"]]
+                    if arrays["patches"].shape != expected or grid != list(attrs["token_grid"]):
+                        raise CacheError(f"chunk {split} rows {start}..{stop} has patches {arrays['patches'].shape} "
+                                         f"on a {grid} grid; expected {expected} on "
+                                         f"{list(attrs['token_grid'])}; pass --overwrite to start over")
+                    writer.write(split, start, arrays["cls"], arrays["patches"], arrays["label"],
+                                 [str(s) for s in arrays["sample_id"]])
+            final = writer.finish(attrs)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self._lock.release()
+        return final
+
+    def geometry(self) -> dict[str, Any]:
+        """``token_grid`` (h, w), ``num_patches`` P and ``feature_dim`` D of the first committed chunk.
+
+        Raises:
+            CacheError: no chunk is committed, or it is damaged.
+        """
+        for split, start in sorted(self._committed(), key=lambda c: (SPLITS.index(c[0]), c[1])):
+            stop = dict(self.chunks(split))[start]
+            arrays = self._load(split, start, stop)
+            return {"token_grid": [int(v) for v in arrays["token_grid"]], "num_patches": int(arrays["patches"].shape[1]),
+                    "feature_dim": int(arrays["cls"].shape[1])}
+        raise CacheError(f"no chunk of {self.path} is committed")
+
+    def close(self) -> None:
+        """Release the lock; remove the work folder when no chunk is in it (idempotent)."""
+        try:
+            if self.work.is_dir() and not self._committed():
+                shutil.rmtree(self.work, ignore_errors=True)
+            elif self.work.is_dir():
+                done, total = len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
+                self._log(f"kept {done} of {total} committed chunks in {self.work}; run the same extract command "
+                          "again to resume")
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write a file whole or not at all: ``write(handle)`` to a temporary name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,175 @@
+"""ChunkStore and CacheLock: committed chunks, resume plans, damaged chunks, the lock between processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cache import CacheError, CacheLock, ChunkStore, FeatureCache, partial_dir, partial_progress
+from conftest import ROOT, cache_attrs
+
+D, P = 3, 2
+
+
+def plan(num_train=5, num_test=3, chunk_rows=2, **extra) -> dict:
+    return {"settings": {"x": 1}, "batch_size": 1, "chunk_rows": chunk_rows,
+            "splits": {"train": {"num_rows": num_train}, "test": {"num_rows": num_test}}, **extra}
+
+
+def rows(split: str, start: int, stop: int):
+    base = np.arange(start, stop, dtype=np.float32)[:, None] + (0.5 if split == "test" else 0.0)
+    cls = np.repeat(base, D, axis=1)
+    patches = np.repeat(cls[:, None, :], P, axis=1)
+    return cls, patches, np.arange(start, stop) % 2, [f"{split}/{i}" for i in range(start, stop)], (1, 2)
+
+
+def commit_all(store: ChunkStore, only=None) -> None:
+    for split in store.splits:
+        for start, stop in store.pending(split):
+            if only is None or (split, start) in only:
+                store.commit(split, start, *rows(split, start, stop))
+
+
+def attrs():
+    return cache_attrs(["even", "odd"], D, (1, 2), token_grid=[1, 2])
+
+
+def test_chunks_cover_each_split_and_assemble_into_a_cache(tmp_path):
+    path = tmp_path / "c.h5"
+    logs = []
+    with ChunkStore(path, plan(), log=logs.append) as store:
+        assert store.chunks("train") == [(0, 2), (2, 4), (4, 5)]
+        assert store.chunks("test") == [(0, 2), (2, 3)]
+        assert partial_dir(path).is_dir() and (tmp_path / "c.h5.lock").is_file()
+        commit_all(store)
+        assert store.pending("train") == [] and store.pending("test") == []
+        assert store.geometry() == {"token_grid": [1, 2], "num_patches": P, "feature_dim": D}
+        assert store.assemble(attrs()) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]  # work folder and lock gone
+    assert logs == []
+    with FeatureCache(path) as fc:
+        cls, patches = fc.split("train").read(slice(None))
+        np.testing.assert_array_equal(cls[:, 0], np.arange(5))
+        np.testing.assert_array_equal(fc.split("test").labels, [0, 1, 0])
+        assert fc.split("test").sample_ids == ["test/0", "test/1", "test/2"]
+
+
+def test_commit_refuses_rows_that_are_not_one_chunk(tmp_path):
+    with ChunkStore(tmp_path / "c.h5", plan()) as store:
+        with pytest.raises(ValueError, match=r"train rows 1\.\.3 are not one planned chunk"):
+            store.commit("train", 1, *rows("train", 1, 3))
+        with pytest.raises(ValueError, match=r"train rows 0\.\.1 are not one planned chunk"):
+            store.commit("train", 0, *rows("train", 0, 1))
+        with pytest.raises(CacheError, match=r"chunks not committed yet \{'train': 3, 'test': 2\}"):
+            store.assemble(attrs())
+    assert not partial_dir(tmp_path / "c.h5").exists()  # nothing committed: nothing kept
+
+
+def test_interrupted_store_resumes_only_the_missing_chunks(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with ChunkStore(path, plan(), log=lambda _: None) as store:
+            commit_all(store, only={("train", 0), ("test", 2)})
+            raise KeyboardInterrupt
+    assert partial_progress(path) == (2, 5)
+    with pytest.raises(CacheError, match=r"interrupted with 2 of 5 chunks committed; run the same extract command"):
+        FeatureCache(path)
+    with pytest.raises(CacheError, match=r"c\.h5\.partial is the work folder of an interrupted extraction"):
+        FeatureCache(partial_dir(path))
+    logs = []
+    with ChunkStore(path, plan(), log=logs.append) as store:
+        assert logs == [f"resuming the interrupted extraction in {partial_dir(path)}: 2 of 5 chunks already "
+                        "committed"]
+        assert store.pending("train") == [(2, 4), (4, 5)]
+        assert store.pending("test") == [(0, 2)]
+        commit_all(store)
+        store.assemble(attrs())
+    with FeatureCache(path) as fc:
+        np.testing.assert_array_equal(fc.split("test").read(slice(None))[0][:, 0], [0.5, 1.5, 2.5])
+
+
+def test_a_different_plan_is_refused_and_overwrite_starts_over(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(RuntimeError):
+        with ChunkStore(path, plan(), log=lambda _: None) as store:
+            commit_all(store, only={("train", 0)})
+            raise RuntimeError
+    with pytest.raises(CacheError, match=r"used other settings \(differing: chunk_rows, settings\); run it with "
+                                         r"the same settings to resume, or pass --overwrite"):
+        ChunkStore(path, plan(chunk_rows=4, settings={"x": 2}))
+    assert partial_progress(path) == (1, 5)  # refusing did not touch the committed work
+    assert not (tmp_path / "c.h5.lock").exists()  # and released the lock
+    with ChunkStore(path, plan(chunk_rows=4), overwrite=True) as store:
+        assert store.pending("train") == [(0, 4), (4, 5)]
+        commit_all(store)
+        store.assemble(attrs())
+    # an existing cache: refused without overwrite; with it, replaced only when the new one is assembled
+    with pytest.raises(CacheError, match="exists already; pass --overwrite"):
+        ChunkStore(path, plan())
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with ChunkStore(path, plan(), overwrite=True):
+            raise RuntimeError
+    assert path.read_bytes() == before
+
+
+def test_a_damaged_chunk_is_removed_and_named(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with ChunkStore(path, plan(), log=lambda _: None) as store:
+            commit_all(store)
+            raise KeyboardInterrupt
+    chunk = partial_dir(path) / "train-0000000002.npz"
+    chunk.write_bytes(chunk.read_bytes()[:50])  # e.g. a disk error
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        with pytest.raises(CacheError, match=r"train-0000000002\.npz is damaged .* and was removed; run the same "
+                                             "extract command again"):
+            store.assemble(attrs())
+        assert store.pending("train") == [(2, 4)]
+    assert not path.exists()
+
+
+def test_chunks_that_disagree_with_the_attributes_are_refused(tmp_path):
+    path = tmp_path / "c.h5"
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        commit_all(store)
+        with pytest.raises(CacheError, match=r"chunk train rows 0\.\.2 has patches \(2, 2, 3\) on a \[1, 2\] grid; "
+                                             r"expected \(2, 4, 3\) on \[2, 2\]"):
+            store.assemble(cache_attrs(["even", "odd"], D, (2, 2), token_grid=[2, 2]))
+    assert not path.exists() and not path.with_name("c.h5.writing").exists()
+
+
+def test_work_folder_blocked_by_a_file(tmp_path):
+    partial_dir(tmp_path / "c.h5").write_text("not a folder")
+    with pytest.raises(CacheError, match=r"c\.h5\.partial is in the way"):
+        ChunkStore(tmp_path / "c.h5", plan())
+    assert not (tmp_path / "c.h5.lock").exists()
+
+
+def test_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    path = tmp_path / "c.h5"
+    held = CacheLock(path)
+    with pytest.raises(CacheError, match=rf"another extraction \(pid {os.getpid()}\) is writing .*c\.h5; wait"):
+        CacheLock(path)
+    with pytest.raises(CacheError, match="another extraction"):
+        ChunkStore(path, plan())
+    held.release()
+    held.release()  # idempotent
+    assert not (tmp_path / "c.h5.lock").exists()
+
+    code = ("import sys, time; from cache import CacheLock; CacheLock(sys.argv[1]); print('locked', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheError, match=rf"another extraction \(pid {proc.pid}\)"):
+            CacheLock(path)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    CacheLock(path).release()  # the kernel dropped the dead holder's lock; its stale file is reused
