@@ -68,17 +68,33 @@ class CacheSplit:
         """Sorted row indices whose label is ``label``, shape (n,)."""
         return np.flatnonzero(self.labels == label)
 
-    def read(self, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray | slice, require_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Read the semantic vectors and patch tokens of some rows as float32.
 
         Only the requested rows are read from disk (contiguous runs are read as slices).
 
         Args:
             rows: sorted row indices, shape (n,), or a slice.
+            require_finite: refuse rows holding NaN or infinite values.
 
         Returns:
             ``cls`` of shape (n, D) and ``patches`` of shape (n, P, D), float32.
+
+        Raises:
+            CacheError: ``require_finite`` and a row is not finite; names the file, dataset path and row.
         """
+        cls, patches = self._read(rows)
+        if require_finite:
+            for name, values in (("cls", cls), ("patches", patches)):
+                bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                if bad.any():
+                    index = np.arange(self.num_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
+                    raise CacheError(f"{self._cache.path}: /{self.name}/{name} row {int(index[np.argmax(bad)])} holds "
+                                     f"NaN or infinite values ({int(bad.sum())} such rows read); extract again "
+                                     "(--overwrite), e.g. with --precision fp32")
+        return cls, patches
+
+    def _read(self, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
         group = self._cache.file[self.name]
         if isinstance(rows, slice):
             return group["cls"][rows].astype(np.float32), group["patches"][rows].astype(np.float32)

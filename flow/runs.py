@@ -8,6 +8,7 @@ after scoring, ``scores.csv``. ``<runs_dir>/auroc.csv`` collects one row per (ru
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from cache import PARTIAL_SUFFIX, FeatureCache
 
-from .metrics import auroc
+from .metrics import MetricError, auroc
 from .model import FlowConfig, SANFFlow, count_flops, count_parameters
 from .train import FlowTrainingError, TrainConfig, fit_flow, resolve_device, score_batches
 
@@ -276,13 +277,38 @@ def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
         os.chmod(tmp, _umask_mode(0o777))
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
+    """Rename ``folder`` to ``final``; an existing ``final`` is first renamed aside, then deleted.
+
+    The old run stays whole until the new one is in place (no half-deleted run is ever visible), and a
+    concurrent writer of the same run makes this retry instead of failing.
+    """
+    for _ in range(attempts):
+        aside = None
+        if final.exists():
+            aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old")) / "run"
+            try:
+                os.replace(final, aside)
+            except FileNotFoundError:  # another writer moved it first
+                pass
+        try:
+            os.replace(folder, final)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue  # another writer put its run in place meanwhile: move that one aside and retry
+        finally:
+            if aside is not None:
+                shutil.rmtree(aside.parent, ignore_errors=True)
+        return
+    raise RunError(f"could not put the run {final} in place: other processes keep writing it")
 
 
 RECORD_KEYS = ("method", "dataset", "backbone", "normal_class", "normal_name", "seed", "flow", "cache",
@@ -375,6 +401,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
     for run in runs:
         by_cache.setdefault(read_run_record(run)["cache"], []).append(run)
     rows: list[dict] = []
+    pending_writes: list[tuple] = []
     for cache_path, cache_runs in by_cache.items():
         if not Path(cache_path).exists():
             raise RunError(f"the cache of run {cache_runs[0].name} is missing: {cache_path}")
@@ -404,18 +431,25 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             for run, _, record in loaded:
                 per_run = {key: np.concatenate(parts) for key, parts in scores[run].items()}
                 is_anomaly = (labels != record["normal_class"]).astype(np.int64)
-                _write_scores(run / "scores.csv", sample_ids, labels, is_anomaly, per_run)
+                pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, per_run))
                 for key in SCORE_TYPES:
+                    try:
+                        value = auroc(is_anomaly, per_run[key])
+                    except MetricError as err:
+                        raise MetricError(f"run {run.name}, score {key}: {err}") from None
                     rows.append({
                         "dataset": record["dataset"], "backbone": record["backbone"],
                         "normal_class": record["normal_class"], "normal_name": record["normal_name"],
                         "method": record["method"], "score": key, "seed": record["seed"],
-                        "auroc": auroc(is_anomaly, per_run[key]),
+                        "auroc": value,
                         "n_normal": int((is_anomaly == 0).sum()), "n_anomalous": int(is_anomaly.sum()),
                         "run": run.name, "cache": cache_path,
                     })
             log(f"scored {test.num_rows} test rows of {Path(cache_path).name} with {len(loaded)} run(s) "
                 f"in {elapsed:.1f} s")
+    # every AUROC is computed before anything is written: an error leaves the earlier outputs as they were
+    for args in pending_writes:
+        _write_scores(*args)
     rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["normal_class"], r["seed"], r["score"]))
     _write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
     return rows

@@ -1,0 +1,121 @@
+"""Bad input at the command line, one test per kind: exit code 2, one ``Error:`` line naming the argument or file,
+and no output left behind that looks complete (no ``.h5`` cache, no run folder, no ``auroc.csv``).
+
+The argument errors covered in test_cli.py (unknown dataset and backbone, missing or malformed data root,
+``--normal`` out of range or unknown, unreadable image, unwritable runs folder, non-HDF5 cache, changed or
+missing cache at ``score``) are not repeated here.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import gaussian_splits, make_image_tree, write_cache
+from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
+
+FIT = ("--epochs", "1", "--hidden", "8", "--device", "cpu")
+
+
+def no_runs(runs_dir) -> bool:
+    return not runs_dir.exists() or not any(p for p in runs_dir.iterdir() if not p.name.startswith("."))
+
+
+def test_normal_class_without_train_rows(tmp_path):
+    splits = gaussian_splits(n_train=4, n_test=2)
+    cls, patches, labels = splits["train"]
+    keep = labels != 2
+    splits["train"] = (cls[keep], patches[keep], labels[keep])
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    result = invoke("fit", "--cache", str(cache), "--normal", "c", "--runs-dir", str(tmp_path / "runs"), *FIT)
+    assert_input_error(result, "--normal 'c': the train split has no rows of this class")
+    assert no_runs(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("only,missing", [(0, "0 anomalous"), (1, "0 normal")])
+def test_test_split_without_anomalous_or_normal_images(tmp_path, only, missing):
+    splits = gaussian_splits(n_train=4, n_test=2)
+    cls, patches, labels = splits["test"]
+    keep = labels == only
+    splits["test"] = (cls[keep], patches[keep], labels[keep])
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    runs = tmp_path / "runs"
+    assert_ok(invoke("fit", "--cache", str(cache), "--normal", "a", "--runs-dir", str(runs), *FIT))
+    result = invoke("score", "--runs-dir", str(runs), "--device", "cpu")
+    assert_input_error(result, "normal0-a__seed0, score nll: AUROC needs normal and anomalous samples", missing)
+    assert not (runs / "auroc.csv").exists()
+    assert not list(runs.glob("*/scores.csv"))
+
+
+def test_truncated_image_is_named(tmp_path):
+    root = make_image_tree(tmp_path / "data", per_split={"train": 2, "test": 1}, size=64)
+    victim = root / "train" / "red" / "001.png"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, backbone=SMALL))
+    assert_input_error(result, f"cannot read image {victim}")
+    assert not list(cache_dir.glob("*.h5"))
+
+
+def test_unwritable_cache_dir(image_tree, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = invoke(*extract_args(image_tree, blocker / "cache", backbone=SMALL))
+    assert_input_error(result, "cannot write cache file", str(blocker / "cache"))
+    assert blocker.read_text() == "x"
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    return write_cache(tmp_path / "cache" / "c.h5", gaussian_splits(n_train=4, n_test=2), ["a", "b", "c"])
+
+
+def test_truncated_hdf5_cache(small_cache, tmp_path):
+    data = small_cache.read_bytes()
+    small_cache.write_bytes(data[: len(data) // 2])
+    for args in (("fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), *FIT),
+                 ("info", str(small_cache))):
+        assert_input_error(invoke(*args), f"{small_cache} is not a readable HDF5 file (truncated or of another kind)")
+    assert no_runs(tmp_path / "runs")
+
+
+def test_foreign_hdf5_file(tmp_path):
+    foreign = tmp_path / "other.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.zeros(3)
+        f.attrs["format"] = "something-else"
+    result = invoke("fit", "--cache", str(foreign), "--runs-dir", str(tmp_path / "runs"), *FIT)
+    assert_input_error(result, f"{foreign} is not a sanf-ad-features cache (format attribute: 'something-else')")
+    assert no_runs(tmp_path / "runs")
+
+
+def test_unknown_format_version(small_cache, tmp_path):
+    with h5py.File(small_cache, "r+") as f:
+        f.attrs["format_version"] = 99
+    result = invoke("info", str(small_cache))
+    assert_input_error(result, "has format version 99; this build reads versions [1]")
+
+
+def test_cache_with_inconsistent_shapes(small_cache, tmp_path):
+    with h5py.File(small_cache, "r+") as f:
+        del f["test/sample_id"]
+        f["test/sample_id"] = np.array([b"x"] * 5)
+    result = invoke("fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), *FIT)
+    assert_input_error(result, "/test/sample_id has shape (5,), expected (6,)")
+    assert no_runs(tmp_path / "runs")
+
+
+def test_non_finite_rows_are_refused_by_fit_and_score(tmp_path):
+    splits = gaussian_splits(n_train=4, n_test=2)
+    splits["train"][0][1, 3] = np.nan  # class a, train row 1
+    splits["test"][1][4, 0, 2] = np.inf  # test row 4 (class c)
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    runs = tmp_path / "runs"
+    result = invoke("fit", "--cache", str(cache), "--normal", "a", "--runs-dir", str(runs), *FIT)
+    assert_input_error(result, f"{cache}: /train/cls row 1 holds NaN or infinite values (1 such rows read)")
+    assert no_runs(runs)
+    assert_ok(invoke("fit", "--cache", str(cache), "--normal", "b", "--runs-dir", str(runs), *FIT))  # rows 4..7
+    result = invoke("score", "--runs-dir", str(runs), "--device", "cpu")
+    assert_input_error(result, f"{cache}: /test/patches row 4 holds NaN or infinite values")
+    assert not (runs / "auroc.csv").exists()
