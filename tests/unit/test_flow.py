@@ -281,7 +281,7 @@ def test_scores_do_not_depend_on_the_batch_size():
     model = make_flow(dim=6, use_caff=True).float().eval()
     y, tokens = gaussian_tensors(23)
     reference = score_batches(model, y, tokens, batch_size=23)
-    for batch_size in (1, 8, 7):
+    for batch_size in (1, 8, 7, 11):  # 23 = 2 * 11 + 1: a final batch of one sample
         scores = score_batches(model, y, tokens, batch_size=batch_size)
         for key in ("nll", "z2"):
             np.testing.assert_allclose(scores[key], reference[key], rtol=1e-5, atol=1e-5)
