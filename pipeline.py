@@ -55,14 +55,14 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from cache import CacheError
-        from extract import BackboneError, DatasetError, ImageReadError
+        from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
         from flow import FlowTrainingError, MetricError
         from flow.runs import RunError
 
         try:
             return fn(*args, **kwargs)
-        except (CacheError, DatasetError, BackboneError, ImageReadError, RunError, MetricError, FlowTrainingError,
-                ValueError, OSError) as err:  # OSError: an output path that cannot be written
+        except (CacheError, DatasetError, BackboneError, ImageReadError, ExtractionError, RunError, MetricError,
+                FlowTrainingError, ValueError, OSError) as err:  # OSError: an output path that cannot be written
             raise InputError(_one_line(err)) from None
         except RuntimeError as err:
             if "ImageReadError" in str(err):

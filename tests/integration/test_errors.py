@@ -119,3 +119,22 @@ def test_non_finite_rows_are_refused_by_fit_and_score(tmp_path):
     result = invoke("score", "--runs-dir", str(runs), "--device", "cpu")
     assert_input_error(result, f"{cache}: /test/patches row 4 holds NaN or infinite values")
     assert not (runs / "auroc.csv").exists()
+
+
+def test_non_finite_backbone_output_stops_extraction_naming_the_image(image_tree, tmp_path, monkeypatch):
+    from extract.backbone import TokenEncoder
+
+    forward = TokenEncoder.forward
+
+    def poisoned(self, images):
+        cls, patches = forward(self, images)
+        patches = patches.clone()
+        patches[1, 0, 0] = float("nan")  # the second image of every batch
+        return cls, patches
+
+    monkeypatch.setattr(TokenEncoder, "forward", poisoned)
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(image_tree, cache_dir, "--batch-size", "4", backbone=SMALL))
+    assert_input_error(result, "the backbone gave non-finite features for 1 images, first 'train/blue/001.png' "
+                               "(train row 1); try --precision fp32")
+    assert not list(cache_dir.glob("*.h5"))
