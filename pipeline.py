@@ -35,6 +35,15 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class NonEmptyPath(click.Path):
+    """``click.Path`` that refuses the empty string (which would silently mean the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path is not allowed.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class InputError(click.ClickException):
     """A one-line ``Error: ...`` and exit code 2 (bad input: argument, file, data)."""
 
@@ -85,7 +94,7 @@ def _device_option(fn):
 @cli.command()
 @click.option("--dataset", required=True, type=click.Choice(["cifar10", "fashion-mnist", "digits", "folder"]),
               help="Dataset and protocol (see README).")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=str), default=None,
+@click.option("--data-root", type=NonEmptyPath(file_okay=False, path_type=str), default=None,
               help="Folder holding the data; required for 'folder'; torchvision datasets default to ./data.")
 @click.option("--no-download", is_flag=True, help="Never download; fail if the data is not under --data-root.")
 @click.option("--backbone", default="vit_base_patch16_384", help="Any timm model name.")
@@ -105,7 +114,7 @@ def _device_option(fn):
               help="Backbone forward precision (autocast).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float16",
               help="Storage dtype of the cached features.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
+@click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
               help="Folder receiving the cache file.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing cache of the same settings; discard an interrupted extraction of it.")
@@ -123,7 +132,7 @@ def extract(no_download: bool, **options) -> None:
 
 
 @cli.command()
-@click.argument("cache", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("cache", type=NonEmptyPath(dir_okay=False, path_type=str))
 @user_errors
 def info(cache: str) -> None:
     """Print the attributes, per-split shapes and class counts of the cache file CACHE (.h5)."""
@@ -143,12 +152,12 @@ def info(cache: str) -> None:
 
 def _fit_options(fn):
     options = [
-        click.option("--cache", type=click.Path(dir_okay=False, path_type=str), default=None,
+        click.option("--cache", type=NonEmptyPath(dir_okay=False, path_type=str), default=None,
                      help="Cache file; default: the only *.h5 in --cache-dir."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
+        click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
                      help="Folder searched for the cache when --cache is not given."),
         click.option("--normal", default="all", help="Normal class: a class name, 'all', or an index (a class name wins)."),
-        click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+        click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
                      help="Folder receiving one run folder per fitted flow."),
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
                      help="Initialisation and batch-order seed."),
@@ -163,9 +172,9 @@ def _fit_options(fn):
                      help="Adam epsilon (reference code: 1e-4)."),
         click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-5,
                      help="Adam weight decay (paper: 1e-5)."),
-        click.option("--blocks", type=click.IntRange(min=1), default=4, help="K, flow layers."),
-        click.option("--hidden", type=click.IntRange(min=1), default=1024, help="H, subnet width."),
-        click.option("--heads", type=click.IntRange(min=1), default=4, help="Class-attention heads."),
+        click.option("--blocks", type=click.IntRange(1, 256), default=4, help="K, flow layers."),
+        click.option("--hidden", type=click.IntRange(1, 65536), default=1024, help="H, subnet width."),
+        click.option("--heads", type=click.IntRange(1, 1024), default=4, help="Class-attention heads."),
         click.option("--clamp", type=FiniteFloat(min=0, min_open=True), default=3.0,
                      help="alpha of the arctan soft clamp (eq. 5)."),
         click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation)."),
@@ -196,7 +205,7 @@ def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1,
 
 
 @cli.command()
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+@click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
               help="Folder of fitted runs; receives auroc.csv.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Samples per forward pass.")
 @_device_option
@@ -211,9 +220,9 @@ def score(runs_dir: str, batch_size: int, device: str) -> None:
 
 
 @cli.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
+@click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
               help="Folder receiving (or holding) the digits cache.")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+@click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
               help="Folder receiving the fitted runs and auroc.csv.")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
               help="Passes over each digit's train rows.")

@@ -19,6 +19,7 @@ interleaving writes. POSIX only (Linux, macOS).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -136,7 +137,9 @@ class ChunkStore:
                  log: Callable[[str], None] = print) -> None:
         self.path = Path(path)
         self.work = partial_dir(self.path)
-        self.plan = json.loads(json.dumps(plan))  # normalised as it will be stored (tuples become lists)
+        # normalised as it will be stored (tuples become lists); an --overwrite run is resumed only by another
+        # --overwrite run, and a plain run's leftovers are discarded by --overwrite (which starts over)
+        self.plan = json.loads(json.dumps({**plan, "overwrite": bool(overwrite)}))
         self.chunk_rows = int(self.plan["chunk_rows"])
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
@@ -149,28 +152,32 @@ class ChunkStore:
             raise CacheError(f"cannot write cache file {self.path}: {err.strerror or err}") from None
         self._lock = CacheLock(self.path)
         try:
-            self._open_work(overwrite)
+            if self.path.exists() and not overwrite:  # finished by another process while we waited for the lock
+                raise CacheError(f"cache {self.path} exists already; pass --overwrite to replace it")
+            self._open_work()
         except BaseException:
             self._lock.release()
             raise
 
-    def _open_work(self, overwrite: bool) -> None:
+    def _open_work(self) -> None:
         if self.work.exists() and not self.work.is_dir():
             raise CacheError(f"{self.work} is in the way of the extraction's work folder; move it away")
-        if self.work.is_dir() and overwrite:
-            shutil.rmtree(self.work)
         if self.work.is_dir():
-            try:
-                stored = json.loads((self.work / MANIFEST).read_text())
-            except (OSError, ValueError):
-                stored = None
+            stored = _read_manifest(self.work)
             if stored is None:  # killed before the manifest was in place: nothing can have been committed
                 shutil.rmtree(self.work)
+            elif stored != self.plan and self.plan["overwrite"]:
+                self._log(f"--overwrite: discarding the interrupted extraction in {self.work}")
+                shutil.rmtree(self.work)
             elif stored != self.plan:
-                keys = sorted(k for k in set(stored) | set(self.plan) if stored.get(k) != self.plan.get(k))
-                raise CacheError(f"an interrupted extraction in {self.work} used other settings (differing: "
-                                 f"{', '.join(keys)}); run it with the same settings to resume, or pass "
-                                 "--overwrite to start over")
+                keys = [k for k in sorted(set(stored) | set(self.plan)) if stored.get(k) != self.plan.get(k)]
+                if keys == ["overwrite"]:
+                    raise CacheError(f"an interrupted 'extract --overwrite' of this cache is in {self.work}; run it "
+                                     "again with --overwrite to resume it")
+                changes = ", ".join(f"{_OPTION_NAMES.get(k, k)} (was {_short(stored.get(k))}, now "
+                                    f"{_short(self.plan.get(k))})" for k in keys)
+                raise CacheError(f"an interrupted extraction in {self.work} used other settings: {changes}; run it "
+                                 "with the same settings to resume, or pass --overwrite to start over")
             else:
                 done, total = len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
                 self._log(f"resuming the interrupted extraction in {self.work}: {done} of {total} chunks "
@@ -199,7 +206,7 @@ class ChunkStore:
         found = set()
         for p in self.work.iterdir():
             m = _CHUNK_NAME.match(p.name)
-            if m:
+            if m and p.is_file():
                 found.add((m.group(1), int(m.group(2))))
         return found
 
@@ -267,6 +274,7 @@ class ChunkStore:
                 num_rows = int(self.plan["splits"][split]["num_rows"])
                 writer.create_split(split, num_rows, int(attrs["feature_dim"]), int(attrs["num_patches"]),
                                     str(attrs["dtype"]))
+                digest = hashlib.sha256()
                 for start, stop in chunks:
                     arrays = self._load(split, start, stop)
                     expected = (stop - start, int(attrs["num_patches"]), int(attrs["feature_dim"]))
@@ -275,8 +283,13 @@ class ChunkStore:
                         raise CacheError(f"chunk {split} rows {start}..{stop} has patches {arrays['patches'].shape} "
                                          f"on a {grid} grid; expected {expected} on "
                                          f"{list(attrs['token_grid'])}; pass --overwrite to start over")
-                    writer.write(split, start, arrays["cls"], arrays["patches"], arrays["label"],
-                                 [str(s) for s in arrays["sample_id"]])
+                    ids = [str(s) for s in arrays["sample_id"]]
+                    digest.update(("\n" if start else "").encode() + "\n".join(ids).encode())
+                    writer.write(split, start, arrays["cls"], arrays["patches"], arrays["label"], ids)
+                planned = self.plan["splits"][split].get("sample_ids_sha256")
+                if planned is not None and digest.hexdigest() != planned:
+                    raise CacheError(f"the committed chunks of split {split!r} in {self.work} do not hold the planned "
+                                     f"images in order (a chunk was replaced?); delete {self.work} and run again")
             final = writer.finish(attrs)
         shutil.rmtree(self.work, ignore_errors=True)
         self._lock.release()
@@ -312,6 +325,49 @@ class ChunkStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: Plan keys as the command line names them, for the message that refuses a resume with other settings.
+_OPTION_NAMES = {"batch_size": "--batch-size", "chunk_rows": "rows per chunk (--batch-size x --commit-every)",
+                 "splits": "the image list", "overwrite": "--overwrite"}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_manifest(work: Path) -> dict | None:
+    try:
+        stored = json.loads((work / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def remove_finished_leftovers(path: str | os.PathLike, plan: Mapping[str, Any]) -> bool:
+    """Remove the work folder that an extraction killed right after it renamed its cache into place left behind.
+
+    Returns:
+        True when ``path`` is a finished cache and a work folder of the same plan (without --overwrite)
+        was removed: that extraction finished. False when there was nothing of the kind.
+
+    Raises:
+        CacheError: another process holds the lock.
+    """
+    path = Path(path)
+    work = partial_dir(path)
+    if not (path.is_file() and work.is_dir()):
+        return False
+    lock = CacheLock(path)
+    try:
+        expected = json.loads(json.dumps({**plan, "overwrite": False}))
+        if _read_manifest(work) != expected:
+            return False
+        shutil.rmtree(work, ignore_errors=True)
+        return True
+    finally:
+        lock.release()
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:

@@ -86,7 +86,7 @@ class CacheSplit:
         cls, patches = self._read(rows)
         if require_finite:
             for name, values in (("cls", cls), ("patches", patches)):
-                bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
                 if bad.any():
                     index = np.arange(self.num_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
                     raise CacheError(f"{self._cache.path}: /{self.name}/{name} row {int(index[np.argmax(bad)])} holds "
@@ -204,28 +204,46 @@ class FeatureCache:
         if version not in READABLE_VERSIONS:
             raise CacheError(f"{where} has format version {version!r}; this build reads versions "
                              f"{list(READABLE_VERSIONS)}")
-        if not bool(raw.get("complete", False)):
+        if not isinstance(raw.get("complete"), (bool, np.bool_)) or not raw["complete"]:
             raise CacheError(f"{where} is incomplete (its extraction did not finish); run the extraction again")
         missing = [k for k in REQUIRED_ROOT_ATTRS if k not in raw]
         if missing:
             raise CacheError(f"{where} lacks required attributes {missing}")
-        attrs = {k: _decode_attr(k, v) for k, v in raw.items()}
-        num_classes = len(attrs["class_names"])
-        d = int(attrs["feature_dim"])
-        p = int(attrs["num_patches"])
+        attrs = {}
+        for key, value in raw.items():
+            try:
+                attrs[key] = _decode_attr(key, value)
+            except (ValueError, UnicodeDecodeError):
+                raise CacheError(f"{where}: attribute {key!r} is not valid JSON") from None
+        names = attrs["class_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise CacheError(f"{where}: attribute 'class_names' must be a non-empty list of strings")
+        num_classes = len(names)
+        for key in ("feature_dim", "num_patches"):
+            if not isinstance(attrs[key], int) or isinstance(attrs[key], bool) or attrs[key] < 1:
+                raise CacheError(f"{where}: attribute {key!r} must be a positive integer, got {attrs[key]!r}")
+        d = attrs["feature_dim"]
+        p = attrs["num_patches"]
         for split in SPLITS:
-            if split not in f:
+            if split not in f or not isinstance(f[split], h5py.Group):
                 raise CacheError(f"{where} has no split {split!r}")
             group = f[split]
-            absent = [name for name in SPLIT_DATASETS if name not in group]
+            absent = [name for name in SPLIT_DATASETS if not isinstance(group.get(name), h5py.Dataset)]
             if absent:
                 raise CacheError(f"{where}: split {split!r} lacks datasets {absent}")
-            n = group["label"].shape[0]
+            label = group["label"]
+            if label.ndim != 1 or label.dtype.kind not in "iu":
+                raise CacheError(f"{where}: /{split}/label must be a 1-D integer array, got shape {label.shape} "
+                                 f"of {label.dtype}")
+            n = label.shape[0]
             expected = {"cls": (n, d), "patches": (n, p, d), "sample_id": (n,)}
             for name, shape in expected.items():
                 if group[name].shape != shape:
                     raise CacheError(f"{where}: /{split}/{name} has shape {group[name].shape}, expected {shape}")
-            labels = group["label"][:]
+            for name in ("cls", "patches"):
+                if group[name].dtype.kind != "f":
+                    raise CacheError(f"{where}: /{split}/{name} must hold floats, got {group[name].dtype}")
+            labels = label[:]
             if n and (labels.min() < 0 or labels.max() >= num_classes):
                 raise CacheError(f"{where}: /{split}/label holds values outside 0..{num_classes - 1}")
         return attrs

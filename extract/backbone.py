@@ -196,6 +196,10 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if img_size is not None and patch is not None and img_size < max(patch):
         raise BackboneError(f"--img-size {img_size} is smaller than the patch size {max(patch)} of {name}")
+    if (img_size is not None and patch is not None and any(img_size % p for p in patch)
+            and not getattr(model.patch_embed, "dynamic_img_pad", False)):
+        raise BackboneError(f"--img-size {img_size} is not a multiple of the patch size {max(patch)} of {name}; "
+                            f"use e.g. {max(patch) * max(1, round(img_size / max(patch)))}")
     if random_init:
         loaded = LoadedWeights("random-init")
     elif use_hub:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from torchvision import transforms
 
 from cache import ChunkStore
+from cache.chunks import remove_finished_leftovers
 from flow.train import resolve_device
 
 from .backbone import TokenEncoder, create_backbone
@@ -136,6 +137,10 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                            "sample_ids_sha256": hashlib.sha256("\n".join(part.sample_ids).encode()).hexdigest()}
                    for split, part in source.splits.items()},
     }
+    if not overwrite and remove_finished_leftovers(path, plan):
+        log(f"the cache {path} is complete: an earlier run of this command finished it (its leftover work folder "
+            "was removed)")
+        return path
     total, start = 0, time.perf_counter()
     with ChunkStore(path, plan, overwrite=overwrite, log=log) as store:
         for split, part in source.splits.items():

@@ -63,7 +63,7 @@ def resolve_normal(spec: str | int, class_names: Sequence[str]) -> list[int]:
     text = text.strip()
     if text == "all":
         return list(range(len(class_names)))
-    if text.isdigit() and int(text) < len(class_names):
+    if re.fullmatch(r"[0-9]+", text) and int(text) < len(class_names):
         return [int(text)]
     raise ValueError(f"--normal must be 'all', an index 0..{len(class_names) - 1} or one of "
                      f"{', '.join(class_names)}; got {str(spec)!r}")
@@ -165,10 +165,16 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward)")
+        names = {k: run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
+                 for k in classes}
+        for k in classes:  # refuse before training anything
+            if train.rows_of_class(k).size == 0:
+                raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
+            blocked = runs_dir / names[k]
+            if blocked.exists() and not (blocked / "run.json").is_file():
+                raise RunError(f"{blocked} exists and is not a run folder; move it away")
         for k in classes:
             rows = train.rows_of_class(k)
-            if rows.size == 0:
-                raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
             cls_np, patches_np = train.read(rows)
             cls_t = torch.from_numpy(cls_np)
             patches_t = torch.from_numpy(patches_np) if config.use_caff else None
@@ -178,7 +184,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 val_cls, cls_t = cls_t[val_idx], cls_t[fit_idx]
                 if patches_t is not None:
                     val_patches, patches_t = patches_t[val_idx], patches_t[fit_idx]
-            name = run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
+            name = names[k]
             if (runs_dir / name).exists():
                 log(f"replacing the existing run {runs_dir / name}")
             model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
@@ -333,6 +339,11 @@ def read_run_record(path: str | os.PathLike) -> dict:
     missing = [key for key in RECORD_KEYS if key not in record]
     if missing:
         raise RunError(f"run {path}: run.json lacks {missing}")
+    types = {"method": str, "dataset": str, "backbone": str, "normal_class": int, "normal_name": str, "seed": int,
+             "flow": dict, "cache": str, "cache_fingerprint": str}
+    wrong = [key for key, kind in types.items() if not isinstance(record[key], kind) or isinstance(record[key], bool)]
+    if wrong:
+        raise RunError(f"run {path}: run.json has values of the wrong type for {wrong}")
     return record
 
 
@@ -347,8 +358,9 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     record = read_run_record(path)
     try:
         model = SANFFlow(FlowConfig(**record["flow"]))
-    except (TypeError, ValueError) as err:
-        raise RunError(f"run {path}: run.json has an invalid flow configuration ({err})") from None
+    except Exception as err:  # TypeError, ValueError, or torch's RuntimeError on impossible sizes
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as err:  # OSError, or safetensors' own error type on a damaged file
@@ -416,6 +428,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                                    "fit again")
                 loaded.append((run, model, record))
             test = fc.split("test")
+            if test.num_rows == 0:
+                raise RunError(f"the test split of {cache_path} is empty: nothing to score")
             scores = {run: {key: [] for key in SCORE_TYPES} for run, _, _ in loaded}
             start = time.perf_counter()
             for _, cls_np, patches_np in test.iter_blocks(block_rows):

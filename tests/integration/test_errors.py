@@ -138,3 +138,80 @@ def test_non_finite_backbone_output_stops_extraction_naming_the_image(image_tree
     assert_input_error(result, "the backbone gave non-finite features for 1 images, first 'train/blue/001.png' "
                                "(train row 1); try --precision fp32")
     assert not list(cache_dir.glob("*.h5"))
+
+
+# found by a breaking session
+
+
+def test_img_size_that_is_not_a_multiple_of_the_patch(image_tree, tmp_path):
+    args = extract_args(image_tree, tmp_path / "cache")
+    args[args.index("--img-size") + 1] = "44"
+    assert_input_error(invoke(*args), "--img-size 44 is not a multiple of the patch size 16 of vit_tiny_patch16_224; "
+                                      "use e.g. 48")
+
+
+@pytest.mark.parametrize("option,value", [("--hidden", "3000000000"), ("--heads", "100000000"),
+                                          ("--blocks", "100000")])
+def test_flow_sizes_beyond_any_memory_are_refused(small_cache, tmp_path, option, value):
+    result = invoke("fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), option, value)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("value", ["³", "١", "1.0"])
+def test_normal_accepts_ascii_digits_only(small_cache, tmp_path, value):
+    result = invoke("fit", "--cache", str(small_cache), "--normal", value, "--runs-dir", str(tmp_path / "runs"), *FIT)
+    assert_input_error(result, "--normal must be 'all', an index 0..2 or one of a, b, c", f"got {value!r}")
+    assert no_runs(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("option", ["--cache-dir", "--runs-dir"])
+def test_empty_folder_paths_are_refused(small_cache, tmp_path, option, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), *FIT]
+    args += [option, ""] if option == "--cache-dir" else []
+    if option == "--runs-dir":
+        args[args.index("--runs-dir") + 1] = ""
+    result = invoke(*args)
+    assert result.exit_code == 2 and f"Invalid value for '{option}': an empty path is not allowed" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_fit_all_checks_every_run_slot_before_training(small_cache, tmp_path):
+    from flow.runs import run_name
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / run_name("c", "sanf", 2, "c", 0)).write_text("in the way")
+    result = invoke("fit", "--cache", str(small_cache), "--normal", "all", "--runs-dir", str(runs), *FIT)
+    assert_input_error(result, "normal2-c__seed0 exists and is not a run folder")
+    assert "fitted" not in result.output
+    assert sorted(p.name for p in runs.iterdir()) == [run_name("c", "sanf", 2, "c", 0)]
+
+
+def test_score_refuses_an_empty_test_split(tmp_path):
+    splits = gaussian_splits(n_train=4, n_test=2)
+    cls, patches, labels = splits["test"]
+    splits["test"] = (cls[:0], patches[:0], labels[:0])
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    runs = tmp_path / "runs"
+    assert_ok(invoke("fit", "--cache", str(cache), "--normal", "a", "--runs-dir", str(runs), *FIT))
+    assert_input_error(invoke("score", "--runs-dir", str(runs)), f"the test split of {cache.resolve()} is empty")
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda r: r["flow"].update(hidden=-1), "run.json has an invalid flow configuration"),
+    (lambda r: r.update(cache=5), "run.json has values of the wrong type for ['cache']"),
+    (lambda r: r.update(normal_class="0", seed=None), "wrong type for ['normal_class', 'seed']"),
+])
+def test_score_names_run_json_values_of_the_wrong_kind(small_cache, tmp_path, edit, fragment):
+    import json
+
+    runs = tmp_path / "runs"
+    assert_ok(invoke("fit", "--cache", str(small_cache), "--normal", "a", "--runs-dir", str(runs), *FIT))
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    record = json.loads((run / "run.json").read_text())
+    edit(record)
+    (run / "run.json").write_text(json.dumps(record))
+    assert_input_error(invoke("score", "--runs-dir", str(runs)), f"run {run}", fragment)
+    assert not (runs / "auroc.csv").exists()

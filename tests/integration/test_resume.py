@@ -175,9 +175,22 @@ def test_other_settings_do_not_resume_and_overwrite_starts_over(uninterrupted, t
     args[args.index("--batch-size") + 1] = "16"
     result = invoke(*args)
     assert result.exit_code == 2
-    assert "used other settings (differing: batch_size, chunk_rows)" in result.output
+    assert "used other settings: --batch-size (was 32, now 16), rows per chunk" in result.output
     assert "--overwrite" in result.output
     result = invoke(*args, "--overwrite")
     assert result.exit_code == 0, result.output
     assert "already committed" not in result.output
     assert [p.suffix for p in cache_dir.iterdir()] == [".h5"]
+
+
+def test_kill_right_after_the_rename_leaves_a_complete_cache_that_a_rerun_accepts(uninterrupted, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = _start(cache_dir)
+    if not _kill_when(proc, lambda: any(cache_dir.glob("*.h5"))) or not partial_dir_exists(cache_dir):
+        pytest.skip("the work folder was removed before the kill")
+    result = invoke(*digits_args(cache_dir))
+    assert result.exit_code == 0, result.output
+    assert "is complete: an earlier run of this command finished it" in result.output
+    assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == [uninterrupted.name]
+    np.testing.assert_array_equal(_arrays(cache_dir / uninterrupted.name)["test/cls"],
+                                  _arrays(uninterrupted)["test/cls"])

@@ -568,3 +568,26 @@ def test_fingerprint_changes_with_attributes(gaussian_cache):
     _poke(gaussian_cache, lambda f: f.attrs.__setitem__("created", "2000-01-01T00:00:00+00:00"))
     with FeatureCache(gaussian_cache) as fc:
         assert fc.fingerprint() != original
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda f: f.attrs.__setitem__("class_names", "5"), "'class_names' must be a non-empty list of strings"),
+    (lambda f: f.attrs.__setitem__("class_names", "not json"), "attribute 'class_names' is not valid JSON"),
+    (lambda f: f.attrs.__setitem__("feature_dim", "abc"), "'feature_dim' must be a positive integer, got 'abc'"),
+    (lambda f: f.attrs.__setitem__("complete", "False"), "is incomplete"),
+    (lambda f: _replace(f, "train/label", np.zeros((21, 1), np.int64)), "/train/label must be a 1-D integer array"),
+    (lambda f: _replace(f, "train/label", np.zeros(21) + 0.5), "/train/label must be a 1-D integer array"),
+    (lambda f: _replace(f, "test/cls", np.array([[b"x"] * 6] * 15)), "/test/cls must hold floats"),
+    (lambda f: _replace(f, "test/patches", None), "split 'test' lacks datasets ['patches']"),
+])
+def test_malformed_caches_are_refused(tmp_path, edit, fragment):
+    path = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=7, n_test=5), ["a", "b", "c"])
+    _poke(path, edit)
+    with pytest.raises(CacheError, match=re.escape(fragment)):
+        FeatureCache(path)
+
+
+def _replace(f, name, data):
+    del f[name]
+    if data is not None:
+        f[name] = data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,8 +100,9 @@ def test_a_different_plan_is_refused_and_overwrite_starts_over(tmp_path):
         with ChunkStore(path, plan(), log=lambda _: None) as store:
             commit_all(store, only={("train", 0)})
             raise RuntimeError
-    with pytest.raises(CacheError, match=r"used other settings \(differing: chunk_rows, settings\); run it with "
-                                         r"the same settings to resume, or pass --overwrite"):
+    with pytest.raises(CacheError, match=r"used other settings: rows per chunk \(--batch-size x --commit-every\) "
+                                         r"\(was 2, now 4\), settings \(was \{\"x\": 1\}, now \{\"x\": 2\}\); run it "
+                                         r"with the same settings to resume, or pass --overwrite to start over"):
         ChunkStore(path, plan(chunk_rows=4, settings={"x": 2}))
     assert partial_progress(path) == (1, 5)  # refusing did not touch the committed work
     assert not (tmp_path / "c.h5.lock").exists()  # and released the lock
@@ -173,3 +175,77 @@ def test_lock_is_exclusive_and_dies_with_its_process(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     CacheLock(path).release()  # the kernel dropped the dead holder's lock; its stale file is reused
+
+
+def test_an_overwrite_run_is_resumed_by_the_same_overwrite_command_only(tmp_path):
+    path = tmp_path / "c.h5"
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        commit_all(store)
+        store.assemble(attrs())
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):  # an --overwrite run killed half way
+        with ChunkStore(path, plan(), overwrite=True, log=lambda _: None) as store:
+            commit_all(store, only={("train", 0), ("train", 2)})
+            raise KeyboardInterrupt
+    with pytest.raises(CacheError, match="exists already; pass --overwrite"):
+        ChunkStore(path, plan())
+    logs = []
+    with ChunkStore(path, plan(), overwrite=True, log=logs.append) as store:  # the same command resumes
+        assert logs[0].endswith("2 of 5 chunks already committed")
+        assert store.pending("train") == [(4, 5)]
+    assert path.read_bytes() == before  # the old cache stays until the new one is assembled
+    # a plain run's leftovers are discarded by --overwrite, and an --overwrite run's are not resumed without it
+    path.unlink()
+    with pytest.raises(CacheError, match=r"an interrupted 'extract --overwrite' of this cache is in .*; run it again "
+                                         "with --overwrite to resume it"):
+        ChunkStore(path, plan())
+    with pytest.raises(RuntimeError):
+        with ChunkStore(path, plan(chunk_rows=4), overwrite=True, log=lambda _: None) as store:
+            commit_all(store, only={("train", 0)})
+            raise RuntimeError
+    logs = []
+    with ChunkStore(path, plan(), overwrite=True, log=logs.append) as store:
+        assert logs == [f"--overwrite: discarding the interrupted extraction in {partial_dir(path)}"]
+        assert len(store.pending("train")) == 3
+
+
+def test_leftovers_of_a_finished_extraction_are_removed(tmp_path):
+    from cache.chunks import remove_finished_leftovers
+
+    path = tmp_path / "c.h5"
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        commit_all(store)
+        store.assemble(attrs())
+    assert not remove_finished_leftovers(path, plan())  # nothing left over
+    partial_dir(path).mkdir()  # as if killed between the rename of the cache and the removal of its work folder
+    (partial_dir(path) / "manifest.json").write_text(json.dumps({**plan(), "overwrite": False}))
+    assert not remove_finished_leftovers(path, plan(chunk_rows=3))  # another plan: not ours to remove
+    assert remove_finished_leftovers(path, plan())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
+
+
+def test_assembly_checks_the_sample_ids_against_the_plan(tmp_path):
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(f"train/{i}" for i in range(5)).encode()).hexdigest()
+    good = plan()
+    good["splits"]["train"]["sample_ids_sha256"] = digest
+    with ChunkStore(tmp_path / "a.h5", good, log=lambda _: None) as store:
+        commit_all(store)
+        store.assemble(attrs())
+    with ChunkStore(tmp_path / "b.h5", good, log=lambda _: None) as store:
+        commit_all(store)
+        chunk = partial_dir(tmp_path / "b.h5") / "train-0000000002.npz"
+        chunk.write_bytes((partial_dir(tmp_path / "b.h5") / "train-0000000000.npz").read_bytes())  # a swapped chunk
+        with pytest.raises(CacheError, match=r"chunks of split 'train' in .* do not hold the planned images in order"):
+            store.assemble(attrs())
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_a_manifest_that_is_not_an_object_starts_over(tmp_path):
+    path = tmp_path / "c.h5"
+    partial_dir(path).mkdir()
+    (partial_dir(path) / "manifest.json").write_text("[1, 2]")
+    (partial_dir(path) / "train-0000000000.npz").write_bytes(b"junk")
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        assert len(store.pending("train")) == 3
