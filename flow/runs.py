@@ -291,12 +291,17 @@ def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
 
 
 def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
-    """Rename ``folder`` to ``final``; an existing ``final`` is first renamed aside, then deleted.
+    """Rename ``folder`` to ``final``, replacing an existing ``final`` whole.
 
-    The old run stays whole until the new one is in place (no half-deleted run is ever visible), and a
-    concurrent writer of the same run makes this retry instead of failing.
+    On Linux an existing run is swapped with the new one atomically (``renameat2(RENAME_EXCHANGE)``), so
+    readers and a process killed at any moment see either the old run or the new one, never neither.
+    Elsewhere the old run is renamed aside first (a window of two renames). A concurrent writer of the
+    same run makes this retry instead of failing.
     """
     for _ in range(attempts):
+        if final.exists() and _exchange(folder, final):
+            shutil.rmtree(folder, ignore_errors=True)  # now holds the old run
+            return
         aside = None
         if final.exists():
             aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old")) / "run"
@@ -309,12 +314,34 @@ def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            continue  # another writer put its run in place meanwhile: move that one aside and retry
+            continue  # another writer put its run in place meanwhile: replace that one
         finally:
             if aside is not None:
                 shutil.rmtree(aside.parent, ignore_errors=True)
         return
     raise RunError(f"could not put the run {final} in place: other processes keep writing it")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(..., RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no libc, or glibc older than 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):  # unsupported here, or b vanished
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 RECORD_KEYS = ("method", "dataset", "backbone", "normal_class", "normal_name", "seed", "flow", "cache",

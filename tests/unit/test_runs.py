@@ -204,3 +204,37 @@ def test_run_files_follow_the_umask(gaussian_cache, tmp_path):
     for path in (tmp_path / "runs" / "auroc.csv", outcome.path / "scores.csv", outcome.path / "run.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replacing_a_run_leaves_no_window_and_no_leftovers(tmp_path, monkeypatch, exchange):
+    import flow.runs as runs_module
+
+    if not exchange:  # the portable path: rename the old run aside, then the new one in
+        monkeypatch.setattr(runs_module, "_exchange", lambda a, b: False)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    final = runs / "r"
+    for version in ("old", "new"):
+        folder = runs / f".r.{version}.tmp"
+        folder.mkdir()
+        (folder / "run.json").write_text(version)
+        runs_module._move_into_place(folder, final)
+    assert (final / "run.json").read_text() == "new"
+    assert [p.name for p in runs.iterdir()] == ["r"]
+
+
+def test_exchange_swaps_two_folders_atomically_on_linux(tmp_path):
+    import sys
+
+    from flow.runs import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not _exchange(a, b):  # not Linux, glibc < 2.28, or a filesystem without RENAME_EXCHANGE
+        pytest.skip(f"renameat2(RENAME_EXCHANGE) is not available here ({sys.platform})")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    assert _exchange(a, tmp_path / "missing") is False
