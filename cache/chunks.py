@@ -36,7 +36,7 @@ from .writer import CacheWriter
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 MANIFEST = "manifest.json"
-CHUNK_ARRAYS = ("cls", "patches", "label", "sample_id", "token_grid")
+CHUNK_ARRAYS = ("cls", "patches", "label", "sample_id", "token_grid", "seconds")
 _CHUNK_NAME = re.compile(r"^(train|test)-(\d{10})\.npz$")
 
 
@@ -160,15 +160,16 @@ class ChunkStore:
             raise
 
     def _open_work(self) -> None:
+        _sweep_removing(self.work)
         if self.work.exists() and not self.work.is_dir():
             raise CacheError(f"{self.work} is in the way of the extraction's work folder; move it away")
         if self.work.is_dir():
             stored = _read_manifest(self.work)
             if stored is None:  # killed before the manifest was in place: nothing can have been committed
-                shutil.rmtree(self.work)
+                _remove_tree(self.work)
             elif stored != self.plan and self.plan["overwrite"]:
                 self._log(f"--overwrite: discarding the interrupted extraction in {self.work}")
-                shutil.rmtree(self.work)
+                _remove_tree(self.work)
             elif stored != self.plan:
                 keys = [k for k in sorted(set(stored) | set(self.plan)) if stored.get(k) != self.plan.get(k)]
                 if keys == ["overwrite"]:
@@ -216,7 +217,7 @@ class ChunkStore:
         return [(a, b) for a, b in self.chunks(split) if (split, a) not in done]
 
     def commit(self, split: str, start: int, cls: np.ndarray, patches: np.ndarray, labels: np.ndarray,
-               sample_ids: list[str], token_grid: tuple[int, int]) -> None:
+               sample_ids: list[str], token_grid: tuple[int, int], seconds: float = 0.0) -> None:
         """Commit one whole chunk atomically (temporary file, fsync, rename).
 
         Args:
@@ -227,6 +228,7 @@ class ChunkStore:
             labels: (n,) class indices.
             sample_ids: n sample ids.
             token_grid: (h, w) token grid before pooling.
+            seconds: wall time spent encoding the chunk (summed over resumed runs by :meth:`timing`).
 
         Raises:
             ValueError: ``start`` is not a chunk boundary or the rows do not fill the chunk.
@@ -236,7 +238,8 @@ class ChunkStore:
             raise ValueError(f"{split} rows {start}..{start + len(cls)} are not one planned chunk")
         _atomic_write(self._chunk_path(split, start), lambda handle: np.savez(
             handle, cls=cls, patches=patches, label=np.asarray(labels, dtype=np.int64),
-            sample_id=np.asarray(sample_ids, dtype=str), token_grid=np.asarray(token_grid, dtype=np.int64)))
+            sample_id=np.asarray(sample_ids, dtype=str), token_grid=np.asarray(token_grid, dtype=np.int64),
+            seconds=np.float64(seconds)))
 
     def _load(self, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
         path = self._chunk_path(split, start)
@@ -291,7 +294,7 @@ class ChunkStore:
                     raise CacheError(f"the committed chunks of split {split!r} in {self.work} do not hold the planned "
                                      f"images in order (a chunk was replaced?); delete {self.work} and run again")
             final = writer.finish(attrs)
-        shutil.rmtree(self.work, ignore_errors=True)
+        _remove_tree(self.work)
         self._lock.release()
         return final
 
@@ -308,11 +311,21 @@ class ChunkStore:
                     "feature_dim": int(arrays["cls"].shape[1])}
         raise CacheError(f"no chunk of {self.path} is committed")
 
+    def timing(self) -> tuple[int, float]:
+        """``(rows, seconds)``: images encoded and encoding wall time, summed over every committed chunk
+        (so over every run of a resumed extraction)."""
+        rows, seconds = 0, 0.0
+        for split, start in self._committed():
+            with np.load(self._chunk_path(split, start), allow_pickle=False) as data:
+                rows += len(data["label"])
+                seconds += float(data["seconds"]) if "seconds" in data.files else 0.0
+        return rows, seconds
+
     def close(self) -> None:
         """Release the lock; remove the work folder when no chunk is in it (idempotent)."""
         try:
             if self.work.is_dir() and not self._committed():
-                shutil.rmtree(self.work, ignore_errors=True)
+                _remove_tree(self.work)
             elif self.work.is_dir():
                 done, total = len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
                 self._log(f"kept {done} of {total} committed chunks in {self.work}; run the same extract command "
@@ -357,17 +370,39 @@ def remove_finished_leftovers(path: str | os.PathLike, plan: Mapping[str, Any]) 
     """
     path = Path(path)
     work = partial_dir(path)
-    if not (path.is_file() and work.is_dir()):
+    removing = work.with_name(work.name + ".removing")
+    if not (path.is_file() and (work.is_dir() or removing.is_dir())):
         return False
     lock = CacheLock(path)
     try:
+        if removing.is_dir() and not work.is_dir():  # killed while deleting the finished work folder
+            _sweep_removing(work)
+            return True
         expected = json.loads(json.dumps({**plan, "overwrite": False}))
         if _read_manifest(work) != expected:
             return False
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_tree(work)
         return True
     finally:
         lock.release()
+
+
+def _remove_tree(folder: Path) -> None:
+    """Delete a work folder so that a kill part way never leaves a half-deleted folder under its own name
+    (renamed to ``<name>.removing`` first; :func:`_sweep_removing` finishes an interrupted removal)."""
+    doomed = folder.with_name(folder.name + ".removing")
+    try:
+        os.replace(folder, doomed)
+    except FileNotFoundError:
+        return
+    except OSError:  # e.g. a leftover <name>.removing in the way: sweep it and retry once
+        _sweep_removing(folder)
+        os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _sweep_removing(folder: Path) -> None:
+    shutil.rmtree(folder.with_name(folder.name + ".removing"), ignore_errors=True)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:

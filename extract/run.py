@@ -157,6 +157,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             chunk_start, chunk_stop = next(chunk_iter)
             held: list[tuple[np.ndarray, np.ndarray]] = []
             at = chunk_start
+            chunk_began = time.perf_counter()
             try:
                 for images, labels in tqdm(loader_iter, total=len(batches), desc=f"extract {split}", unit="batch",
                                            disable=not progress, leave=False):
@@ -179,7 +180,9 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                     if at == chunk_stop:
                         store.commit(split, chunk_start, np.concatenate([c for c, _ in held]),
                                      np.concatenate([p for _, p in held]), part.labels[chunk_start:chunk_stop],
-                                     part.sample_ids[chunk_start:chunk_stop], encoder.token_grid)
+                                     part.sample_ids[chunk_start:chunk_stop], encoder.token_grid,
+                                     seconds=time.perf_counter() - chunk_began)
+                        chunk_began = time.perf_counter()
                         held = []
                         chunk_start, chunk_stop = next(chunk_iter, (None, None))
                         at = chunk_start
@@ -190,6 +193,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                 if shutdown is not None:
                     shutdown()
         elapsed = time.perf_counter() - start
+        encoded, encode_seconds = store.timing()  # every run's chunks, when the extraction was resumed
         geometry = store.geometry()  # from the chunks: a resumed run may have encoded nothing itself
         h, w = geometry["token_grid"]
         gh, gw = encoder.pooled_grid(h, w)
@@ -216,8 +220,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             "num_patches": gh * gw,
             "precision": precision,
             "dtype": dtype,
-            "extract_seconds": round(elapsed, 3),
-            "images_per_second": round(total / elapsed, 3) if total else 0.0,
+            "extract_seconds": round(encode_seconds, 3),
+            "images_per_second": round(encoded / encode_seconds, 3) if encode_seconds > 0 else 0.0,
         }
         final = store.assemble(attrs)
     log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")

@@ -249,3 +249,17 @@ def test_a_manifest_that_is_not_an_object_starts_over(tmp_path):
     (partial_dir(path) / "train-0000000000.npz").write_bytes(b"junk")
     with ChunkStore(path, plan(), log=lambda _: None) as store:
         assert len(store.pending("train")) == 3
+
+
+def test_a_half_deleted_work_folder_is_finished_off(tmp_path):
+    from cache.chunks import remove_finished_leftovers
+
+    path = tmp_path / "c.h5"
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        commit_all(store)
+        store.assemble(attrs())
+    doomed = tmp_path / "c.h5.partial.removing"  # killed while the finished work folder was being deleted
+    doomed.mkdir()
+    (doomed / "train-0000000000.npz").write_bytes(b"x")
+    assert remove_finished_leftovers(path, plan())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
