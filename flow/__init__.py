@@ -4,7 +4,7 @@
 """
 
 from .coupling import CAFFSubnet, ClassAttention, FlowLayer, soft_clamp
-from .metrics import MetricError, auroc
+from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, SANFFlow, count_flops, count_parameters, flow_loss
 from .train import FlowTrainingError, TrainConfig, TrainResult, fit_flow, score_batches
 
@@ -18,10 +18,12 @@ __all__ = [
     "SANFFlow",
     "TrainConfig",
     "TrainResult",
+    "aupr",
     "auroc",
     "count_flops",
     "count_parameters",
     "fit_flow",
+    "fpr_at_tpr",
     "flow_loss",
     "score_batches",
     "soft_clamp",

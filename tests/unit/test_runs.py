@@ -238,3 +238,26 @@ def test_exchange_swaps_two_folders_atomically_on_linux(tmp_path):
         pytest.skip(f"renameat2(RENAME_EXCHANGE) is not available here ({sys.platform})")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
     assert _exchange(a, tmp_path / "missing") is False
+
+
+def test_aupr_and_fpr_at_95_tpr_exact_values_on_hand_made_scores():
+    from flow import aupr, fpr_at_tpr
+
+    labels = np.array([0, 0, 1, 1])
+    assert aupr(labels, [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert fpr_at_tpr(labels, [0.1, 0.2, 0.8, 0.9]) == 0.0
+    assert fpr_at_tpr(labels, [0.9, 0.8, 0.2, 0.1]) == 1.0  # reversed: every normal image is flagged first
+    # descending: 0.8 (anomalous) P=1 R=1/2; 0.4 (normal); 0.35 (anomalous) P=2/3 R=1 -> AP = 1/2 + 1/3
+    assert aupr(labels, [0.1, 0.4, 0.35, 0.8]) == pytest.approx(5 / 6)
+    assert fpr_at_tpr(labels, [0.1, 0.4, 0.35, 0.8]) == 0.5  # catching both anomalies flags 0.4
+    assert fpr_at_tpr(labels, [0.1, 0.4, 0.35, 0.8], tpr=0.5) == 0.0
+    # 20 anomalies: 95 % TPR = 19 caught; the 20th-highest anomaly sits below 3 of 10 normal scores
+    labels = np.array([0] * 10 + [1] * 20)
+    scores = np.concatenate([np.arange(10) / 10, np.r_[np.arange(19) + 10.0, 0.65]])
+    assert fpr_at_tpr(labels, scores) == 0.0 and fpr_at_tpr(labels, scores, tpr=1.0) == 0.3
+    with pytest.raises(MetricError, match="AUPR needs normal and anomalous samples"):
+        aupr([1, 1], [0.1, 0.2])
+    with pytest.raises(MetricError, match="1 of 2 anomaly scores are NaN or infinite; no FPR computed"):
+        fpr_at_tpr([0, 1], [0.1, np.inf])
+    with pytest.raises(ValueError, match=r"tpr must be in \(0, 1\], got 0"):
+        fpr_at_tpr([0, 1], [0.1, 0.2], tpr=0)
