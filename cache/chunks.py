@@ -144,16 +144,18 @@ class ChunkStore:
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         self._log = log
-        if self.path.exists() and not overwrite:
-            raise CacheError(f"cache {self.path} exists already; pass --overwrite to replace it")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CacheError(f"cannot write cache file {self.path}: {err.strerror or err}") from None
-        self._lock = CacheLock(self.path)
+        self._lock = CacheLock(self.path)  # first, so that the checks below cannot race another writer
         try:
-            if self.path.exists() and not overwrite:  # finished by another process while we waited for the lock
-                raise CacheError(f"cache {self.path} exists already; pass --overwrite to replace it")
+            if self.path.exists() and not overwrite:
+                hint = ""
+                if (_read_manifest(self.work) or {}).get("overwrite"):
+                    hint = (f"; an interrupted 'extract --overwrite' of it is in {self.work}: run that again to "
+                            "resume it, or delete the folder")
+                raise CacheError(f"cache {self.path} exists already; pass --overwrite to replace it{hint}")
             self._open_work()
         except BaseException:
             self._lock.release()
@@ -175,8 +177,7 @@ class ChunkStore:
                 if keys == ["overwrite"]:
                     raise CacheError(f"an interrupted 'extract --overwrite' of this cache is in {self.work}; run it "
                                      "again with --overwrite to resume it")
-                changes = ", ".join(f"{_OPTION_NAMES.get(k, k)} (was {_short(stored.get(k))}, now "
-                                    f"{_short(self.plan.get(k))})" for k in keys)
+                changes = ", ".join(_describe_change(k, stored.get(k), self.plan.get(k)) for k in keys)
                 raise CacheError(f"an interrupted extraction in {self.work} used other settings: {changes}; run it "
                                  "with the same settings to resume, or pass --overwrite to start over")
             else:
@@ -241,13 +242,19 @@ class ChunkStore:
             sample_id=np.asarray(sample_ids, dtype=str), token_grid=np.asarray(token_grid, dtype=np.int64),
             seconds=np.float64(seconds)))
 
-    def _load(self, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
+    def _load(self, split: str, start: int, stop: int, keys: tuple[str, ...] = CHUNK_ARRAYS) -> dict[str, np.ndarray]:
+        """Read arrays of one committed chunk (``seconds`` is 0 when absent).
+
+        Raises:
+            CacheError: the chunk is unreadable or has the wrong row count; it is deleted so that the next
+                run encodes it again.
+        """
         path = self._chunk_path(split, start)
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in CHUNK_ARRAYS}
-            if not (len(arrays["cls"]) == len(arrays["patches"]) == len(arrays["label"])
-                    == len(arrays["sample_id"]) == stop - start):
+                arrays = {key: data[key] if key in data.files or key != "seconds" else np.float64(0.0)
+                          for key in keys}
+            if any(len(arrays[k]) != stop - start for k in ("cls", "patches", "label", "sample_id") if k in arrays):
                 raise ValueError("wrong row count")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             path.unlink(missing_ok=True)
@@ -316,9 +323,10 @@ class ChunkStore:
         (so over every run of a resumed extraction)."""
         rows, seconds = 0, 0.0
         for split, start in self._committed():
-            with np.load(self._chunk_path(split, start), allow_pickle=False) as data:
-                rows += len(data["label"])
-                seconds += float(data["seconds"]) if "seconds" in data.files else 0.0
+            stop = dict(self.chunks(split))[start]
+            arrays = self._load(split, start, stop, keys=("label", "seconds"))
+            rows += len(arrays["label"])
+            seconds += float(arrays["seconds"])
         return rows, seconds
 
     def close(self) -> None:
@@ -345,6 +353,13 @@ _OPTION_NAMES = {"batch_size": "--batch-size", "chunk_rows": "rows per chunk (--
                  "splits": "the image list", "overwrite": "--overwrite"}
 
 
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    if key == "splits" and isinstance(old, dict) and isinstance(new, dict):
+        names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"the image list of split {', '.join(names)} (other images or another order)"
+    return f"{_OPTION_NAMES.get(key, key)} (was {_short(old)}, now {_short(new)})"
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -355,7 +370,10 @@ def _read_manifest(work: Path) -> dict | None:
         stored = json.loads((work / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return stored if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        return None
+    stored.setdefault("overwrite", False)  # manifests written before the key existed were plain runs
+    return stored
 
 
 def remove_finished_leftovers(path: str | os.PathLike, plan: Mapping[str, Any]) -> bool:

@@ -17,6 +17,7 @@ from .schema import (
     READABLE_VERSIONS,
     REQUIRED_ROOT_ATTRS,
     SPLIT_DATASETS,
+    STRING_ATTRS,
     SPLITS,
     CacheError,
 )
@@ -201,10 +202,12 @@ class FeatureCache:
         if fmt != FORMAT_NAME:
             raise CacheError(f"{where} is not a {FORMAT_NAME} cache (format attribute: {fmt!r})")
         version = _decode_attr("format_version", raw.get("format_version"))
-        if version not in READABLE_VERSIONS:
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
             raise CacheError(f"{where} has format version {version!r}; this build reads versions "
                              f"{list(READABLE_VERSIONS)}")
-        if not isinstance(raw.get("complete"), (bool, np.bool_)) or not raw["complete"]:
+        if not isinstance(raw.get("complete"), (bool, np.bool_)):
+            raise CacheError(f"{where}: attribute 'complete' must be a boolean, got {raw.get('complete')!r}")
+        if not raw["complete"]:
             raise CacheError(f"{where} is incomplete (its extraction did not finish); run the extraction again")
         missing = [k for k in REQUIRED_ROOT_ATTRS if k not in raw]
         if missing:
@@ -213,11 +216,18 @@ class FeatureCache:
         for key, value in raw.items():
             try:
                 attrs[key] = _decode_attr(key, value)
-            except (ValueError, UnicodeDecodeError):
+            except UnicodeDecodeError:
+                raise CacheError(f"{where}: attribute {key!r} is not valid UTF-8") from None
+            except ValueError:
                 raise CacheError(f"{where}: attribute {key!r} is not valid JSON") from None
         names = attrs["class_names"]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise CacheError(f"{where}: attribute 'class_names' must be a non-empty list of strings")
+        if len(set(names)) != len(names):
+            raise CacheError(f"{where}: attribute 'class_names' repeats a name: {names}")
+        wrong = [k for k in STRING_ATTRS if not isinstance(attrs[k], str)]
+        if wrong:
+            raise CacheError(f"{where}: attributes {wrong} must be strings")
         num_classes = len(names)
         for key in ("feature_dim", "num_patches"):
             if not isinstance(attrs[key], int) or isinstance(attrs[key], bool) or attrs[key] < 1:
@@ -243,6 +253,8 @@ class FeatureCache:
             for name in ("cls", "patches"):
                 if group[name].dtype.kind != "f":
                     raise CacheError(f"{where}: /{split}/{name} must hold floats, got {group[name].dtype}")
+            if h5py.check_string_dtype(group["sample_id"].dtype) is None:
+                raise CacheError(f"{where}: /{split}/sample_id must hold strings, got {group['sample_id'].dtype}")
             labels = label[:]
             if n and (labels.min() < 0 or labels.max() >= num_classes):
                 raise CacheError(f"{where}: /{split}/label holds values outside 0..{num_classes - 1}")

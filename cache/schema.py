@@ -54,6 +54,10 @@ REQUIRED_ROOT_ATTRS = (
     "dtype",
 )
 
+#: Attributes that must be plain strings.
+STRING_ATTRS = ("created", "dataset", "data_source", "backbone", "weights_source", "weights_sha256",
+                "semantic_vector", "timm_version", "torch_version", "interpolation", "crop_mode", "precision", "dtype")
+
 #: Attributes stored as JSON strings.
 JSON_ATTRS = ("class_names", "input_size", "mean", "std", "token_grid", "patch_grid")
 

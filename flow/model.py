@@ -31,6 +31,17 @@ class FlowConfig:
     alpha: float = 3.0
     use_caff: bool = True
 
+    def __post_init__(self) -> None:
+        for name, most in (("dim", 2**20), ("num_blocks", 256), ("hidden", 65536), ("num_heads", 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"flow {name} must be an integer in 1..{most}, got {value!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"flow alpha must be a finite number > 0, got {self.alpha!r}")
+        if not isinstance(self.use_caff, bool):
+            raise ValueError(f"flow use_caff must be true or false, got {self.use_caff!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -138,6 +149,12 @@ def flow_loss(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
         A scalar tensor.
     """
     return (0.5 * z.pow(2).sum(dim=1) - log_det).mean() / z.shape[1]
+
+
+def parameter_count(config: FlowConfig) -> int:
+    """Trainable parameters of ``SANFFlow(config)``, counted without allocating them (PyTorch's meta device)."""
+    with torch.device("meta"):
+        return count_parameters(SANFFlow(config))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from cache import PARTIAL_SUFFIX, FeatureCache
 
 from .metrics import MetricError, auroc
-from .model import FlowConfig, SANFFlow, count_flops, count_parameters
+from .model import FlowConfig, SANFFlow, count_flops, parameter_count
 from .train import FlowTrainingError, TrainConfig, fit_flow, resolve_device, score_batches
 
 RUN_FORMAT = "sanf-ad-run"
@@ -160,7 +160,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         fingerprint = fc.fingerprint()
         train = fc.split("train")
         config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **(flow_config or {}))
-        n_params = count_parameters(SANFFlow(config))
+        n_params = parameter_count(config)
+        check_training_memory(n_params)
         flops = count_flops(config, int(fc.attrs["num_patches"]))
         log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
@@ -171,7 +172,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             if train.rows_of_class(k).size == 0:
                 raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
             blocked = runs_dir / names[k]
-            if blocked.exists() and not (blocked / "run.json").is_file():
+            if os.path.lexists(blocked) and not (blocked / "run.json").is_file():
                 raise RunError(f"{blocked} exists and is not a run folder; move it away")
         for k in classes:
             rows = train.rows_of_class(k)
@@ -224,6 +225,23 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 f"{result.wall_time_s:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
+
+
+def check_training_memory(num_parameters: int) -> None:
+    """Refuse a flow whose weights, gradients and two Adam moments (4 x 4 bytes per parameter) exceed this
+    machine's physical memory, before anything is allocated.
+
+    Raises:
+        ValueError: it cannot fit; the message gives both sizes and what to lower.
+    """
+    need = 16 * num_parameters
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform: no check
+        return
+    if need > total:
+        raise ValueError(f"the flow has {num_parameters:,} parameters: {need / 2**30:.1f} GiB with gradients and "
+                         f"Adam state, more than this machine's {total / 2**30:.1f} GiB; lower --hidden or --blocks")
 
 
 def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, seed: int) -> str:
@@ -384,14 +402,20 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     record = read_run_record(path)
     try:
-        model = SANFFlow(FlowConfig(**record["flow"]))
-    except Exception as err:  # TypeError, ValueError, or torch's RuntimeError on impossible sizes
+        config = FlowConfig(**record["flow"])
+        expected = parameter_count(config)
+    except Exception as err:  # TypeError, ValueError, or torch's errors on impossible sizes
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as err:  # OSError, or safetensors' own error type on a damaged file
         raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
+    stored = sum(v.numel() for k, v in state.items() if "perm" not in k)
+    if stored != expected:  # checked before building the model, which run.json could make of any size
+        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json "
+                       f"({stored:,} weights stored, {expected:,} expected)")
+    model = SANFFlow(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:

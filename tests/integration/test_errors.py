@@ -203,6 +203,10 @@ def test_score_refuses_an_empty_test_split(tmp_path):
     (lambda r: r["flow"].update(hidden=-1), "run.json has an invalid flow configuration"),
     (lambda r: r.update(cache=5), "run.json has values of the wrong type for ['cache']"),
     (lambda r: r.update(normal_class="0", seed=None), "wrong type for ['normal_class', 'seed']"),
+    (lambda r: r["flow"].update(alpha="3"), "flow alpha must be a finite number > 0, got '3'"),
+    (lambda r: r["flow"].update(use_caff="false"), "flow use_caff must be true or false, got 'false'"),
+    (lambda r: r["flow"].update(num_blocks=10**6), "flow num_blocks must be an integer in 1..256, got 1000000"),
+    (lambda r: r["flow"].update(num_blocks=3), "model.safetensors does not fit the flow described in run.json"),
 ])
 def test_score_names_run_json_values_of_the_wrong_kind(small_cache, tmp_path, edit, fragment):
     import json
@@ -215,3 +219,22 @@ def test_score_names_run_json_values_of_the_wrong_kind(small_cache, tmp_path, ed
     (run / "run.json").write_text(json.dumps(record))
     assert_input_error(invoke("score", "--runs-dir", str(runs)), f"run {run}", fragment)
     assert not (runs / "auroc.csv").exists()
+
+
+def test_a_flow_too_large_for_this_machine_is_refused_before_allocating(small_cache, tmp_path):
+    result = invoke("fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), "--hidden", "65536",
+                    "--blocks", "256", "--device", "cpu")
+    assert_input_error(result, "parameters:", "GiB with gradients and Adam state, more than this machine's",
+                       "lower --hidden or --blocks")
+    assert no_runs(tmp_path / "runs")
+
+
+def test_dangling_link_in_a_run_slot_is_refused_before_training(small_cache, tmp_path):
+    from flow.runs import run_name
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / run_name("c", "sanf", 1, "b", 0)).symlink_to(tmp_path / "nowhere")
+    result = invoke("fit", "--cache", str(small_cache), "--normal", "all", "--runs-dir", str(runs), *FIT)
+    assert_input_error(result, "normal1-b__seed0 exists and is not a run folder")
+    assert "fitted" not in result.output
