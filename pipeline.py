@@ -177,7 +177,12 @@ def _fit_options(fn):
         click.option("--heads", type=click.IntRange(1, 1024), default=4, help="Class-attention heads."),
         click.option("--clamp", type=FiniteFloat(min=0, min_open=True), default=3.0,
                      help="alpha of the arctan soft clamp (eq. 5)."),
-        click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation)."),
+        click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation); = --method sanf-nocaff."),
+        click.option("--method", type=click.Choice(["sanf", "sanf-nocaff", "knn", "gaussian"]), default=None,
+                     help="Detector: the CAFF flow (default), its MLP-only ablation, or a baseline on the class "
+                          "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),
+        click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2,
+                     help="Neighbours averaged by --method knn (PANDA: 2)."),
         click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
                      help="Hold out this fraction of the normal class's train rows and log the loss on "
                           "them per epoch (to choose --epochs without the test split)."),
@@ -192,16 +197,19 @@ def _fit_options(fn):
 @_fit_options
 @user_errors
 def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps, weight_decay,
-        blocks, hidden, heads, clamp, no_caff, device, val_fraction) -> None:
-    """Train the CAFF flow on the cached train rows of one normal class (or of each)."""
+        blocks, hidden, heads, clamp, no_caff, method, knn_k, device, val_fraction) -> None:
+    """Train the CAFF flow (or a baseline) on the cached train rows of one normal class (or of each)."""
     from flow.runs import find_cache, fit_cache
 
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, betas=(beta1, beta2), eps=adam_eps,
                                weight_decay=weight_decay)
-    flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp,
-                   "use_caff": not no_caff}
+    flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp}
+    if no_caff and method not in (None, "sanf-nocaff"):
+        raise InputError(f"--no-caff means --method sanf-nocaff; got --method {method}")
+    method = method or ("sanf-nocaff" if no_caff else "sanf")
     fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed, flow_config=flow_config,
-              train_config=train_config, device=device, val_fraction=val_fraction, log=click.echo)
+              train_config=train_config, device=device, val_fraction=val_fraction, log=click.echo, method=method,
+              baseline_params={"k": knn_k} if method == "knn" else {})
 
 
 @cli.command()

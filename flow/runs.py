@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from cache import PARTIAL_SUFFIX, FeatureCache
 
-from .metrics import MetricError, auroc
+from .baselines import BASELINES
+from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, SANFFlow, count_flops, parameter_count
 from .train import FlowTrainingError, TrainConfig, fit_flow, resolve_device, score_batches
 
@@ -34,7 +35,7 @@ RUN_FORMAT = "sanf-ad-run"
 RUN_VERSION = 1
 SCORE_TYPES = ("nll", "z2")
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
-                 "n_normal", "n_anomalous", "run", "cache")
+                 "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95")
 
 
 class RunError(Exception):
@@ -90,6 +91,11 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
                      + ", ".join(str(p) for p in found))
 
 
+FLOW_METHODS = ("sanf", "sanf-nocaff")
+#: Every method of ``fit --method``: the flow, its ablation and the baselines.
+METHODS = FLOW_METHODS + tuple(BASELINES)
+
+
 def method_name(use_caff: bool) -> str:
     """``"sanf"`` for the CAFF flow, ``"sanf-nocaff"`` for the MLP-only ablation."""
     return "sanf" if use_caff else "sanf-nocaff"
@@ -125,8 +131,13 @@ class FitOutcome:
 def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str | os.PathLike = "runs",
               seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
               device: str = "auto", val_fraction: float = 0.0, progress: bool = True,
-              log: Callable[[str], None] = print) -> list[FitOutcome]:
-    """Fit one flow per normal class on the train split of a cache and save each as a run.
+              log: Callable[[str], None] = print, method: str | None = None,
+              baseline_params: dict | None = None) -> list[FitOutcome]:
+    """Fit one detector per normal class on the train split of a cache and save each as a run.
+
+    ``method`` is ``sanf`` (the CAFF flow), ``sanf-nocaff`` (MLP-only subnets; also chosen by
+    ``flow_config["use_caff"] = False``), or a baseline of :mod:`flow.baselines` (``knn``, ``gaussian``),
+    which reads only the class tokens and ignores the flow and training settings.
 
     Only the train rows of the normal class are read from the file (not the whole cache).
 
@@ -142,6 +153,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             record the loss on them after every epoch; the flow is trained on the rest. 0 trains on all.
         progress: show progress bars.
         log: where to print one line per fitted class.
+        method: see above; default ``sanf`` (or ``sanf-nocaff`` per ``flow_config``).
+        baseline_params: keyword arguments of the baseline's constructor (e.g. ``{"k": 2}`` for ``knn``).
 
     Returns:
         One :class:`FitOutcome` per normal class, in class order.
@@ -151,6 +164,16 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         ValueError: a bad ``normal`` or a normal class without train rows.
         FlowTrainingError: training diverged.
     """
+    flow_config = dict(flow_config or {})
+    if method is None:
+        method = method_name(flow_config.get("use_caff", True))
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in BASELINES:
+        return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log)
+    if "use_caff" in flow_config and method_name(flow_config["use_caff"]) != method:
+        raise ValueError(f"--method {method} contradicts --no-caff={not flow_config['use_caff']}")
+    flow_config["use_caff"] = method == "sanf"
     dev = resolve_device(device)
     runs_dir = Path(runs_dir)
     outcomes = []
@@ -159,21 +182,14 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         check_writable_dir(runs_dir, "--runs-dir")
         fingerprint = fc.fingerprint()
         train = fc.split("train")
-        config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **(flow_config or {}))
+        config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **flow_config)
         n_params = parameter_count(config)
         check_training_memory(n_params)
         flops = count_flops(config, int(fc.attrs["num_patches"]))
         log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward)")
-        names = {k: run_name(Path(cache).stem, method_name(config.use_caff), k, fc.class_names[k], seed)
-                 for k in classes}
-        for k in classes:  # refuse before training anything
-            if train.rows_of_class(k).size == 0:
-                raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
-            blocked = runs_dir / names[k]
-            if os.path.lexists(blocked) and not (blocked / "run.json").is_file():
-                raise RunError(f"{blocked} exists and is not a run folder; move it away")
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed)
         for k in classes:
             rows = train.rows_of_class(k)
             cls_np, patches_np = train.read(rows)
@@ -191,14 +207,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
                                      progress=progress, val_cls=val_cls, val_patches=val_patches)
             record = {
-                "format": RUN_FORMAT,
-                "format_version": RUN_VERSION,
-                "method": method_name(config.use_caff),
-                "dataset": fc.attrs["dataset"],
-                "backbone": fc.attrs["backbone"],
-                "normal_class": k,
-                "normal_name": fc.class_names[k],
-                "seed": seed,
+                **_record_head(fc, method, k, seed),
                 "flow": config.to_dict(),
                 "train": train_config.to_dict(),
                 "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
@@ -213,16 +222,66 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "gflops_per_sample": round(flops / 1e9, 6),
                 "wall_time_s": round(result.wall_time_s, 3),
                 "device": str(dev),
-                "cache": str(Path(cache).resolve()),
-                "cache_fingerprint": fingerprint,
-                "torch_version": torch.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **_record_tail(cache, fingerprint),
             }
-            path = save_run(runs_dir, name, model, record)
+            path = save_run(runs_dir, name, model.state_dict(), record)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
             log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows, "
                 f"{train_config.epochs} epochs, final loss {result.final_loss:.4f} nats/dim{val_note}, "
                 f"{result.wall_time_s:.1f} s -> {path}")
+            outcomes.append(FitOutcome(path, record))
+    return outcomes
+
+
+def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
+                 seed: int) -> dict[int, str]:
+    """Run names per class; refuses, before anything is fitted, a class without train rows or a run slot taken
+    by something that is not a run."""
+    names = {k: run_name(Path(cache).stem, method, k, fc.class_names[k], seed) for k in classes}
+    train = fc.split("train")
+    for k in classes:
+        if train.rows_of_class(k).size == 0:
+            raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
+        blocked = runs_dir / names[k]
+        if os.path.lexists(blocked) and not (blocked / "run.json").is_file():
+            raise RunError(f"{blocked} exists and is not a run folder; move it away")
+    return names
+
+
+def _record_head(fc: FeatureCache, method: str, k: int, seed: int) -> dict:
+    return {"format": RUN_FORMAT, "format_version": RUN_VERSION, "method": method, "dataset": fc.attrs["dataset"],
+            "backbone": fc.attrs["backbone"], "normal_class": k, "normal_name": fc.class_names[k], "seed": seed}
+
+
+def _record_tail(cache, fingerprint: str) -> dict:
+    return {"cache": str(Path(cache).resolve()), "cache_fingerprint": fingerprint, "torch_version": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
+                  log: Callable[[str], None]) -> list[FitOutcome]:
+    """:func:`fit_cache` for the baselines of :mod:`flow.baselines` (class tokens only; ``seed`` is recorded
+    and names the run, but the baselines are deterministic)."""
+    runs_dir = Path(runs_dir)
+    outcomes = []
+    with FeatureCache(cache) as fc:
+        classes = resolve_normal(normal, fc.class_names)
+        check_writable_dir(runs_dir, "--runs-dir")
+        fingerprint = fc.fingerprint()
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed)
+        train = fc.split("train")
+        for k in classes:
+            cls_np, _ = train.read(train.rows_of_class(k))
+            start = time.perf_counter()
+            detector = BASELINES[method](**params).fit(cls_np)
+            elapsed = time.perf_counter() - start
+            record = {**_record_head(fc, method, k, seed), "params": detector.params(),
+                      "scores": list(detector.score_names), "num_train": int(len(cls_np)),
+                      "wall_time_s": round(elapsed, 3), **_record_tail(cache, fingerprint)}
+            state = {key: torch.from_numpy(np.array(value)) for key, value in detector.state().items()}
+            path = save_run(runs_dir, names[k], state, record)
+            log(f"fitted {method} for normal class {k} ({fc.class_names[k]}): {len(cls_np)} train rows, "
+                f"{elapsed:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
 
@@ -280,14 +339,14 @@ def check_writable_dir(folder: Path, option: str) -> None:
         raise ValueError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
 
 
-def save_run(runs_dir: Path, name: str, model: SANFFlow, record: dict) -> Path:
+def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: dict) -> Path:
     """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name.
 
     Raises:
         FlowTrainingError: the weights hold NaN or infinite values (nothing is written).
         RunError: something other than a run folder is in the way.
     """
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FlowTrainingError(f"run {name}: {len(bad)} weight tensors hold NaN or infinite values after "
@@ -362,8 +421,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-RECORD_KEYS = ("method", "dataset", "backbone", "normal_class", "normal_name", "seed", "flow", "cache",
-               "cache_fingerprint")
+#: Keys every run.json holds, with their types; flows add ``flow`` (dict), baselines ``params`` (dict) and
+#: ``scores`` (list of score names).
+RECORD_TYPES = {"method": str, "dataset": str, "backbone": str, "normal_class": int, "normal_name": str, "seed": int,
+                "cache": str, "cache_fingerprint": str}
 
 
 def read_run_record(path: str | os.PathLike) -> dict:
@@ -381,15 +442,24 @@ def read_run_record(path: str | os.PathLike) -> dict:
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT \
             or record.get("format_version") != RUN_VERSION:
         raise RunError(f"run {path}: run.json is not a {RUN_FORMAT} v{RUN_VERSION} record")
-    missing = [key for key in RECORD_KEYS if key not in record]
+    types = dict(RECORD_TYPES)
+    types.update({"flow": dict} if record.get("method") in FLOW_METHODS else {"params": dict, "scores": list})
+    missing = [key for key in types if key not in record]
     if missing:
         raise RunError(f"run {path}: run.json lacks {missing}")
-    types = {"method": str, "dataset": str, "backbone": str, "normal_class": int, "normal_name": str, "seed": int,
-             "flow": dict, "cache": str, "cache_fingerprint": str}
     wrong = [key for key, kind in types.items() if not isinstance(record[key], kind) or isinstance(record[key], bool)]
     if wrong:
         raise RunError(f"run {path}: run.json has values of the wrong type for {wrong}")
+    if record["method"] not in METHODS:
+        raise RunError(f"run {path}: unknown method {record['method']!r} (this build has {', '.join(METHODS)})")
+    if record["method"] in BASELINES and list(record["scores"]) != list(BASELINES[record["method"]].score_names):
+        raise RunError(f"run {path}: run.json lists scores {record['scores']} for {record['method']}")
     return record
+
+
+def score_names(record: dict) -> tuple[str, ...]:
+    """The scores a run's method gives: ``nll``, ``z2`` for the flows; the baseline's own otherwise."""
+    return SCORE_TYPES if record["method"] in FLOW_METHODS else tuple(BASELINES[record["method"]].score_names)
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
@@ -401,6 +471,8 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     """
     path = Path(path)
     record = read_run_record(path)
+    if record["method"] in BASELINES:
+        return _load_baseline(path, record), record
     try:
         config = FlowConfig(**record["flow"])
         expected = parameter_count(config)
@@ -421,6 +493,18 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     except RuntimeError:
         raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json") from None
     return model.to(device).eval(), record
+
+
+def _load_baseline(path: Path, record: dict):
+    try:
+        state = {key: value.numpy() for key, value in load_file(str(path / "model.safetensors")).items()}
+    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
+        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
+    try:
+        return BASELINES[record["method"]].from_state(record["params"], state)
+    except (TypeError, ValueError, KeyError) as err:
+        raise RunError(f"run {path}: model.safetensors or run.json does not describe a {record['method']} "
+                       f"detector ({err})") from None
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
@@ -481,14 +565,17 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             test = fc.split("test")
             if test.num_rows == 0:
                 raise RunError(f"the test split of {cache_path} is empty: nothing to score")
-            scores = {run: {key: [] for key in SCORE_TYPES} for run, _, _ in loaded}
+            scores = {run: {key: [] for key in score_names(record)} for run, _, record in loaded}
             start = time.perf_counter()
             for _, cls_np, patches_np in test.iter_blocks(block_rows):
                 cls_t = torch.from_numpy(cls_np)
                 patches_t = torch.from_numpy(patches_np)
-                for run, model, _ in loaded:
-                    block = score_batches(model, cls_t, patches_t, batch_size)
-                    for key in SCORE_TYPES:
+                for run, model, record in loaded:
+                    if record["method"] in FLOW_METHODS:
+                        block = score_batches(model, cls_t, patches_t, batch_size)
+                    else:
+                        block = model.scores(cls_np)
+                    for key in score_names(record):
                         scores[run][key].append(block[key])
             elapsed = time.perf_counter() - start
             labels = test.labels
@@ -497,16 +584,16 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                 per_run = {key: np.concatenate(parts) for key, parts in scores[run].items()}
                 is_anomaly = (labels != record["normal_class"]).astype(np.int64)
                 pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, per_run))
-                for key in SCORE_TYPES:
+                for key in score_names(record):
                     try:
-                        value = auroc(is_anomaly, per_run[key])
+                        metrics = {name: fn(is_anomaly, per_run[key]) for name, fn in
+                                   (("auroc", auroc), ("aupr", aupr), ("fpr95", fpr_at_tpr))}
                     except MetricError as err:
                         raise MetricError(f"run {run.name}, score {key}: {err}") from None
                     rows.append({
                         "dataset": record["dataset"], "backbone": record["backbone"],
                         "normal_class": record["normal_class"], "normal_name": record["normal_name"],
-                        "method": record["method"], "score": key, "seed": record["seed"],
-                        "auroc": value,
+                        "method": record["method"], "score": key, "seed": record["seed"], **metrics,
                         "n_normal": int((is_anomaly == 0).sum()), "n_anomalous": int(is_anomaly.sum()),
                         "run": run.name, "cache": cache_path,
                     })
@@ -522,9 +609,11 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
 
 def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anomaly: np.ndarray,
                   scores: dict[str, np.ndarray]) -> None:
-    rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a), "nll": repr(float(n)), "z2": repr(float(z))}
-            for s, l, a, n, z in zip(sample_ids, labels, is_anomaly, scores["nll"], scores["z2"])]
-    _write_csv(path, ("sample_id", "label", "is_anomaly", "nll", "z2"), rows)
+    rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a)} for s, l, a in zip(sample_ids, labels, is_anomaly)]
+    for key, values in scores.items():
+        for row, value in zip(rows, values):
+            row[key] = repr(float(value))
+    _write_csv(path, ("sample_id", "label", "is_anomaly", *scores), rows)
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:

@@ -526,3 +526,30 @@ def test_class_names_that_look_like_indices(tmp_path):
     result = invoke("fit", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
                     "--normal", "all", "--epochs", "1", "--hidden", "8", "--device", "cpu")
     assert "fitted normal class 2 (all)" in result.output and "normal class 0" not in result.output
+
+
+def test_baseline_methods_fit_and_score_next_to_the_flow(tmp_path):
+    """knn and gaussian through the CLI on a cache whose answer is known (shifted Gaussian classes)."""
+    from conftest import gaussian_splits, write_cache
+
+    cache = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=40, n_test=20, dim=6), ["a", "b", "c"])
+    runs = tmp_path / "runs"
+    for method in ("knn", "gaussian", "sanf-nocaff"):
+        assert_ok(invoke("fit", "--cache", str(cache), "--normal", "a", "--method", method, "--runs-dir", str(runs),
+                         "--epochs", "1", "--hidden", "8", "--device", "cpu"))
+    result = invoke("score", "--runs-dir", str(runs), "--device", "cpu")
+    assert_ok(result)
+    header, rows = read_csv(runs / "auroc.csv")
+    assert {"aupr", "fpr95"} <= set(header)
+    got = {(r["method"], r["score"]): r for r in rows}
+    assert sorted(got) == [("gaussian", "mahalanobis"), ("knn", "cosine"), ("knn", "l2"), ("sanf-nocaff", "nll"),
+                           ("sanf-nocaff", "z2")]
+    for method, score in [("gaussian", "mahalanobis"), ("knn", "l2")]:  # classes 6 sqrt(2) apart: separable
+        assert float(got[method, score]["auroc"]) >= 0.99 and float(got[method, score]["fpr95"]) <= 0.05
+    knn_run = runs / got["knn", "l2"]["run"]
+    assert json.loads((knn_run / "run.json").read_text())["params"] == {"k": 2}
+    score_header, _ = read_csv(knn_run / "scores.csv")
+    assert score_header == ["sample_id", "label", "is_anomaly", "l2", "cosine"]
+    assert "knn/l2" in result.output and "gaussian/mahalanobis" in result.output
+    conflict = invoke("fit", "--cache", str(cache), "--method", "knn", "--no-caff", "--runs-dir", str(runs))
+    assert_input_error(conflict, "--no-caff means --method sanf-nocaff; got --method knn")
