@@ -177,7 +177,8 @@ def _fit_options(fn):
         click.option("--heads", type=click.IntRange(1, 1024), default=4, help="Class-attention heads."),
         click.option("--clamp", type=FiniteFloat(min=0, min_open=True), default=3.0,
                      help="alpha of the arctan soft clamp (eq. 5)."),
-        click.option("--no-caff", is_flag=True, help="MLP-only subnets (paper Table 5 ablation); = --method sanf-nocaff."),
+        click.option("--no-caff", is_flag=True,
+                     help="MLP-only subnets (paper Table 5 ablation); the same as --method sanf-nocaff."),
         click.option("--method", type=click.Choice(["sanf", "sanf-nocaff", "knn", "gaussian"]), default=None,
                      help="Detector: the CAFF flow (default), its MLP-only ablation, or a baseline on the class "
                           "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),

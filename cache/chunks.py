@@ -125,7 +125,9 @@ class ChunkStore:
         plan: JSON-serialisable description of the work. Must hold ``splits`` (``{split: {"num_rows": N,
             ...}}``) and ``chunk_rows`` (rows per chunk, a multiple of the batch size so that a resumed run
             encodes exactly the batches of an uninterrupted one); every other key is compared on resume.
-        overwrite: discard an unfinished extraction and, at :meth:`assemble`, replace an existing cache.
+        overwrite: replace an existing cache at :meth:`assemble` and start over: an unfinished extraction
+            is discarded, unless it is an interrupted ``overwrite`` run of the same plan, which is resumed
+            (the same command resumes).
         log: where to print status lines.
 
     Raises:
@@ -314,7 +316,8 @@ class ChunkStore:
         for split, start in sorted(self._committed(), key=lambda c: (SPLITS.index(c[0]), c[1])):
             stop = dict(self.chunks(split))[start]
             arrays = self._load(split, start, stop)
-            return {"token_grid": [int(v) for v in arrays["token_grid"]], "num_patches": int(arrays["patches"].shape[1]),
+            return {"token_grid": [int(v) for v in arrays["token_grid"]],
+                    "num_patches": int(arrays["patches"].shape[1]),
                     "feature_dim": int(arrays["cls"].shape[1])}
         raise CacheError(f"no chunk of {self.path} is committed")
 

@@ -69,7 +69,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      patch_grid: int = 8, img_size: int | None = None, crop_pct: float | None = None,
                      batch_size: int = 64, num_workers: int = 2, device: str = "auto", precision: str = "fp32",
                      dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
-                     skip_existing: bool = False, commit_every: int = 16, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+                     skip_existing: bool = False, commit_every: int = 16, progress: bool = True,
+                     log: Callable[[str], None] = print) -> Path:
     """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
 
     Args:
@@ -99,7 +100,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         Path of the finished cache.
 
     Raises:
-        DatasetError, BackboneError, CacheError: bad input (see those types).
+        DatasetError, BackboneError, CacheError: bad input (see those types); CacheError also when another
+            process is extracting the same cache or an interrupted extraction of it used other settings.
         ExtractionError: non-finite backbone output.
         ImageReadError: an image file cannot be decoded.
     """
