@@ -91,35 +91,62 @@ def _device_option(fn):
                         help="Where to run; auto = CUDA when available.")(fn)
 
 
+#: The options of ``extract``, by name; ``run`` takes all but ``--overwrite`` (it reuses an existing cache).
+EXTRACT_OPTIONS = {
+    "dataset": click.option("--dataset", required=True,
+                            type=click.Choice(["cifar10", "fashion-mnist", "digits", "folder"]),
+                            help="Dataset and protocol (see README)."),
+    "data-root": click.option("--data-root", type=NonEmptyPath(file_okay=False, path_type=str), default=None,
+                              help="Folder holding the data; required for 'folder'; torchvision datasets default "
+                                   "to ./data."),
+    "no-download": click.option("--no-download", is_flag=True,
+                                help="Never download; fail if the data is not under --data-root."),
+    "backbone": click.option("--backbone", default="vit_base_patch16_384", help="Any timm model name."),
+    "weights": click.option("--weights", default="auto",
+                            help="'auto' (packaged weights for tf_efficientnet_lite0, else timm's hub), 'timm', or a "
+                                 "state-dict file (.safetensors/.pth)."),
+    "random-init": click.option("--random-init", is_flag=True,
+                                help="Use a randomly initialised backbone (tests only)."),
+    "patch-grid": click.option("--patch-grid", type=click.IntRange(min=0), default=8,
+                               help="Average-pool the token grid to at most G x G; 0 keeps every token."),
+    "img-size": click.option("--img-size", type=click.IntRange(min=1), default=None,
+                             help="Input size override (pixels)."),
+    "crop-pct": click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=None,
+                             help="Centre-crop fraction override (default: the model's pretrained config)."),
+    "batch-size": click.option("--batch-size", type=click.IntRange(min=1), default=64,
+                               help="Images per forward pass."),
+    "num-workers": click.option("--num-workers", type=click.IntRange(min=0), default=2,
+                                help="DataLoader decoding processes."),
+    "device": _device_option,
+    "precision": click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                              help="Backbone forward precision (autocast)."),
+    "dtype": click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float16",
+                          help="Storage dtype of the cached features."),
+    "cache-dir": click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=str),
+                              default=DEFAULT_CACHE_DIR, help="Folder receiving the cache file."),
+    "overwrite": click.option("--overwrite", is_flag=True,
+                              help="Replace an existing cache of the same settings; discard an interrupted "
+                                   "extraction of it."),
+    "commit-every": click.option("--commit-every", type=click.IntRange(min=1), default=16,
+                                 help="Batches per committed chunk: a killed run resumes from the last committed "
+                                      "chunk."),
+}
+
+
+def _options(*names: str, exclude: tuple[str, ...] = ()):
+    """Apply the named EXTRACT_OPTIONS (all when none are named) in order."""
+    chosen = [v for k, v in EXTRACT_OPTIONS.items() if (not names or k in names) and k not in exclude]
+
+    def apply(fn):
+        for option in reversed(chosen):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 @cli.command()
-@click.option("--dataset", required=True, type=click.Choice(["cifar10", "fashion-mnist", "digits", "folder"]),
-              help="Dataset and protocol (see README).")
-@click.option("--data-root", type=NonEmptyPath(file_okay=False, path_type=str), default=None,
-              help="Folder holding the data; required for 'folder'; torchvision datasets default to ./data.")
-@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not under --data-root.")
-@click.option("--backbone", default="vit_base_patch16_384", help="Any timm model name.")
-@click.option("--weights", default="auto",
-              help="'auto' (packaged weights for tf_efficientnet_lite0, else timm's hub), 'timm', or a "
-                   "state-dict file (.safetensors/.pth).")
-@click.option("--random-init", is_flag=True, help="Use a randomly initialised backbone (tests only).")
-@click.option("--patch-grid", type=click.IntRange(min=0), default=8,
-              help="Average-pool the token grid to at most G x G; 0 keeps every token.")
-@click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size override (pixels).")
-@click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=None,
-              help="Centre-crop fraction override (default: the model's pretrained config).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader decoding processes.")
-@_device_option
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              help="Backbone forward precision (autocast).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float16",
-              help="Storage dtype of the cached features.")
-@click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
-              help="Folder receiving the cache file.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing cache of the same settings; discard an interrupted extraction of it.")
-@click.option("--commit-every", type=click.IntRange(min=1), default=16,
-              help="Batches per committed chunk: a killed run resumes from the last committed chunk.")
+@_options()
 @user_errors
 def extract(no_download: bool, **options) -> None:
     """Encode every image of a dataset once; write class tokens and patch tokens to HDF5.
@@ -226,6 +253,84 @@ def score(runs_dir: str, batch_size: int, device: str) -> None:
     rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo)
     click.echo(auroc_table(rows))
     click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
+
+
+def _comma_list(kind):
+    """A click callback turning ``"a,b"`` into a list of ``kind`` (each checked), refusing an empty list."""
+
+    def convert(ctx, param, value):
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter("give at least one value", ctx, param)
+        out = []
+        for item in items:
+            try:
+                out.append(kind(item))
+            except ValueError as err:
+                raise click.BadParameter(str(err), ctx, param) from None
+        return list(dict.fromkeys(out))
+
+    return convert
+
+
+def _method(name: str) -> str:
+    from flow.runs import METHODS
+
+    if name not in METHODS:
+        raise ValueError(f"{name!r} is not one of {', '.join(METHODS)}")
+    return name
+
+
+def _seed(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) >= 2**32:
+        raise ValueError(f"{text!r} is not a seed (an integer 0..{2**32 - 1})")
+    return int(text)
+
+
+@cli.command()
+@_options(exclude=("overwrite",))
+@click.option("--normal", default="all", help="Normal class: a class name, 'all', or an index.")
+@click.option("--methods", default="sanf,sanf-nocaff,knn,gaussian", callback=_comma_list(_method),
+              help="Comma-separated methods (sanf, sanf-nocaff, knn, gaussian).")
+@click.option("--seeds", default="0", callback=_comma_list(_seed),
+              help="Comma-separated seeds for the flows (the baselines are deterministic: fitted once, seed 0).")
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
+              help="Passes over the normal class's train rows (flows).")
+@click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2, help="Neighbours of the knn baseline.")
+@click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
+              help="Folder receiving the runs, auroc.csv, and <cache>__summary.csv / __report.md.")
+@user_errors
+def run(no_download, normal, methods, seeds, epochs, knn_k, runs_dir, **options) -> None:
+    """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
+
+    Writes <runs-dir>/<cache>__summary.csv (one row per method and score, one column per normal class,
+    mean ± std over seeds) and <runs-dir>/<cache>__report.md. The flows use the paper's defaults.
+    """
+    import time
+
+    from extract import extract_features
+    from flow.report import write_report, write_summary_csv
+    from flow.runs import FLOW_METHODS, auroc_table, fit_cache, read_run_record, score_runs
+
+    cache = extract_features(download=not no_download, skip_existing=True, log=click.echo, **options)
+    times = {}
+    for method in methods:
+        start = time.perf_counter()
+        for seed in (seeds if method in FLOW_METHODS else [0]):
+            fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
+                      train_config=TrainConfig(epochs=epochs), device=options["device"], log=click.echo,
+                      baseline_params={"k": knn_k} if method == "knn" else {})
+        times[method] = time.perf_counter() - start
+    rows = [r for r in score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
+            if r["cache"] == str(Path(cache).resolve())]
+    records = [read_run_record(Path(runs_dir) / name) for name in dict.fromkeys(r["run"] for r in rows)]
+    stem = Path(runs_dir) / Path(cache).stem
+    summary = write_summary_csv(stem.with_name(stem.name + "__summary.csv"), rows)
+    report = write_report(stem.with_name(stem.name + "__report.md"), rows, records,
+                          f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache))
+    click.echo(auroc_table(rows))
+    click.echo("fit wall time: " + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
+    click.echo(f"wrote {summary}, {report} and {Path(runs_dir) / 'auroc.csv'}")
 
 
 @cli.command()

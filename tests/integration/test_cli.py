@@ -553,3 +553,37 @@ def test_baseline_methods_fit_and_score_next_to_the_flow(tmp_path):
     assert "knn/l2" in result.output and "gaussian/mahalanobis" in result.output
     conflict = invoke("fit", "--cache", str(cache), "--method", "knn", "--no-caff", "--runs-dir", str(runs))
     assert_input_error(conflict, "--no-caff means --method sanf-nocaff; got --method knn")
+
+
+def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
+    """``run``: extract once (then reuse), two seeds of the flow, the baselines once, a summary whose mean
+    column is the mean of its class columns, and a report."""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]  # without the subcommand
+    args = ["run", *extraction, "--methods", "sanf,knn,gaussian", "--seeds", "0,1", "--epochs", "1",
+            "--runs-dir", str(runs)]
+    result = invoke(*args)
+    assert_ok(result)
+    (cache,) = cache_dir.glob("*.h5")
+    header, rows = read_csv(runs / f"{cache.stem}__summary.csv")
+    assert header == ["dataset", "backbone", "method", "score", "metric", "seeds", "0 blue", "1 red", "mean"]
+    got = {(r["method"], r["score"]): r for r in rows}
+    assert sorted(got) == [("gaussian", "mahalanobis"), ("knn", "cosine"), ("knn", "l2"), ("sanf", "nll"),
+                           ("sanf", "z2")]
+    assert got["sanf", "nll"]["seeds"] == "0 1" and got["knn", "l2"]["seeds"] == "0"
+    assert " ± " in got["sanf", "nll"]["0 blue"] and " ± " not in got["knn", "l2"]["0 blue"]
+    _, auroc_rows = read_csv(runs / "auroc.csv")
+    for (method, score), row in got.items():
+        per_class = [float(row[c].split(" ± ")[0]) for c in ("0 blue", "1 red")]
+        assert float(row["mean"].split(" ± ")[0]) == pytest.approx(np.mean(per_class), abs=1e-4)
+        raw = [float(r["auroc"]) for r in auroc_rows if (r["method"], r["score"]) == (method, score)]
+        assert len(raw) == (4 if method == "sanf" else 2)  # 2 classes x seeds
+        assert float(row["mean"].split(" ± ")[0]) == pytest.approx(np.mean(raw), abs=1e-4)
+    report = (runs / f"{cache.stem}__report.md").read_text()
+    assert report.startswith("# folder / test_vit") and "| sanf / nll |" in report and "fit wall time" in report
+    # a second run reuses the cache
+    again = invoke(*args[:-2], "--runs-dir", str(tmp_path / "runs2"), "--methods", "knn")
+    assert_ok(again)
+    assert "using the existing cache" in again.output
+    bad = invoke(*args[:-4], "--methods", "sanf,nope")
+    assert bad.exit_code == 2 and "'nope' is not one of sanf, sanf-nocaff, knn, gaussian" in bad.output

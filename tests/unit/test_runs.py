@@ -261,3 +261,24 @@ def test_aupr_and_fpr_at_95_tpr_exact_values_on_hand_made_scores():
         fpr_at_tpr([0, 1], [0.1, np.inf])
     with pytest.raises(ValueError, match=r"tpr must be in \(0, 1\], got 0"):
         fpr_at_tpr([0, 1], [0.1, 0.2], tpr=0)
+
+
+def test_summary_cells_are_mean_and_sample_std_over_seeds():
+    from flow.report import markdown_table, summarize
+
+    def row(k, seed, value, method="sanf"):
+        return dict(dataset="d", backbone="b", method=method, score="nll", normal_class=k, normal_name=f"c{k}",
+                    seed=seed, auroc=value)
+
+    rows = [row(0, 0, 0.90), row(0, 1, 0.80), row(1, 0, 0.70), row(1, 1, 0.50), row(0, 0, 0.6, "knn"),
+            row(1, 0, 0.4, "knn")]
+    columns, summary = summarize(rows)
+    assert columns == ["dataset", "backbone", "method", "score", "metric", "seeds", "0 c0", "1 c1", "mean"]
+    knn, sanf = summary
+    assert sanf["0 c0"] == "0.8500 ± 0.0707" and sanf["1 c1"] == "0.6000 ± 0.1414"  # std with ddof = 1
+    assert sanf["mean"] == "0.7250 ± 0.1061"  # per seed: 0.80 and 0.65
+    assert knn["seeds"] == "0" and knn["mean"] == "0.5000"
+    # a seed missing a class does not enter the mean column
+    _, partial = summarize(rows[:3])
+    assert partial[0]["mean"] == "0.8000" and partial[0]["1 c1"] == "0.7000"
+    assert "| sanf / nll | 0.8500 ± 0.0707 | 0.6000 ± 0.1414 | 0.7250 ± 0.1061 |" in markdown_table(rows)
