@@ -309,7 +309,7 @@ def run(no_download, normal, methods, seeds, epochs, knn_k, runs_dir, **options)
     import time
 
     from extract import extract_features
-    from flow.report import write_report, write_summary_csv
+    from flow.report import write_plots, write_report, write_summary_csv
     from flow.runs import FLOW_METHODS, auroc_table, fit_cache, read_run_record, score_runs
 
     cache = extract_features(download=not no_download, skip_existing=True, log=click.echo, **options)
@@ -323,14 +323,16 @@ def run(no_download, normal, methods, seeds, epochs, knn_k, runs_dir, **options)
         times[method] = time.perf_counter() - start
     rows = [r for r in score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
             if r["cache"] == str(Path(cache).resolve())]
-    records = [read_run_record(Path(runs_dir) / name) for name in dict.fromkeys(r["run"] for r in rows)]
+    scored = [(Path(runs_dir) / name, read_run_record(Path(runs_dir) / name))
+              for name in dict.fromkeys(r["run"] for r in rows)]
     stem = Path(runs_dir) / Path(cache).stem
     summary = write_summary_csv(stem.with_name(stem.name + "__summary.csv"), rows)
-    report = write_report(stem.with_name(stem.name + "__report.md"), rows, records,
-                          f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache))
+    plots = write_plots(stem.with_name(stem.name + "__plots"), scored)
+    report = write_report(stem.with_name(stem.name + "__report.md"), rows, [r for _, r in scored],
+                          f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache), plots)
     click.echo(auroc_table(rows))
     click.echo("fit wall time: " + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
-    click.echo(f"wrote {summary}, {report} and {Path(runs_dir) / 'auroc.csv'}")
+    click.echo(f"wrote {summary}, {report} ({len(plots)} plots) and {Path(runs_dir) / 'auroc.csv'}")
 
 
 @cli.command()

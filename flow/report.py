@@ -81,7 +81,8 @@ def markdown_table(rows: list[dict], metric: str = "auroc") -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, rows: list[dict], records: list[dict], title: str) -> Path:
+def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
+                 plots: Sequence[Path] = ()) -> Path:
     """A short markdown report: the AUROC summary table, AUPR and FPR at 95 % TPR means, and fit wall time
     per method (the sum of the runs' ``wall_time_s``).
 
@@ -90,6 +91,7 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str) 
         rows: AUROC rows of :func:`flow.runs.score_runs`.
         records: the ``run.json`` records of the scored runs.
         title: the report's heading.
+        plots: PNG files to show at the end (linked relative to the report).
     """
     seconds: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
@@ -102,9 +104,100 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str) 
              "| method | runs | fit wall time (s, sum) | per run (s) |", "|---|---|---|---|"]
     for method in sorted(seconds):
         parts.append(f"| {method} | {count[method]} | {seconds[method]:.1f} | {seconds[method] / count[method]:.1f} |")
+    if plots:
+        parts += ["", "## Plots", ""]
+        parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path
 
 
-__all__ = ["markdown_table", "summarize", "write_report", "write_summary_csv"]
+def read_scores(path: Path) -> dict[str, np.ndarray]:
+    """A run's ``scores.csv`` as arrays: ``is_anomaly`` (N,) int and one float64 (N,) array per score."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c for c in reader.fieldnames if c not in ("sample_id", "label", "is_anomaly")]
+        rows = list(reader)
+    out = {"is_anomaly": np.array([int(r["is_anomaly"]) for r in rows])}
+    for column in columns:
+        out[column] = np.array([float(r[column]) for r in rows])
+    return out
+
+
+def write_plots(folder: Path, runs: list[tuple[Path, dict]]) -> list[Path]:
+    """PNG figures (matplotlib, Agg) of scored runs, one set per normal class, plus the training losses.
+
+    - ``roc_normal<k>.png``: ROC curves of every (method, score) of normal class k on one axes (flows: the
+      lowest seed), with the AUROC in the legend (scikit-learn's ``roc_curve``).
+    - ``hist_normal<k>.png``: per (method, score), histograms of the scores of normal and anomalous test
+      images (60 shared bins).
+    - ``loss.png``: train loss per epoch of every flow run (and held-out loss where recorded), nats/dim.
+
+    Args:
+        folder: where the PNGs go (created).
+        runs: ``(run folder, run.json record)`` of runs that hold a ``scores.csv``.
+
+    Returns:
+        The written paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_class: dict[tuple[int, str], dict[str, tuple[Path, dict]]] = defaultdict(dict)
+    for path, record in sorted(runs, key=lambda item: item[1]["seed"]):
+        by_class[(record["normal_class"], record["normal_name"])].setdefault(record["method"], (path, record))
+    for (k, name), methods in sorted(by_class.items()):
+        curves = []
+        for method, (path, _) in sorted(methods.items()):
+            scores = read_scores(path / "scores.csv")
+            for score, values in scores.items():
+                if score != "is_anomaly":
+                    curves.append((f"{method}/{score}", scores["is_anomaly"], values))
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for label, truth, values in curves:
+            fpr, tpr, _ = roc_curve(truth, values)
+            ax.plot(fpr, tpr, label=f"{label} ({roc_auc_score(truth, values):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle=":")
+        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"normal class {k} {name}")
+        ax.legend(fontsize=7, loc="lower right")
+        written.append(_save(fig, folder / f"roc_normal{k}.png"))
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+        for ax, (label, truth, values) in zip(axes[0], curves):
+            bins = np.histogram_bin_edges(values, bins=60)
+            ax.hist(values[truth == 0], bins=bins, alpha=0.6, density=True, label="normal")
+            ax.hist(values[truth == 1], bins=bins, alpha=0.6, density=True, label="anomalous")
+            ax.set_title(label, fontsize=8)
+            ax.tick_params(labelsize=6)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle(f"scores, normal class {k} {name}", fontsize=9)
+        written.append(_save(fig, folder / f"hist_normal{k}.png"))
+    flows = [(path, record) for path, record in runs if record.get("epoch_losses")]
+    if flows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for path, record in flows:
+            epochs = np.arange(1, len(record["epoch_losses"]) + 1)
+            line, = ax.plot(epochs, record["epoch_losses"], linewidth=0.8,
+                            label=f"{record['method']} {record['normal_class']} s{record['seed']}")
+            if record.get("val_losses"):
+                ax.plot(epochs, record["val_losses"], linewidth=0.8, linestyle="--", color=line.get_color())
+        ax.set(xlabel="epoch", ylabel="loss (nats/dim; dashed: held out)", title="flow training")
+        ax.legend(fontsize=5, ncol=2)
+        written.append(_save(fig, folder / "loss.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["markdown_table", "read_scores", "summarize", "write_plots", "write_report", "write_summary_csv"]

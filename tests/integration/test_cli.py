@@ -581,6 +581,10 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
         assert float(row["mean"].split(" ± ")[0]) == pytest.approx(np.mean(raw), abs=1e-4)
     report = (runs / f"{cache.stem}__report.md").read_text()
     assert report.startswith("# folder / test_vit") and "| sanf / nll |" in report and "fit wall time" in report
+    plots = sorted(p.name for p in (runs / f"{cache.stem}__plots").iterdir())
+    assert plots == ["hist_normal0.png", "hist_normal1.png", "loss.png", "roc_normal0.png", "roc_normal1.png"]
+    assert all((runs / f"{cache.stem}__plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert f"]({cache.stem}__plots/roc_normal0.png)" in report
     # a second run reuses the cache
     again = invoke(*args[:-2], "--runs-dir", str(tmp_path / "runs2"), "--methods", "knn")
     assert_ok(again)
