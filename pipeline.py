@@ -183,7 +183,8 @@ def _fit_options(fn):
                      help="Cache file; default: the only *.h5 in --cache-dir."),
         click.option("--cache-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_CACHE_DIR,
                      help="Folder searched for the cache when --cache is not given."),
-        click.option("--normal", default="all", help="Normal class: a class name, 'all', or an index (a class name wins)."),
+        click.option("--normal", default="all",
+                     help="Normal class: a class name, 'all', or an index (a class name wins)."),
         click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
                      help="Folder receiving one run folder per fitted flow."),
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
@@ -281,6 +282,15 @@ def _method(name: str) -> str:
     return name
 
 
+def _bounded_int(low: int, high: int):
+    def convert(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise ValueError(f"{text!r} is not an integer in {low}..{high}")
+        return int(text)
+
+    return convert
+
+
 def _seed(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) >= 2**32:
         raise ValueError(f"{text!r} is not a seed (an integer 0..{2**32 - 1})")
@@ -296,11 +306,15 @@ def _seed(text: str) -> int:
               help="Comma-separated seeds for the flows (the baselines are deterministic: fitted once, seed 0).")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
               help="Passes over the normal class's train rows (flows).")
+@click.option("--blocks", default="4", callback=_comma_list(_bounded_int(1, 256)),
+              help="K, flow layers; several (e.g. 2,4,6,8: paper Table 7) sweep, each a row labelled K<K>-H<H>.")
+@click.option("--hidden", default="1024", callback=_comma_list(_bounded_int(1, 65536)),
+              help="H, subnet width; several sweep, each a labelled row.")
 @click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2, help="Neighbours of the knn baseline.")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
               help="Folder receiving the runs, auroc.csv, and <cache>__summary.csv / __report.md.")
 @user_errors
-def run(no_download, normal, methods, seeds, epochs, knn_k, runs_dir, **options) -> None:
+def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs_dir, **options) -> None:
     """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
 
     Writes <runs-dir>/<cache>__summary.csv (one row per method and score, one column per normal class,
@@ -310,16 +324,20 @@ def run(no_download, normal, methods, seeds, epochs, knn_k, runs_dir, **options)
 
     from extract import extract_features
     from flow.report import write_plots, write_report, write_summary_csv
-    from flow.runs import FLOW_METHODS, auroc_table, fit_cache, read_run_record, score_runs
+    from flow.runs import FLOW_METHODS, auroc_table, fit_cache, flow_setting, read_run_record, score_runs
 
     cache = extract_features(download=not no_download, skip_existing=True, log=click.echo, **options)
     times = {}
     for method in methods:
         start = time.perf_counter()
+        sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [(4, 1024)]
         for seed in (seeds if method in FLOW_METHODS else [0]):
-            fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
-                      train_config=TrainConfig(epochs=epochs), device=options["device"], log=click.echo,
-                      baseline_params={"k": knn_k} if method == "knn" else {})
+            for num_blocks, width in sizes:
+                fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
+                          flow_config={"num_blocks": num_blocks, "hidden": width},
+                          train_config=TrainConfig(epochs=epochs), device=options["device"], log=click.echo,
+                          baseline_params={"k": knn_k} if method == "knn" else {},
+                          setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "")
         times[method] = time.perf_counter() - start
     rows = [r for r in score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
             if r["cache"] == str(Path(cache).resolve())]

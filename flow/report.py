@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-SUMMARY_KEYS = ("dataset", "backbone", "method", "score")
+SUMMARY_KEYS = ("dataset", "backbone", "method", "setting", "score")
 
 
 def _cell(values: Sequence[float]) -> str:
@@ -23,7 +23,9 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def summarize(rows: list[dict], metric: str = "auroc") -> tuple[list[str], list[dict]]:
-    """One row per (dataset, backbone, method, score): a column per normal class and ``mean``.
+    """One row per (dataset, backbone, method, setting, score): a column per normal class and ``mean``.
+
+    ``setting`` labels a sweep's non-default flow (``K2-H1024``); it is empty otherwise.
 
     A class cell is the mean over seeds of ``metric`` (with the sample standard deviation when there are
     several seeds). ``mean`` is, per seed, the mean over the normal classes, then mean +- std over the seeds
@@ -40,7 +42,7 @@ def summarize(rows: list[dict], metric: str = "auroc") -> tuple[list[str], list[
     class_columns = [f"{k} {name}" for k, name in classes]
     grouped: dict[tuple, dict[tuple[int, int], float]] = defaultdict(dict)
     for r in rows:
-        grouped[tuple(r[k] for k in SUMMARY_KEYS)][(int(r["normal_class"]), int(r["seed"]))] = float(r[metric])
+        grouped[tuple(r.get(k, "") for k in SUMMARY_KEYS)][(int(r["normal_class"]), int(r["seed"]))] = float(r[metric])
     out = []
     for key in sorted(grouped):
         cells = grouped[key]
@@ -77,7 +79,8 @@ def markdown_table(rows: list[dict], metric: str = "auroc") -> str:
     lines = ["| method / score | " + " | ".join(class_columns) + " |",
              "|---|" + "---|" * len(class_columns)]
     for row in summary:
-        lines.append(f"| {row['method']} / {row['score']} | " + " | ".join(row[c] for c in class_columns) + " |")
+        method = f"{row['method']} [{row['setting']}]" if row["setting"] else row["method"]
+        lines.append(f"| {method} / {row['score']} | " + " | ".join(row[c] for c in class_columns) + " |")
     return "\n".join(lines)
 
 

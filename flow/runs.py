@@ -35,7 +35,7 @@ RUN_FORMAT = "sanf-ad-run"
 RUN_VERSION = 1
 SCORE_TYPES = ("nll", "z2")
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
-                 "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95")
+                 "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting")
 
 
 class RunError(Exception):
@@ -132,7 +132,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
               seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
               device: str = "auto", val_fraction: float = 0.0, progress: bool = True,
               log: Callable[[str], None] = print, method: str | None = None,
-              baseline_params: dict | None = None) -> list[FitOutcome]:
+              baseline_params: dict | None = None, setting: str = "") -> list[FitOutcome]:
     """Fit one detector per normal class on the train split of a cache and save each as a run.
 
     ``method`` is ``sanf`` (the CAFF flow), ``sanf-nocaff`` (MLP-only subnets; also chosen by
@@ -155,6 +155,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         log: where to print one line per fitted class.
         method: see above; default ``sanf`` (or ``sanf-nocaff`` per ``flow_config``).
         baseline_params: keyword arguments of the baseline's constructor (e.g. ``{"k": 2}`` for ``knn``).
+        setting: a label for a sweep's flow setting (see :func:`flow_setting`); it goes into the run's name
+            and record and labels its rows, so that the runs of a sweep do not replace each other.
 
     Returns:
         One :class:`FitOutcome` per normal class, in class order.
@@ -189,7 +191,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward)")
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed)
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting)
         for k in classes:
             rows = train.rows_of_class(k)
             cls_np, patches_np = train.read(rows)
@@ -208,6 +210,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                                      progress=progress, val_cls=val_cls, val_patches=val_patches)
             record = {
                 **_record_head(fc, method, k, seed),
+                "setting": setting,
                 "flow": config.to_dict(),
                 "train": train_config.to_dict(),
                 "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
@@ -234,10 +237,10 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
 
 
 def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
-                 seed: int) -> dict[int, str]:
+                 seed: int, setting: str = "") -> dict[int, str]:
     """Run names per class; refuses, before anything is fitted, a class without train rows or a run slot taken
     by something that is not a run."""
-    names = {k: run_name(Path(cache).stem, method, k, fc.class_names[k], seed) for k in classes}
+    names = {k: run_name(Path(cache).stem, method, k, fc.class_names[k], seed, setting) for k in classes}
     train = fc.split("train")
     for k in classes:
         if train.rows_of_class(k).size == 0:
@@ -303,11 +306,17 @@ def check_training_memory(num_parameters: int) -> None:
                          f"Adam state, more than this machine's {total / 2**30:.1f} GiB; lower --hidden or --blocks")
 
 
-def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, seed: int) -> str:
-    """``<cache>__<method>__normal<k>-<name>__seed<s>``, with characters other than letters, digits, ``.``,
-    ``_`` and ``-`` in the class name replaced by ``-`` (Fashion-MNIST has ``T-shirt/top``)."""
+def flow_setting(num_blocks: int, hidden: int) -> str:
+    """``"K<K>-H<H>"``: the label of a sweep's runs and rows."""
+    return f"K{num_blocks}-H{hidden}"
+
+
+def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, seed: int, setting: str = "") -> str:
+    """``<cache>__<method>[-<setting>]__normal<k>-<name>__seed<s>``, with characters other than letters, digits,
+    ``.``, ``_`` and ``-`` in the class name replaced by ``-`` (Fashion-MNIST has ``T-shirt/top``)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", normal_name)
-    return f"{cache_stem}__{method}__normal{normal_class}-{safe}__seed{seed}"
+    label = f"{method}-{setting}" if setting else method
+    return f"{cache_stem}__{label}__normal{normal_class}-{safe}__seed{seed}"
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -593,7 +602,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                     rows.append({
                         "dataset": record["dataset"], "backbone": record["backbone"],
                         "normal_class": record["normal_class"], "normal_name": record["normal_name"],
-                        "method": record["method"], "score": key, "seed": record["seed"], **metrics,
+                        "method": record["method"], "setting": record.get("setting", ""), "score": key,
+                        "seed": record["seed"], **metrics,
                         "n_normal": int((is_anomaly == 0).sum()), "n_anomalous": int(is_anomaly.sum()),
                         "run": run.name, "cache": cache_path,
                     })
@@ -602,7 +612,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
     # every AUROC is computed before anything is written: an error leaves the earlier outputs as they were
     for args in pending_writes:
         _write_scores(*args)
-    rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["normal_class"], r["seed"], r["score"]))
+    rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["setting"], r["normal_class"], r["seed"],
+                             r["score"]))
     _write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
     return rows
 
@@ -626,6 +637,11 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     _atomic_write_text(path, buffer.getvalue())
 
 
+def _label(row: dict) -> str:
+    """``sanf`` or, for a sweep's non-default setting, ``sanf[K2-H1024]``."""
+    return f"{row['method']}[{row['setting']}]" if row.get("setting") else row["method"]
+
+
 def auroc_table(rows: list[dict]) -> str:
     """A plain-text table: one line per normal class, one column per (method, score), and the mean.
 
@@ -636,11 +652,11 @@ def auroc_table(rows: list[dict]) -> str:
     for row in rows:
         groups.setdefault((row["dataset"], row["backbone"]), []).append(row)
     for (dataset, backbone), group in groups.items():
-        columns = sorted({(r["method"], r["score"]) for r in group})
+        columns = sorted({(_label(r), r["score"]) for r in group})
         classes = sorted({(r["normal_class"], r["normal_name"]) for r in group})
         cell: dict[tuple, list[float]] = {}
         for r in group:
-            cell.setdefault((r["normal_class"], r["method"], r["score"]), []).append(r["auroc"])
+            cell.setdefault((r["normal_class"], _label(r), r["score"]), []).append(r["auroc"])
         names = [f"{m}/{s}" for m, s in columns]
         width = max(12, *(len(n) for n in names))
         first = max(14, *(len(f"{k} {n}") for k, n in classes))

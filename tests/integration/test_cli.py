@@ -566,7 +566,8 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     assert_ok(result)
     (cache,) = cache_dir.glob("*.h5")
     header, rows = read_csv(runs / f"{cache.stem}__summary.csv")
-    assert header == ["dataset", "backbone", "method", "score", "metric", "seeds", "0 blue", "1 red", "mean"]
+    assert header == ["dataset", "backbone", "method", "setting", "score", "metric", "seeds", "0 blue", "1 red",
+                      "mean"]
     got = {(r["method"], r["score"]): r for r in rows}
     assert sorted(got) == [("gaussian", "mahalanobis"), ("knn", "cosine"), ("knn", "l2"), ("sanf", "nll"),
                            ("sanf", "z2")]
@@ -591,3 +592,20 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     assert "using the existing cache" in again.output
     bad = invoke(*args[:-4], "--methods", "sanf,nope")
     assert bad.exit_code == 2 and "'nope' is not one of sanf, sanf-nocaff, knn, gaussian" in bad.output
+
+
+def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
+    result = invoke("run", *extraction, "--methods", "sanf", "--blocks", "1,4", "--hidden", "8", "--epochs", "1",
+                    "--normal", "blue", "--runs-dir", str(runs))
+    assert_ok(result)
+    (cache,) = cache_dir.glob("*.h5")
+    _, rows = read_csv(runs / f"{cache.stem}__summary.csv")
+    assert sorted((r["setting"], r["score"]) for r in rows) == [("K1-H8", "nll"), ("K1-H8", "z2"), ("K4-H8", "nll"),
+                                                              ("K4-H8", "z2")]
+    names = sorted(p.name for p in runs.iterdir() if p.is_dir() and "__plots" not in p.name)
+    assert [n.split("__")[-3] for n in names] == ["sanf-K1-H8", "sanf-K4-H8"]
+    assert "sanf[K1-H8]/nll" in result.output
+    bad = invoke("run", *extraction, "--blocks", "2,0", "--runs-dir", str(runs))
+    assert bad.exit_code == 2 and "'0' is not an integer in 1..256" in bad.output

@@ -273,7 +273,7 @@ def test_summary_cells_are_mean_and_sample_std_over_seeds():
     rows = [row(0, 0, 0.90), row(0, 1, 0.80), row(1, 0, 0.70), row(1, 1, 0.50), row(0, 0, 0.6, "knn"),
             row(1, 0, 0.4, "knn")]
     columns, summary = summarize(rows)
-    assert columns == ["dataset", "backbone", "method", "score", "metric", "seeds", "0 c0", "1 c1", "mean"]
+    assert columns == ["dataset", "backbone", "method", "setting", "score", "metric", "seeds", "0 c0", "1 c1", "mean"]
     knn, sanf = summary
     assert sanf["0 c0"] == "0.8500 ± 0.0707" and sanf["1 c1"] == "0.6000 ± 0.1414"  # std with ddof = 1
     assert sanf["mean"] == "0.7250 ± 0.1061"  # per seed: 0.80 and 0.65
