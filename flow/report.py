@@ -36,10 +36,10 @@ def summarize(rows: list[dict], metric: str = "auroc") -> tuple[list[str], list[
         metric: ``auroc``, ``aupr`` or ``fpr95``.
 
     Returns:
-        ``(columns, summary rows)``; class columns are named ``<index> <name>``; the values are strings.
+        ``(columns, summary rows)``; class columns are named by the class; the values are strings.
     """
     classes = sorted({(int(r["normal_class"]), r["normal_name"]) for r in rows})
-    class_columns = [f"{k} {name}" for k, name in classes]
+    class_columns = [name for _, name in classes]  # class names are unique in a cache
     grouped: dict[tuple, dict[tuple[int, int], float]] = defaultdict(dict)
     for r in rows:
         grouped[tuple(r.get(k, "") for k in SUMMARY_KEYS)][(int(r["normal_class"]), int(r["seed"]))] = float(r[metric])
@@ -101,10 +101,21 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
     for record in records:
         seconds[record["method"]] += float(record.get("wall_time_s", math.nan))
         count[record["method"]] += 1
-    parts = [f"# {title}", "", "AUROC (anomalous = positive; mean ± sample std over seeds where there are several):",
+    settings = []
+    for method in sorted(count):
+        mine = [r for r in records if r["method"] == method]
+        seeds = sorted({r["seed"] for r in mine})
+        epochs = sorted({r["epochs"] for r in mine if "epochs" in r})
+        extra = f", {'/'.join(map(str, epochs))} epochs" if epochs else ""
+        extra += f", params {mine[0]['params']}" if mine[0].get("params") else ""
+        settings.append(f"- {method}: {len(mine)} runs, seeds {' '.join(map(str, seeds))}{extra}")
+    counts = sorted({(int(r["normal_class"]), r["normal_name"], r["n_normal"], r["n_anomalous"]) for r in rows})
+    parts = [f"# {title}", "", f"Cache: `{records[0]['cache'] if records else '?'}`. Test images per normal class: "
+             + ", ".join(f"{name} {n} normal / {a} anomalous" for _, name, n, a in counts) + ".", "", *settings, "",
+             "AUROC (anomalous = positive; mean ± sample std over seeds where there are several):",
              "", markdown_table(rows, "auroc"), "", "AUPR:", "", markdown_table(rows, "aupr"), "",
              "FPR at 95 % TPR (lower is better):", "", markdown_table(rows, "fpr95"), "",
-             "| method | runs | fit wall time (s, sum) | per run (s) |", "|---|---|---|---|"]
+             "| method | runs | fit time (s, sum of the runs' training) | per run (s) |", "|---|---|---|---|"]
     for method in sorted(seconds):
         parts.append(f"| {method} | {count[method]} | {seconds[method]:.1f} | {seconds[method] / count[method]:.1f} |")
     if plots:
@@ -113,6 +124,11 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path
+
+
+#: x-axis labels of the score histograms.
+SCORE_UNITS = {"nll": "nll (nats)", "z2": "z2 (mean squared latent)", "l2": "mean L2 distance to 2 nearest",
+               "cosine": "mean cosine distance", "mahalanobis": "squared Mahalanobis distance"}
 
 
 def read_scores(path: Path) -> dict[str, np.ndarray]:
@@ -169,14 +185,16 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]]) -> list[Path]:
         ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"normal class {k} {name}")
         ax.legend(fontsize=7, loc="lower right")
         written.append(_save(fig, folder / f"roc_normal{k}.png"))
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
         for ax, (label, truth, values) in zip(axes[0], curves):
             bins = np.histogram_bin_edges(values, bins=60)
             ax.hist(values[truth == 0], bins=bins, alpha=0.6, density=True, label="normal")
             ax.hist(values[truth == 1], bins=bins, alpha=0.6, density=True, label="anomalous")
             ax.set_title(label, fontsize=8)
+            ax.set_xlabel(SCORE_UNITS.get(label.split("/")[-1], "score"), fontsize=7)
             ax.tick_params(labelsize=6)
-        axes[0][0].legend(fontsize=6)
+            ax.legend(fontsize=5)
+        axes[0][0].set_ylabel("density", fontsize=7)
         fig.suptitle(f"scores, normal class {k} {name}", fontsize=9)
         written.append(_save(fig, folder / f"hist_normal{k}.png"))
     flows = [(path, record) for path, record in runs if record.get("epoch_losses")]
@@ -184,11 +202,15 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for path, record in flows:
             epochs = np.arange(1, len(record["epoch_losses"]) + 1)
-            line, = ax.plot(epochs, record["epoch_losses"], linewidth=0.8,
-                            label=f"{record['method']} {record['normal_class']} s{record['seed']}")
+            setting = f" {record['setting']}" if record.get("setting") else ""
+            line, = ax.plot(epochs, record["epoch_losses"], linewidth=0.8, marker=".",
+                            label=f"{record['method']}{setting} class {record['normal_name']} seed {record['seed']}")
             if record.get("val_losses"):
                 ax.plot(epochs, record["val_losses"], linewidth=0.8, linestyle="--", color=line.get_color())
-        ax.set(xlabel="epoch", ylabel="loss (nats/dim; dashed: held out)", title="flow training")
+        held_out = any(record.get("val_losses") for _, record in flows)
+        ax.set(xlabel="epoch", ylabel="train loss (nats/dim)" + ("; dashed: held out" if held_out else ""),
+               title="flow training")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=5, ncol=2)
         written.append(_save(fig, folder / "loss.png"))
     return written

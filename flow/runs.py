@@ -229,9 +229,9 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             }
             path = save_run(runs_dir, name, model.state_dict(), record)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
-            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows, "
-                f"{train_config.epochs} epochs, final loss {result.final_loss:.4f} nats/dim{val_note}, "
-                f"{result.wall_time_s:.1f} s -> {path}")
+            epochs = f"{train_config.epochs} epoch{'s' if train_config.epochs != 1 else ''}"
+            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows, {epochs}, "
+                f"final loss {result.final_loss:.4f} nats/dim{val_note}, {result.wall_time_s:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
 

@@ -251,7 +251,7 @@ def test_end_to_end_in_a_subprocess(tree, tmp_path):
     done = run("fit", "--cache-dir", str(cache_dir), "--runs-dir", str(runs_dir), "--normal", "blue",
                "--epochs", "1", "--hidden", "8", "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    assert "fitted normal class 0 (blue): 4 train rows, 1 epochs" in done.stdout
+    assert "fitted normal class 0 (blue): 4 train rows, 1 epoch," in done.stdout
     done = run("score", "--runs-dir", str(runs_dir), "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert f"wrote {runs_dir / 'auroc.csv'}" in done.stdout
@@ -566,30 +566,35 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     assert_ok(result)
     (cache,) = cache_dir.glob("*.h5")
     header, rows = read_csv(runs / f"{cache.stem}__summary.csv")
-    assert header == ["dataset", "backbone", "method", "setting", "score", "metric", "seeds", "0 blue", "1 red",
+    assert header == ["dataset", "backbone", "method", "setting", "score", "metric", "seeds", "blue", "red",
                       "mean"]
     got = {(r["method"], r["score"]): r for r in rows}
     assert sorted(got) == [("gaussian", "mahalanobis"), ("knn", "cosine"), ("knn", "l2"), ("sanf", "nll"),
                            ("sanf", "z2")]
     assert got["sanf", "nll"]["seeds"] == "0 1" and got["knn", "l2"]["seeds"] == "0"
-    assert " ± " in got["sanf", "nll"]["0 blue"] and " ± " not in got["knn", "l2"]["0 blue"]
+    assert " ± " in got["sanf", "nll"]["blue"] and " ± " not in got["knn", "l2"]["blue"]
     _, auroc_rows = read_csv(runs / "auroc.csv")
     for (method, score), row in got.items():
-        per_class = [float(row[c].split(" ± ")[0]) for c in ("0 blue", "1 red")]
+        per_class = [float(row[c].split(" ± ")[0]) for c in ("blue", "red")]
         assert float(row["mean"].split(" ± ")[0]) == pytest.approx(np.mean(per_class), abs=1e-4)
         raw = [float(r["auroc"]) for r in auroc_rows if (r["method"], r["score"]) == (method, score)]
         assert len(raw) == (4 if method == "sanf" else 2)  # 2 classes x seeds
         assert float(row["mean"].split(" ± ")[0]) == pytest.approx(np.mean(raw), abs=1e-4)
     report = (runs / f"{cache.stem}__report.md").read_text()
-    assert report.startswith("# folder / test_vit") and "| sanf / nll |" in report and "fit wall time" in report
+    assert report.startswith("# folder / test_vit") and "| sanf / nll |" in report and "fit time" in report
     plots = sorted(p.name for p in (runs / f"{cache.stem}__plots").iterdir())
     assert plots == ["hist_normal0.png", "hist_normal1.png", "loss.png", "roc_normal0.png", "roc_normal1.png"]
     assert all((runs / f"{cache.stem}__plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert f"]({cache.stem}__plots/roc_normal0.png)" in report
-    # a second run reuses the cache
-    again = invoke(*args[:-2], "--runs-dir", str(tmp_path / "runs2"), "--methods", "knn")
+    assert "seeds 0 1, 1 epochs" in report and "blue 3 normal / 3 anomalous" in report
+    # a second run reuses the cache, and its summary holds only what it fitted (not the earlier runs)
+    again = invoke(*args[:-2], "--runs-dir", str(runs), "--methods", "knn", "--normal", "red")
     assert_ok(again)
     assert "using the existing cache" in again.output
+    header, rows = read_csv(runs / f"{cache.stem}__summary.csv")
+    assert [(r["method"], r["score"]) for r in rows] == [("knn", "cosine"), ("knn", "l2")]
+    assert header[-2:] == ["red", "mean"]
+    assert len(read_csv(runs / "auroc.csv")[1]) == 2 * 2 * 2 + 2 * 2 + 2  # auroc.csv still lists every run
     bad = invoke(*args[:-4], "--methods", "sanf,nope")
     assert bad.exit_code == 2 and "'nope' is not one of sanf, sanf-nocaff, knn, gaussian" in bad.output
 

@@ -273,12 +273,12 @@ def test_summary_cells_are_mean_and_sample_std_over_seeds():
     rows = [row(0, 0, 0.90), row(0, 1, 0.80), row(1, 0, 0.70), row(1, 1, 0.50), row(0, 0, 0.6, "knn"),
             row(1, 0, 0.4, "knn")]
     columns, summary = summarize(rows)
-    assert columns == ["dataset", "backbone", "method", "setting", "score", "metric", "seeds", "0 c0", "1 c1", "mean"]
+    assert columns == ["dataset", "backbone", "method", "setting", "score", "metric", "seeds", "c0", "c1", "mean"]
     knn, sanf = summary
-    assert sanf["0 c0"] == "0.8500 ± 0.0707" and sanf["1 c1"] == "0.6000 ± 0.1414"  # std with ddof = 1
+    assert sanf["c0"] == "0.8500 ± 0.0707" and sanf["c1"] == "0.6000 ± 0.1414"  # std with ddof = 1
     assert sanf["mean"] == "0.7250 ± 0.1061"  # per seed: 0.80 and 0.65
     assert knn["seeds"] == "0" and knn["mean"] == "0.5000"
     # a seed missing a class does not enter the mean column
     _, partial = summarize(rows[:3])
-    assert partial[0]["mean"] == "0.8000" and partial[0]["1 c1"] == "0.7000"
+    assert partial[0]["mean"] == "0.8000" and partial[0]["c1"] == "0.7000"
     assert "| sanf / nll | 0.8500 ± 0.0707 | 0.6000 ± 0.1414 | 0.7250 ± 0.1061 |" in markdown_table(rows)
