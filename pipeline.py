@@ -177,6 +177,10 @@ def info(cache: str) -> None:
             click.echo("  " + ", ".join(f"{name}: {n}" for name, n in counts.items()))
 
 
+_knn_k_option = click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2,
+                             help="Neighbours averaged by the knn baseline (PANDA: 2).")
+
+
 def _fit_options(fn):
     options = [
         click.option("--cache", type=NonEmptyPath(dir_okay=False, path_type=str), default=None,
@@ -210,8 +214,7 @@ def _fit_options(fn):
         click.option("--method", type=click.Choice(["sanf", "sanf-nocaff", "knn", "gaussian"]), default=None,
                      help="Detector: the CAFF flow (default), its MLP-only ablation, or a baseline on the class "
                           "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),
-        click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2,
-                     help="Neighbours averaged by --method knn (PANDA: 2)."),
+        _knn_k_option,
         click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
                      help="Hold out this fraction of the normal class's train rows and log the loss on "
                           "them per epoch (to choose --epochs without the test split)."),
@@ -291,18 +294,12 @@ def _bounded_int(low: int, high: int):
     return convert
 
 
-def _seed(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) >= 2**32:
-        raise ValueError(f"{text!r} is not a seed (an integer 0..{2**32 - 1})")
-    return int(text)
-
-
 @cli.command()
 @_options(exclude=("overwrite",))
 @click.option("--normal", default="all", help="Normal class: a class name, 'all', or an index.")
 @click.option("--methods", default="sanf,sanf-nocaff,knn,gaussian", callback=_comma_list(_method),
               help="Comma-separated methods (sanf, sanf-nocaff, knn, gaussian).")
-@click.option("--seeds", default="0", callback=_comma_list(_seed),
+@click.option("--seeds", default="0", callback=_comma_list(_bounded_int(0, 2**32 - 1)),
               help="Comma-separated seeds for the flows (the baselines are deterministic: fitted once, seed 0).")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
               help="Passes over the normal class's train rows (flows).")
@@ -310,7 +307,7 @@ def _seed(text: str) -> int:
               help="K, flow layers; several (e.g. 2,4,6,8: paper Table 7) sweep, each a row labelled K<K>-H<H>.")
 @click.option("--hidden", default="1024", callback=_comma_list(_bounded_int(1, 65536)),
               help="H, subnet width; several sweep, each a labelled row.")
-@click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2, help="Neighbours of the knn baseline.")
+@_knn_k_option
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
               help="Folder receiving the runs, auroc.csv, and <cache>__summary.csv / __report.md.")
 @user_errors

@@ -183,7 +183,7 @@ class ChunkStore:
                 raise CacheError(f"an interrupted extraction in {self.work} used other settings: {changes}; run it "
                                  "with the same settings to resume, or pass --overwrite to start over")
             else:
-                done, total = len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
+                done, total = self._progress()
                 self._log(f"resuming the interrupted extraction in {self.work}: {done} of {total} chunks "
                           "already committed")
                 return
@@ -202,6 +202,14 @@ class ChunkStore:
     def chunks(self, split: str) -> list[tuple[int, int]]:
         """Every chunk of ``split`` as ``(start, stop)`` row ranges."""
         return _ranges(int(self.plan["splits"][split]["num_rows"]), self.chunk_rows)
+
+    def _progress(self) -> tuple[int, int]:
+        """``(committed, total)`` chunks over every split."""
+        return len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
+
+    def _stop(self, split: str, start: int) -> int:
+        """The end row of the chunk of ``split`` that starts at ``start``."""
+        return dict(self.chunks(split))[start]
 
     def _chunk_path(self, split: str, start: int) -> Path:
         return self.work / f"{split}-{start:010d}.npz"
@@ -277,7 +285,7 @@ class ChunkStore:
         Raises:
             CacheError: a chunk is missing or damaged, or the chunks disagree with ``attrs``.
         """
-        missing = {s: len(self.pending(s)) for s in self.splits if self.pending(s)}
+        missing = {s: n for s in self.splits if (n := len(self.pending(s)))}
         if missing:
             raise CacheError(f"cannot assemble {self.path}: chunks not committed yet {missing}")
         with CacheWriter(self.path, overwrite=True) as writer:
@@ -314,8 +322,7 @@ class ChunkStore:
             CacheError: no chunk is committed, or it is damaged.
         """
         for split, start in sorted(self._committed(), key=lambda c: (SPLITS.index(c[0]), c[1])):
-            stop = dict(self.chunks(split))[start]
-            arrays = self._load(split, start, stop)
+            arrays = self._load(split, start, self._stop(split, start))
             return {"token_grid": [int(v) for v in arrays["token_grid"]],
                     "num_patches": int(arrays["patches"].shape[1]),
                     "feature_dim": int(arrays["cls"].shape[1])}
@@ -326,8 +333,7 @@ class ChunkStore:
         (so over every run of a resumed extraction)."""
         rows, seconds = 0, 0.0
         for split, start in self._committed():
-            stop = dict(self.chunks(split))[start]
-            arrays = self._load(split, start, stop, keys=("label", "seconds"))
+            arrays = self._load(split, start, self._stop(split, start), keys=("label", "seconds"))
             rows += len(arrays["label"])
             seconds += float(arrays["seconds"])
         return rows, seconds
@@ -338,7 +344,7 @@ class ChunkStore:
             if self.work.is_dir() and not self._committed():
                 _remove_tree(self.work)
             elif self.work.is_dir():
-                done, total = len(self._committed()), sum(len(self.chunks(s)) for s in self.splits)
+                done, total = self._progress()
                 self._log(f"kept {done} of {total} committed chunks in {self.work}; run the same extract command "
                           "again to resume")
         finally:

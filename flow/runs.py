@@ -7,6 +7,7 @@ after scoring, ``scores.csv``. ``<runs_dir>/auroc.csv`` collects one row per (ru
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -179,10 +180,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     dev = resolve_device(device)
     runs_dir = Path(runs_dir)
     outcomes = []
-    with FeatureCache(cache) as fc:
-        classes = resolve_normal(normal, fc.class_names)
-        check_writable_dir(runs_dir, "--runs-dir")
-        fingerprint = fc.fingerprint()
+    with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
         train = fc.split("train")
         config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **flow_config)
         n_params = parameter_count(config)
@@ -236,6 +234,16 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     return outcomes
 
 
+@contextlib.contextmanager
+def _open_for_fit(cache, normal, runs_dir: Path):
+    """Open the cache and yield ``(cache, normal class indices, fingerprint)`` once ``--normal`` is resolved and
+    ``runs_dir`` is known to be writable (what every method checks before it fits)."""
+    with FeatureCache(cache) as fc:
+        classes = resolve_normal(normal, fc.class_names)
+        check_writable_dir(runs_dir, "--runs-dir")
+        yield fc, classes, fc.fingerprint()
+
+
 def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
                  seed: int, setting: str = "") -> dict[int, str]:
     """Run names per class; refuses, before anything is fitted, a class without train rows or a run slot taken
@@ -267,10 +275,7 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
     and names the run, but the baselines are deterministic)."""
     runs_dir = Path(runs_dir)
     outcomes = []
-    with FeatureCache(cache) as fc:
-        classes = resolve_normal(normal, fc.class_names)
-        check_writable_dir(runs_dir, "--runs-dir")
-        fingerprint = fc.fingerprint()
+    with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
         names = _check_slots(fc, cache, method, classes, runs_dir, seed)
         train = fc.split("train")
         for k in classes:

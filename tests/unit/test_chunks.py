@@ -36,6 +36,13 @@ def commit_all(store: ChunkStore, only=None) -> None:
                 store.commit(split, start, *rows(split, start, stop))
 
 
+def finished_cache(path, the_plan: dict):
+    """Commit every chunk of ``the_plan`` and assemble the cache at ``path``."""
+    with ChunkStore(path, the_plan, log=lambda _: None) as store:
+        commit_all(store)
+        return store.assemble(attrs())
+
+
 def attrs():
     return cache_attrs(["even", "odd"], D, (1, 2), token_grid=[1, 2])
 
@@ -179,9 +186,7 @@ def test_lock_is_exclusive_and_dies_with_its_process(tmp_path):
 
 def test_an_overwrite_run_is_resumed_by_the_same_overwrite_command_only(tmp_path):
     path = tmp_path / "c.h5"
-    with ChunkStore(path, plan(), log=lambda _: None) as store:
-        commit_all(store)
-        store.assemble(attrs())
+    finished_cache(path, plan())
     before = path.read_bytes()
     with pytest.raises(KeyboardInterrupt):  # an --overwrite run killed half way
         with ChunkStore(path, plan(), overwrite=True, log=lambda _: None) as store:
@@ -213,9 +218,7 @@ def test_leftovers_of_a_finished_extraction_are_removed(tmp_path):
     from cache.chunks import remove_finished_leftovers
 
     path = tmp_path / "c.h5"
-    with ChunkStore(path, plan(), log=lambda _: None) as store:
-        commit_all(store)
-        store.assemble(attrs())
+    finished_cache(path, plan())
     assert not remove_finished_leftovers(path, plan())  # nothing left over
     partial_dir(path).mkdir()  # as if killed between the rename of the cache and the removal of its work folder
     (partial_dir(path) / "manifest.json").write_text(json.dumps({**plan(), "overwrite": False}))
@@ -230,9 +233,7 @@ def test_assembly_checks_the_sample_ids_against_the_plan(tmp_path):
     digest = hashlib.sha256("\n".join(f"train/{i}" for i in range(5)).encode()).hexdigest()
     good = plan()
     good["splits"]["train"]["sample_ids_sha256"] = digest
-    with ChunkStore(tmp_path / "a.h5", good, log=lambda _: None) as store:
-        commit_all(store)
-        store.assemble(attrs())
+    finished_cache(tmp_path / "a.h5", good)
     with ChunkStore(tmp_path / "b.h5", good, log=lambda _: None) as store:
         commit_all(store)
         chunk = partial_dir(tmp_path / "b.h5") / "train-0000000002.npz"
@@ -255,9 +256,7 @@ def test_a_half_deleted_work_folder_is_finished_off(tmp_path):
     from cache.chunks import remove_finished_leftovers
 
     path = tmp_path / "c.h5"
-    with ChunkStore(path, plan(), log=lambda _: None) as store:
-        commit_all(store)
-        store.assemble(attrs())
+    finished_cache(path, plan())
     doomed = tmp_path / "c.h5.partial.removing"  # killed while the finished work folder was being deleted
     doomed.mkdir()
     (doomed / "train-0000000000.npz").write_bytes(b"x")
