@@ -19,6 +19,9 @@ import click
 
 from flow.train import TrainConfig
 
+#: extract.datasets.DATASETS, repeated here so that --help does not import torch (a test checks they agree)
+DATASET_CHOICES = ["cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
+                   "folder"]
 DEFAULT_CACHE_DIR = "cache"
 DEFAULT_RUNS_DIR = "runs"
 
@@ -94,8 +97,14 @@ def _device_option(fn):
 #: The options of ``extract``, by name; ``run`` takes all but ``--overwrite`` (it reuses an existing cache).
 EXTRACT_OPTIONS = {
     "dataset": click.option("--dataset", required=True,
-                            type=click.Choice(["cifar10", "fashion-mnist", "digits", "folder"]),
+                            type=click.Choice(DATASET_CHOICES),
                             help="Dataset and protocol (see README)."),
+    "category": click.option("--category", default=None,
+                             help="MVTec AD category (a sub-folder of --data-root), or 'all' for one cache per "
+                                  "category; --dataset mvtec only."),
+    "layout": click.option("--layout", type=click.Choice(["classes", "good-defect"]), default="classes",
+                           help="--dataset folder: class folders (one normal, the rest anomalous), or MVTec-style "
+                                "train/good, test/good, test/<defect>."),
     "data-root": click.option("--data-root", type=NonEmptyPath(file_okay=False, path_type=str), default=None,
                               help="Folder holding the data; required for 'folder'; torchvision datasets default "
                                    "to ./data."),
@@ -153,9 +162,9 @@ def extract(no_download: bool, **options) -> None:
 
     Work is committed in chunks; running the same command after an interruption resumes it.
     """
-    from extract import extract_features
+    from extract.run import extract_categories
 
-    extract_features(download=not no_download, **options)
+    extract_categories(download=not no_download, **options)
 
 
 @cli.command()
@@ -175,6 +184,10 @@ def info(cache: str) -> None:
                        f"label {group['label'].shape}")
             counts = fc.class_counts(split)
             click.echo("  " + ", ".join(f"{name}: {n}" for name, n in counts.items()))
+            fine = fc.split(split).fine_labels
+            if fine is not None:
+                used = len(set(fine.tolist()))
+                click.echo(f"  fine labels: {used} of {len(fc.fine_class_names)} fine classes present")
 
 
 _knn_k_option = click.option("--k", "knn_k", type=click.IntRange(1, 1000), default=2,
@@ -251,12 +264,14 @@ def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1,
 @_device_option
 @user_errors
 def score(runs_dir: str, batch_size: int, device: str) -> None:
-    """Score the test split with every fitted run; write per-sample scores and <runs-dir>/auroc.csv."""
+    """Score the test split with every fitted run; write per-sample scores, <runs-dir>/auroc.csv and
+    <runs-dir>/auroc_by_anomaly.csv (normal against each anomalous class, e.g. each MVTec AD defect type)."""
     from flow.runs import auroc_table, score_runs
 
     rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo)
     click.echo(auroc_table(rows))
-    click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
+    click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'} and {Path(runs_dir) / 'auroc_by_anomaly.csv'} (per anomalous "
+               "class)")
 
 
 def _comma_list(kind):
@@ -320,37 +335,39 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
     """
     import time
 
-    from extract import extract_features
+    from extract.run import extract_categories
     from flow.report import write_plots, write_report, write_summary_csv
     from flow.runs import FLOW_METHODS, auroc_table, fit_cache, flow_setting, read_run_record, score_runs
 
-    cache = extract_features(download=not no_download, skip_existing=True, log=click.echo, **options)
-    times, fitted = {}, []
-    for method in methods:
-        start = time.perf_counter()
-        sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [(4, 1024)]
-        for seed in (seeds if method in FLOW_METHODS else [0]):
-            for num_blocks, width in sizes:
-                fitted += fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
-                          flow_config={"num_blocks": num_blocks, "hidden": width},
-                          train_config=TrainConfig(epochs=epochs), device=options["device"], log=click.echo,
-                          baseline_params={"k": knn_k} if method == "knn" else {},
-                          setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "")
-        times[method] = time.perf_counter() - start
-    # score refreshes every run under --runs-dir (auroc.csv stays complete); the summary is of this run's fits
-    ours = {outcome.path.name for outcome in fitted}
-    rows = [r for r in score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo) if r["run"] in ours]
-    scored = [(Path(runs_dir) / name, read_run_record(Path(runs_dir) / name))
-              for name in dict.fromkeys(r["run"] for r in rows)]
-    stem = Path(runs_dir) / Path(cache).stem
-    summary = write_summary_csv(stem.with_name(stem.name + "__summary.csv"), rows)
-    plots = write_plots(stem.with_name(stem.name + "__plots"), scored)
-    report = write_report(stem.with_name(stem.name + "__report.md"), rows, [r for _, r in scored],
-                          f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache), plots)
-    click.echo(auroc_table(rows))
-    click.echo("fit wall time per method, all its runs with loading: "
-               + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
-    click.echo(f"wrote {summary}, {report} ({len(plots)} plots) and {Path(runs_dir) / 'auroc.csv'}")
+    caches = extract_categories(download=not no_download, skip_existing=True, log=click.echo, **options)
+    for cache in caches:  # one per MVTec AD category with --category all, else one
+        times, fitted = {}, []
+        for method in methods:
+            start = time.perf_counter()
+            sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [(4, 1024)]
+            for seed in (seeds if method in FLOW_METHODS else [0]):
+                for num_blocks, width in sizes:
+                    fitted += fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
+                                        flow_config={"num_blocks": num_blocks, "hidden": width},
+                                        train_config=TrainConfig(epochs=epochs), device=options["device"],
+                                        log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
+                                        setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "")
+            times[method] = time.perf_counter() - start
+        # score refreshes every run under --runs-dir (auroc.csv stays complete); the summary is of this run's fits
+        ours = {outcome.path.name for outcome in fitted}
+        rows = [r for r in score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
+                if r["run"] in ours]
+        scored = [(Path(runs_dir) / name, read_run_record(Path(runs_dir) / name))
+                  for name in dict.fromkeys(r["run"] for r in rows)]
+        stem = Path(runs_dir) / Path(cache).stem
+        summary = write_summary_csv(stem.with_name(stem.name + "__summary.csv"), rows)
+        plots = write_plots(stem.with_name(stem.name + "__plots"), scored)
+        report = write_report(stem.with_name(stem.name + "__report.md"), rows, [r for _, r in scored],
+                              f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache), plots)
+        click.echo(auroc_table(rows))
+        click.echo("fit wall time per method, all its runs with loading: "
+                   + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
+        click.echo(f"wrote {summary}, {report} ({len(plots)} plots) and {Path(runs_dir) / 'auroc.csv'}")
 
 
 @cli.command()

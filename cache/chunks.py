@@ -272,12 +272,14 @@ class ChunkStore:
                              "extract command again to redo it") from None
         return arrays
 
-    def assemble(self, attrs: Mapping[str, Any]) -> Path:
+    def assemble(self, attrs: Mapping[str, Any], fine_labels: Mapping[str, np.ndarray] | None = None) -> Path:
         """Write the HDF5 cache from the committed chunks, then delete the work folder and the lock.
 
         Args:
             attrs: the cache's root attributes (see :meth:`CacheWriter.finish`); ``feature_dim``,
                 ``num_patches`` and ``token_grid`` are checked against the chunks.
+            fine_labels: optional ``{split: (N,) int array}`` stored as ``fine_label`` (the rows in the
+                planned order; ``attrs`` then holds ``fine_class_names``).
 
         Returns:
             The final cache path.
@@ -306,6 +308,8 @@ class ChunkStore:
                     ids = [str(s) for s in arrays["sample_id"]]
                     digest.update(("\n" if start else "").encode() + "\n".join(ids).encode())
                     writer.write(split, start, arrays["cls"], arrays["patches"], arrays["label"], ids)
+                if fine_labels is not None:
+                    writer.write_fine_labels(split, fine_labels[split])
                 planned = self.plan["splits"][split].get("sample_ids_sha256")
                 if planned is not None and digest.hexdigest() != planned:
                     raise CacheError(f"the committed chunks of split {split!r} in {self.work} do not hold the planned "

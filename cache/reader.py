@@ -15,6 +15,7 @@ from .schema import (
     FORMAT_NAME,
     JSON_ATTRS,
     READABLE_VERSIONS,
+    FINE_LABEL,
     REQUIRED_ROOT_ATTRS,
     SPLIT_DATASETS,
     STRING_ATTRS,
@@ -51,6 +52,7 @@ class CacheSplit:
         name: the split's name.
         num_rows: N.
         labels: (N,) int64 class indices, loaded on open.
+        fine_labels: (N,) int64 indices into the cache's ``fine_class_names``, or None when the cache has none.
     """
 
     def __init__(self, cache: "FeatureCache", name: str) -> None:
@@ -59,6 +61,7 @@ class CacheSplit:
         group = cache.file[name]
         self.num_rows = int(group["label"].shape[0])
         self.labels = group["label"][:].astype(np.int64)
+        self.fine_labels = group[FINE_LABEL][:].astype(np.int64) if FINE_LABEL in group else None
 
     @property
     def sample_ids(self) -> list[str]:
@@ -146,6 +149,8 @@ class FeatureCache:
             self.close()
             raise
         self.class_names: list[str] = list(self.attrs["class_names"])
+        #: names of the optional fine labels (CIFAR-100's 100 classes), or None
+        self.fine_class_names: list[str] | None = self.attrs.get("fine_class_names")
         self._splits: dict[str, CacheSplit] = {}
 
     @property
@@ -258,6 +263,20 @@ class FeatureCache:
             labels = label[:]
             if n and (labels.min() < 0 or labels.max() >= num_classes):
                 raise CacheError(f"{where}: /{split}/label holds values outside 0..{num_classes - 1}")
+            fine_names = attrs.get("fine_class_names")
+            fine = group.get(FINE_LABEL)
+            if (fine_names is None) != (fine is None):
+                raise CacheError(f"{where}: /{split}/{FINE_LABEL} and the attribute 'fine_class_names' must be "
+                                 "present together")
+            if fine is not None:
+                if (not isinstance(fine_names, list) or not fine_names
+                        or not all(isinstance(v, str) for v in fine_names)):
+                    raise CacheError(f"{where}: attribute 'fine_class_names' must be a non-empty list of strings")
+                if not isinstance(fine, h5py.Dataset) or fine.shape != (n,) or fine.dtype.kind not in "iu":
+                    raise CacheError(f"{where}: /{split}/{FINE_LABEL} must be a 1-D integer array of length {n}")
+                values = fine[:]
+                if n and (values.min() < 0 or values.max() >= len(fine_names)):
+                    raise CacheError(f"{where}: /{split}/{FINE_LABEL} holds values outside 0..{len(fine_names) - 1}")
         return attrs
 
     def split(self, name: str) -> CacheSplit:
@@ -286,6 +305,8 @@ class FeatureCache:
             group = self.file[name]
             h.update(name.encode())
             h.update(np.ascontiguousarray(group["label"][:]).tobytes())
+            if FINE_LABEL in group:
+                h.update(np.ascontiguousarray(group[FINE_LABEL][:]).tobytes())
             h.update("\n".join(self.split(name).sample_ids).encode())
             h.update(repr(group["patches"].shape).encode())
             for start in range(0, group["cls"].shape[0], 65536):

@@ -8,6 +8,8 @@ and patch grid)::
     /<split>/patches       (N, P, D) patch tokens pooled to the patch grid, row-major (P = g_h * g_w)
     /<split>/label         (N,)      int64 class index into the root attribute ``class_names``
     /<split>/sample_id     (N,)      UTF-8 string: relative image path, or ``<split>/<index>``
+    /<split>/fine_label    (N,)      optional int64 index into the root attribute ``fine_class_names``
+                                     (CIFAR-100: the fine class of each image; its ``label`` is the superclass)
 
 ``<split>`` is ``train`` and ``test``. ``cls`` and ``patches`` are stored in the dtype named by the root
 attribute ``dtype`` (float32 or float16) and chunked along N. Attributes that hold lists or dicts are
@@ -59,7 +61,11 @@ STRING_ATTRS = ("created", "dataset", "data_source", "backbone", "weights_source
                 "semantic_vector", "timm_version", "torch_version", "interpolation", "crop_mode", "precision", "dtype")
 
 #: Attributes stored as JSON strings.
-JSON_ATTRS = ("class_names", "input_size", "mean", "std", "token_grid", "patch_grid")
+JSON_ATTRS = ("class_names", "input_size", "mean", "std", "token_grid", "patch_grid", "fine_class_names",
+              "skipped_files")
+
+#: Optional per-split dataset; present in every split exactly when the root attribute ``fine_class_names`` is.
+FINE_LABEL = "fine_label"
 
 STORAGE_DTYPES = ("float32", "float16")
 

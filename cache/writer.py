@@ -17,6 +17,7 @@ from .schema import (
     REQUIRED_ROOT_ATTRS,
     SPLITS,
     STORAGE_DTYPES,
+    FINE_LABEL,
     CacheError,
     chunk_rows,
 )
@@ -119,6 +120,21 @@ class CacheWriter:
         group["sample_id"][start:stop] = sample_ids
         self._written[split][start:stop] = True
 
+    def write_fine_labels(self, split: str, fine_labels: np.ndarray) -> None:
+        """Store the optional ``fine_label`` (N,) int64 of a created split (e.g. CIFAR-100's fine classes; the
+        root attribute ``fine_class_names`` must then be passed to :meth:`finish`).
+
+        Raises:
+            ValueError: the length differs from the split's N.
+        """
+        group = self._file[split]
+        fine_labels = np.asarray(fine_labels, dtype=np.int64)
+        if fine_labels.shape != group["label"].shape:
+            raise ValueError(f"split {split!r}: fine labels of shape {fine_labels.shape}, expected "
+                             f"{group['label'].shape}")
+        group.create_dataset(FINE_LABEL, data=fine_labels,
+                             chunks=(chunk_rows(8, len(fine_labels)),) if len(fine_labels) else None)
+
     def finish(self, attrs: Mapping[str, Any]) -> Path:
         """Write the root attributes, mark the file complete and rename it into place.
 
@@ -142,6 +158,10 @@ class CacheWriter:
         missing = [k for k in REQUIRED_ROOT_ATTRS if k not in full and k not in ("format", "format_version", "complete")]
         if missing:
             raise CacheError(f"cache attributes missing: {missing}")
+        with_fine = {split for split in self._written if FINE_LABEL in self._file[split]}
+        if ("fine_class_names" in full) != bool(with_fine) or (with_fine and with_fine != set(self._written)):
+            raise CacheError("fine labels must be written for every split together with the attribute "
+                             "'fine_class_names'")
         for key, value in full.items():
             self._file.attrs[key] = _encode_attr(key, value)
         self._file.attrs["complete"] = True

@@ -20,12 +20,24 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-DATASETS = ("cifar10", "fashion-mnist", "digits", "folder")
+DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
+            "folder")
+#: ``--layout`` of ``--dataset folder``: class folders (one class normal, the rest anomalous) or MVTec-style
+#: ``good``/defect folders (``good`` normal, every defect type anomalous).
+FOLDER_LAYOUTS = ("classes", "good-defect")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_COUNTS = {"train": 5000, "test": 1000}
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                        "t10k-labels-idx1-ubyte")
+MNIST_FILES = FASHION_MNIST_FILES  # the same four idx file names
+#: Images per class of each split in the standard releases (checked for the image-folder forms).
+CIFAR100_COUNTS = {"train": 2500, "test": 500}  # per superclass; 500 / 100 per fine class
+#: Cats vs Dogs protocol (SPEC.md section 4): per class, the first 10,000 readable images (by file number)
+#: are train, the next 2,500 test.
+CATS_VS_DOGS_TRAIN = 10000
+CATS_VS_DOGS_TEST = 2500
+CATS_VS_DOGS_CLASSES = ("cat", "dog")
 #: Fixed stratified split of scikit-learn's digits: half of each class for test, seed 0.
 DIGITS_TEST_FRACTION = 0.5
 DIGITS_SPLIT_SEED = 0
@@ -41,11 +53,13 @@ class ImageReadError(Exception):
 
 @dataclass
 class SplitSource:
-    """One split: a Dataset of ``(image_tensor, label)`` with its sample ids and labels (N,)."""
+    """One split: a Dataset of ``(image_tensor, label)`` with its sample ids and labels (N,); ``fine_labels``
+    (N,) only for datasets with a second label level (CIFAR-100's fine classes)."""
 
     dataset: Dataset
     sample_ids: list[str]
     labels: np.ndarray
+    fine_labels: np.ndarray | None = None
 
 
 @dataclass
@@ -57,12 +71,16 @@ class DatasetSource:
         class_names: names of the label indices.
         splits: ``{"train": SplitSource, "test": SplitSource}``.
         description: where the images came from (recorded in the cache as ``data_source``).
+        fine_class_names: names of ``SplitSource.fine_labels`` (CIFAR-100), else None.
+        skipped_files: files of the dataset left out because they are not readable images (Cats vs Dogs).
     """
 
     name: str
     class_names: list[str]
     splits: dict[str, SplitSource]
     description: str
+    fine_class_names: list[str] | None = None
+    skipped_files: list[str] | None = None
 
     def set_transform(self, transform: Callable) -> None:
         """Use ``transform`` (PIL image -> tensor) in every split's Dataset."""
@@ -173,9 +191,17 @@ def build_digits(transform: Callable) -> DatasetSource:
                          "sklearn.datasets.load_digits (bundled with scikit-learn)")
 
 
-def _torchvision_split(dataset, split: str) -> SplitSource:
-    labels = np.asarray(dataset.targets, dtype=np.int64)
+def _torchvision_split(dataset, split: str, labels=None) -> SplitSource:
+    labels = np.asarray(dataset.targets if labels is None else labels, dtype=np.int64)
     return SplitSource(dataset, [f"{split}/{i:05d}" for i in range(len(labels))], labels)
+
+
+def _check_counts(where: str, name: str, split: str, labels: np.ndarray, class_names, expected: int) -> None:
+    """Refuse a split whose images per class (from ``labels``) are not all ``expected``; names the wrong classes."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    if not (counts == expected).all():
+        wrong = {c: int(n) for c, n in zip(class_names, counts) if n != expected}
+        raise DatasetError(f"{where}: {name} {split} must hold {expected} images per class; found {wrong}")
 
 
 def build_cifar10(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
@@ -195,10 +221,8 @@ def build_cifar10(data_root: Path | None, download: bool, transform: Callable) -
             raise DatasetError(f"--data-root {data_root}: class folders must be the CIFAR-10 names "
                                f"{list(CIFAR10_CLASSES)}; found {source.class_names}")
         for split, expected in CIFAR10_COUNTS.items():
-            counts = np.bincount(source.splits[split].labels, minlength=10)
-            if not (counts == expected).all():
-                raise DatasetError(f"--data-root {data_root}: CIFAR-10 {split} must hold {expected} images per "
-                                   f"class; found {dict(zip(CIFAR10_CLASSES, counts.tolist()))}")
+            _check_counts(f"--data-root {data_root}", "CIFAR-10", split, source.splits[split].labels, CIFAR10_CLASSES,
+                          expected)
         source.description = f"CIFAR-10 image folders {data_root.resolve()}"
         return source
     from torchvision.datasets import CIFAR10
@@ -230,15 +254,15 @@ def _torchvision_dataset(cls, name: str, root: Path, download: bool, transform: 
                            f"and the download failed ({err}); download it elsewhere or pass --data-root") from None
 
 
-def _stage_fashion_mnist(data_root: Path, staging: Path) -> bool:
+def _stage_idx_files(data_root: Path, staging: Path, folder: str, title: str) -> bool:
     """Lay the four idx files (plain or .gz) found in ``data_root`` out as torchvision expects.
 
-    Returns True when all four were found (then ``staging/FashionMNIST/raw`` holds them decompressed).
+    Returns True when all four were found (then ``staging/<folder>/raw`` holds them decompressed).
     """
-    raw = staging / "FashionMNIST" / "raw"
+    raw = staging / folder / "raw"
     raw.mkdir(parents=True)
     for base in FASHION_MNIST_FILES:
-        for candidate in (data_root / base, data_root / "FashionMNIST" / "raw" / base):
+        for candidate in (data_root / base, data_root / folder / "raw" / base):
             if candidate.is_file():
                 shutil.copyfile(candidate, raw / base)
                 break
@@ -248,11 +272,41 @@ def _stage_fashion_mnist(data_root: Path, staging: Path) -> bool:
                     with gzip.open(gz, "rb") as src, open(raw / base, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                 except (EOFError, OSError) as err:  # truncated or damaged (gzip.BadGzipFile is an OSError)
-                    raise DatasetError(f"--data-root {data_root}: damaged Fashion-MNIST file {gz} ({err})") from None
+                    raise DatasetError(f"--data-root {data_root}: damaged {title} file {gz} ({err})") from None
                 break
         else:
             return False
     return True
+
+
+def _build_idx(name: str, title: str, cls, class_names: list[str], data_root: Path | None, download: bool,
+               transform: Callable) -> DatasetSource:
+    root = data_root or Path("data")
+    folder = cls.__name__  # torchvision's raw folder: <root>/<class name>/raw
+    expected = "the four idx files " + ", ".join(f + "[.gz]" for f in FASHION_MNIST_FILES)
+    with tempfile.TemporaryDirectory(prefix=f"sanf-{name}-") as staging:
+        staged = False
+        if data_root is not None:
+            staged = _stage_idx_files(data_root, Path(staging), folder, title)
+        splits = {}
+        for split in ("train", "test"):
+            if staged:
+                try:
+                    dataset = cls(staging, train=(split == "train"), transform=transform, download=False)
+                except (RuntimeError, ValueError, AssertionError, EOFError, IndexError) as err:
+                    raise DatasetError(f"--data-root {data_root}: the {title} idx files are damaged "
+                                       f"({type(err).__name__}: {str(err).strip()[:200] or 'bad header or size'})"
+                                       ) from None
+            else:
+                dataset = _torchvision_dataset(cls, name, root, download, transform,
+                                               train=(split == "train"), expected=expected)
+            if len(dataset.data) != len(dataset.targets):
+                raise DatasetError(f"--data-root {root}: {title} {split} has {len(dataset.data)} images but "
+                                   f"{len(dataset.targets)} labels")
+            splits[split] = _torchvision_split(dataset, split)
+        origin = (f"idx files in {data_root.resolve()}" if staged
+                  else f"torchvision download root {Path(root).resolve()}")
+    return DatasetSource(name, class_names, splits, f"torchvision.datasets.{folder} from {origin}")
 
 
 def build_fashion_mnist(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
@@ -267,59 +321,388 @@ def build_fashion_mnist(data_root: Path | None, download: bool, transform: Calla
     """
     from torchvision.datasets import FashionMNIST
 
+    return _build_idx("fashion-mnist", "Fashion-MNIST", FashionMNIST, list(FashionMNIST.classes), data_root,
+                      download, transform)
+
+
+def build_mnist(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
+    """MNIST via torchvision's MNIST (60,000 train / 10,000 test, 28x28 grayscale); classes ``0`` .. ``9``.
+
+    The idx files are found as for :func:`build_fashion_mnist` (directly in ``data_root`` or under
+    ``MNIST/raw/``, plain or ``.gz``).
+
+    Raises:
+        DatasetError: files missing with downloading disabled, a failed download, or unreadable files.
+    """
+    from torchvision.datasets import MNIST
+
+    return _build_idx("mnist", "MNIST", MNIST, list(DIGIT_CLASSES), data_root, download, transform)
+
+
+#: CIFAR-100's 20 superclasses (coarse labels, in the index order of the dataset's ``coarse_label_names``) and
+#: their 5 fine classes each, as published with the dataset (https://www.cs.toronto.edu/~kriz/cifar.html),
+#: spelled as in its ``fine_label_names``. Used for image-folder copies, which lose the coarse label, and to
+#: cross-check the labels of the python release.
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+CIFAR100_COARSE_CLASSES = tuple(CIFAR100_SUPERCLASSES)
+#: The 100 fine classes in label order (alphabetical, as in the dataset's ``fine_label_names``).
+CIFAR100_FINE_CLASSES = tuple(sorted(f for fines in CIFAR100_SUPERCLASSES.values() for f in fines))
+#: Superclass index of each fine class index, shape (100,).
+CIFAR100_FINE_TO_COARSE = np.array([next(c for c, fines in enumerate(CIFAR100_SUPERCLASSES.values()) if f in fines)
+                                    for f in CIFAR100_FINE_CLASSES], dtype=np.int64)
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+
+
+class LabelMap:
+    """``target -> table[target]``: a picklable target transform (CIFAR-100 fine class -> superclass)."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = np.asarray(table, dtype=np.int64)
+
+    def __call__(self, target: int) -> int:
+        return int(self.table[target])
+
+
+class FileImages(Dataset):
+    """Image files with labels, read with :func:`load_image` and transformed."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, transform: Callable) -> None:
+        self.paths = paths
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.paths[index])), int(self.labels[index])
+
+
+def build_cifar100(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
+    """CIFAR-100 with the 20 superclasses as classes (SPEC.md section 4); the fine class is kept as ``fine_labels``.
+
+    Sources, like :func:`build_cifar10`: an image-folder tree ``data_root/{train,test}/<fine class>/``
+    whose folders are the 100 fine class names (500 / 100 images each; superclass from
+    ``CIFAR100_SUPERCLASSES``), or torchvision's CIFAR100 (``cifar-100-python`` under ``data_root``,
+    default ``./data``), whose own ``coarse_labels`` give the superclass and are checked against the table.
+
+    Raises:
+        DatasetError: wrong class folders or counts, a coarse label that disagrees with the table, missing
+            data with downloading disabled, or a failed download.
+    """
+    fine_to_coarse = LabelMap(CIFAR100_FINE_TO_COARSE)
+    if data_root is not None and (data_root / "train").is_dir():
+        source = build_folder(data_root, transform, name="cifar100")
+        if tuple(source.class_names) != CIFAR100_FINE_CLASSES:
+            raise DatasetError(f"--data-root {data_root}: class folders must be the 100 CIFAR-100 fine class names "
+                               f"({', '.join(CIFAR100_FINE_CLASSES[:3])}, ...); found {len(source.class_names)} "
+                               f"folders: {', '.join(source.class_names[:5])}{', ...' if len(source.class_names) > 5 else ''}")
+        for split, part in source.splits.items():
+            _check_counts(f"--data-root {data_root}", "CIFAR-100", split, part.labels, CIFAR100_FINE_CLASSES,
+                          CIFAR100_COUNTS[split] // 5)
+            part.fine_labels = part.labels
+            part.labels = CIFAR100_FINE_TO_COARSE[part.fine_labels]
+            part.dataset.target_transform = fine_to_coarse
+        source.class_names = list(CIFAR100_COARSE_CLASSES)
+        source.fine_class_names = list(CIFAR100_FINE_CLASSES)
+        source.description = f"CIFAR-100 image folders {data_root.resolve()} (superclasses from the fine class folders)"
+        return source
+    import pickle
+
+    from torchvision.datasets import CIFAR100
+
     root = data_root or Path("data")
-    expected = "the four idx files " + ", ".join(f + "[.gz]" for f in FASHION_MNIST_FILES)
-    with tempfile.TemporaryDirectory(prefix="sanf-fmnist-") as staging:
-        staged = False
-        if data_root is not None:
-            staged = _stage_fashion_mnist(data_root, Path(staging))
+    splits = {}
+    for split in ("train", "test"):
+        dataset = _torchvision_dataset(CIFAR100, "cifar100", root, download, transform, train=(split == "train"),
+                                       expected=f"{root}/cifar-100-python/ or {root}/train/<fine class>/")
+        if tuple(dataset.classes) != CIFAR100_FINE_CLASSES:
+            raise DatasetError(f"--data-root {root}: CIFAR-100 fine_label_names differ from the published list")
+        pickled = Path(root) / CIFAR100.base_folder / (dataset.train_list if split == "train" else dataset.test_list)[0][0]
+        with open(pickled, "rb") as handle:  # torchvision keeps only the fine labels; the release has both
+            coarse = np.asarray(pickle.load(handle, encoding="latin1")["coarse_labels"], dtype=np.int64)
+        fine = np.asarray(dataset.targets, dtype=np.int64)
+        disagree = np.flatnonzero(coarse != CIFAR100_FINE_TO_COARSE[fine])
+        if disagree.size:
+            i = int(disagree[0])
+            raise DatasetError(f"--data-root {root}: CIFAR-100 {split} image {i} has fine class "
+                               f"{CIFAR100_FINE_CLASSES[fine[i]]} but superclass {coarse[i]}, not "
+                               f"{CIFAR100_FINE_TO_COARSE[fine[i]]} ({disagree.size} such images)")
+        dataset.target_transform = fine_to_coarse
+        splits[split] = _torchvision_split(dataset, split, labels=coarse)
+        splits[split].fine_labels = fine
+    return DatasetSource("cifar100", list(CIFAR100_COARSE_CLASSES), splits,
+                         f"torchvision.datasets.CIFAR100 {Path(root).resolve()} (coarse labels = superclasses)",
+                         fine_class_names=list(CIFAR100_FINE_CLASSES))
+
+
+def build_stl10(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
+    """STL-10 via torchvision's STL10: its ``train`` (500 per class) and ``test`` (800 per class) splits, 96x96 px.
+
+    The 100,000 unlabeled images are not used (torchvision still checks that ``unlabeled_X.bin`` is present
+    and intact, as it is in the release archive).
+
+    Raises:
+        DatasetError: ``stl10_binary/`` missing with downloading disabled, or a failed download.
+    """
+    from torchvision.datasets import STL10
+
+    root = data_root or Path("data")
+    splits = {}
+    for split in ("train", "test"):
+        dataset = _torchvision_dataset(STL10, "stl10", root, download, transform, split=split,
+                                       expected=f"{root}/stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, "
+                                                "test_y.bin, unlabeled_X.bin")
+        if getattr(dataset, "classes", None) and tuple(dataset.classes) != STL10_CLASSES:
+            raise DatasetError(f"--data-root {root}: stl10_binary/class_names.txt lists {dataset.classes}, "
+                               f"expected {list(STL10_CLASSES)}")
+        splits[split] = _torchvision_split(dataset, split, labels=dataset.labels)
+    return DatasetSource("stl10", list(STL10_CLASSES), splits, f"torchvision.datasets.STL10 {Path(root).resolve()}")
+
+
+def build_svhn(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
+    """SVHN via torchvision's SVHN: its ``train`` and ``test`` splits (``extra`` unused); digit 0 is class 0
+    (torchvision maps the release's label 10 to 0).
+
+    Raises:
+        DatasetError: ``train_32x32.mat`` / ``test_32x32.mat`` missing with downloading disabled, or a failed
+            download.
+    """
+    from torchvision.datasets import SVHN
+
+    root = data_root or Path("data")
+    splits = {}
+    for split in ("train", "test"):
+        dataset = _torchvision_dataset(SVHN, "svhn", root, download, transform, split=split,
+                                       expected=f"{root}/train_32x32.mat and {root}/test_32x32.mat")
+        splits[split] = _torchvision_split(dataset, split, labels=dataset.labels)
+    return DatasetSource("svhn", list(DIGIT_CLASSES), splits, f"torchvision.datasets.SVHN {Path(root).resolve()}")
+
+
+def _readable_image(path: str) -> bool:
+    """Whether ``path`` decodes as an image (JPEGs decoded at reduced scale, which still reads every byte)."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.draft("RGB", (64, 64))
+            image.load()
+        return True
+    except Exception:  # PIL raises several types for bad files
+        return False
+
+
+def _readable(paths: list[str]) -> list[bool]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        return list(pool.map(_readable_image, paths, chunksize=64))
+
+
+def _file_number(name: str) -> tuple:
+    stem = Path(name).stem
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_class: int = CATS_VS_DOGS_TRAIN,
+                       test_per_class: int = CATS_VS_DOGS_TEST) -> DatasetSource:
+    """Cats vs Dogs (Microsoft PetImages), protocol of SPEC.md section 4: per class 10,000 train, 2,500 test.
+
+    Layouts: ``data_root/{Cat,Dog}/`` (or ``data_root/PetImages/{Cat,Dog}/``), the Microsoft release; every
+    file of a class folder is tried, ordered by file number (``123.jpg``; other names after, by name), files
+    that are not readable images are skipped and counted, and the first ``train_per_class`` readable ones
+    are train, the next ``test_per_class`` test. Or an image-folder tree ``data_root/{train,test}/{cat,dog}/``
+    (any case) taken as it is, unreadable images skipped. Classes are ``cat`` (0) and ``dog`` (1).
+
+    Raises:
+        DatasetError: the layout is not found, or a class has no more than ``train_per_class`` readable images.
+    """
+    if data_root is None:
+        raise DatasetError("--dataset cats-vs-dogs needs --data-root DIR holding DIR/Cat/ and DIR/Dog/ (Microsoft "
+                           "PetImages) or DIR/{train,test}/{cat,dog}/; it cannot be downloaded")
+    base = data_root / "PetImages" if (data_root / "PetImages").is_dir() else data_root
+    folders = {c: next((base / n for n in (c.capitalize(), c) if (base / n).is_dir()), None)
+               for c in CATS_VS_DOGS_CLASSES}
+    skipped: list[str] = []
+    if all(folders.values()):
+        per_split: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+        notes = []
+        for label, name in enumerate(CATS_VS_DOGS_CLASSES):
+            files = sorted((p for p in folders[name].iterdir() if p.is_file()), key=lambda p: _file_number(p.name))
+            ok = _readable([str(p) for p in files])
+            good = [p for p, k in zip(files, ok) if k]
+            skipped += [p.relative_to(data_root).as_posix() for p, k in zip(files, ok) if not k]
+            if len(good) <= train_per_class:
+                raise DatasetError(f"--data-root {data_root}: {folders[name]} holds {len(good)} readable images; the "
+                                   f"Cats vs Dogs protocol needs {train_per_class} train + {test_per_class} test")
+            chosen = {"train": good[:train_per_class], "test": good[train_per_class:train_per_class + test_per_class]}
+            for split, paths in chosen.items():
+                per_split[split][0].extend(paths)
+                per_split[split][1].extend([label] * len(paths))
+            notes.append(f"{name}: {len(chosen['train'])} train / {len(chosen['test'])} test of {len(files)} files")
         splits = {}
-        for split in ("train", "test"):
-            if staged:
-                try:
-                    dataset = FashionMNIST(staging, train=(split == "train"), transform=transform, download=False)
-                except (RuntimeError, ValueError, AssertionError, EOFError, IndexError) as err:
-                    raise DatasetError(f"--data-root {data_root}: the Fashion-MNIST idx files are damaged "
-                                       f"({type(err).__name__}: {str(err).strip()[:200] or 'bad header or size'})"
-                                       ) from None
-            else:
-                dataset = _torchvision_dataset(FashionMNIST, "fashion-mnist", root, download, transform,
-                                               train=(split == "train"), expected=expected)
-            if len(dataset.data) != len(dataset.targets):
-                raise DatasetError(f"--data-root {root}: Fashion-MNIST {split} has {len(dataset.data)} images but "
-                                   f"{len(dataset.targets)} labels")
-            splits[split] = _torchvision_split(dataset, split)
-        origin = (f"idx files in {data_root.resolve()}" if staged
-                  else f"torchvision download root {Path(root).resolve()}")
-    return DatasetSource("fashion-mnist", list(FashionMNIST.classes), splits,
-                         f"torchvision.datasets.FashionMNIST from {origin}")
+        for split, (paths, labels) in per_split.items():
+            labels = np.asarray(labels, dtype=np.int64)
+            splits[split] = SplitSource(FileImages([str(p) for p in paths], labels, transform),
+                                        [p.relative_to(data_root).as_posix() for p in paths], labels)
+        description = (f"Microsoft PetImages {base.resolve()}: {'; '.join(notes)} (first readable files by number; "
+                       f"{len(skipped)} unreadable skipped)")
+    elif (data_root / "train").is_dir():
+        source = build_folder(data_root, transform, name="cats-vs-dogs")
+        if [c.lower() for c in source.class_names] != list(CATS_VS_DOGS_CLASSES):
+            raise DatasetError(f"--data-root {data_root}: class folders must be cat and dog; found {source.class_names}")
+        splits = {}
+        for split, part in source.splits.items():
+            paths = [path for path, _ in part.dataset.samples]
+            ok = np.asarray(_readable(paths), dtype=bool)
+            skipped += [i for i, k in zip(part.sample_ids, ok) if not k]
+            keep = np.flatnonzero(ok)
+            splits[split] = SplitSource(FileImages([paths[i] for i in keep], part.labels[keep], transform),
+                                        [part.sample_ids[i] for i in keep], part.labels[keep])
+        description = f"Cats vs Dogs image folders {data_root.resolve()} ({len(skipped)} unreadable skipped)"
+    else:
+        raise DatasetError(f"--data-root {data_root}: expected {data_root}/Cat/ and {data_root}/Dog/ (Microsoft "
+                           f"PetImages) or {data_root}/train/<cat|dog>/ and {data_root}/test/<cat|dog>/")
+    return DatasetSource("cats-vs-dogs", list(CATS_VS_DOGS_CLASSES), splits, description, skipped_files=skipped)
 
 
-def build_dataset(name: str, data_root: str | Path | None, download: bool, transform: Callable) -> DatasetSource:
-    """Build one of ``DATASETS``.
+def build_good_defect(root: Path, transform: Callable, name: str, option: str = "--data-root") -> DatasetSource:
+    """An MVTec-style tree: ``root/train/good/``, ``root/test/good/`` and ``root/test/<defect type>/`` (anything
+    else, such as ``ground_truth/``, is ignored).
+
+    Classes are ``good`` (0, the normal class) followed by the defect types sorted by name, so each test
+    image keeps its defect type and AUROC can be reported per defect type. The train split holds only
+    ``good``.
+
+    Raises:
+        DatasetError: ``train/good`` or ``test/good`` missing, other folders under ``train/``, or no defect type.
+    """
+    from torchvision.datasets import ImageFolder
+
+    for needed in (root / "train" / "good", root / "test" / "good"):
+        if not needed.is_dir():
+            raise DatasetError(f"{option} {root}: expected {root}/train/good/, {root}/test/good/ and "
+                               f"{root}/test/<defect type>/; {needed} is missing")
+    extra = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and p.name != "good")
+    if extra:
+        raise DatasetError(f"{option} {root}: train/ must hold only good/ (normal images); found {extra}")
+    defects = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name != "good")
+    if not defects:
+        raise DatasetError(f"{option} {root}: test/ holds no defect type folder beside good/")
+    classes = ["good", *defects]
+
+    class GoodFirst(ImageFolder):  # torchvision's hook for choosing the classes of a folder
+        def find_classes(self, directory):
+            chosen = classes if Path(directory).name == "test" else ["good"]
+            return chosen, {c: i for i, c in enumerate(chosen)}
+
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            dataset = GoodFirst(str(root / split), transform=transform, loader=load_image)
+        except (FileNotFoundError, OSError) as err:
+            raise DatasetError(f"{option} {root}: cannot index {root / split}: {err}") from None
+        paths = [path for path, _ in dataset.samples]
+        labels = np.asarray(dataset.targets, dtype=np.int64)
+        splits[split] = SplitSource(FileImages(paths, labels, transform),
+                                    [Path(p).relative_to(root).as_posix() for p in paths], labels)
+    return DatasetSource(name, classes, splits, f"good/defect folders {root.resolve()}")
+
+
+def mvtec_categories(data_root: Path) -> list[str]:
+    """The MVTec AD categories under ``data_root``: sub-folders holding ``train/good``, sorted by name."""
+    return sorted(p.name for p in data_root.iterdir() if (p / "train" / "good").is_dir())
+
+
+def build_mvtec(data_root: Path | None, category: str | None, transform: Callable) -> DatasetSource:
+    """One MVTec AD category, ``data_root/<category>/`` in the release's layout (see :func:`build_good_defect`);
+    its dataset name is ``mvtec-<category>``, so each category gets its own cache.
+
+    Raises:
+        DatasetError: no ``--data-root`` or ``--category``, or the category is not there.
+    """
+    if data_root is None:
+        raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ... (the MVTec "
+                           "AD release, unpacked); it cannot be downloaded")
+    present = mvtec_categories(data_root)
+    if category is None or category == "all" or category not in present:
+        raise DatasetError(f"--category must be one of {', '.join(present) or '(none found under --data-root)'} or "
+                           f"'all'; got {category!r}")
+    return build_good_defect(data_root / category, transform, f"mvtec-{category}")
+
+
+def build_dataset(name: str, data_root: str | Path | None, download: bool, transform: Callable,
+                  category: str | None = None, layout: str = "classes") -> DatasetSource:
+    """Build one of ``DATASETS`` (protocols: README, SPEC.md section 4).
 
     Args:
-        name: ``cifar10``, ``fashion-mnist``, ``digits`` or ``folder``.
-        data_root: folder with the data (required for ``folder``).
+        name: one of ``DATASETS``.
+        data_root: folder with the data (required for ``folder``, ``cats-vs-dogs`` and ``mvtec``).
         download: allow torchvision to download missing data.
         transform: PIL image -> (3, H, W) float tensor.
+        category: the MVTec AD category (``mvtec`` only; one category per cache).
+        layout: for ``folder``: ``classes`` (class folders) or ``good-defect`` (MVTec-style).
 
     Raises:
         DatasetError: unknown name, or the data cannot be found, checked or fetched.
     """
+    if name not in DATASETS:
+        raise DatasetError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if layout not in FOLDER_LAYOUTS:
+        raise DatasetError(f"--layout must be one of {', '.join(FOLDER_LAYOUTS)}; got {layout!r}")
+    if layout != "classes" and name != "folder":
+        raise DatasetError(f"--layout applies to --dataset folder only; got --layout {layout} with --dataset {name}")
+    if category is not None and name != "mvtec":
+        raise DatasetError(f"--category applies to --dataset mvtec only; got --category {category} with "
+                           f"--dataset {name}")
     root = Path(data_root) if data_root is not None else None
     if root is not None and root.exists() and not root.is_dir():
         raise DatasetError(f"--data-root {root} is not a directory")
-    if root is not None and not root.exists() and (name == "folder" or not download):
+    local_only = name in ("folder", "cats-vs-dogs", "mvtec")
+    if root is not None and not root.exists() and (local_only or not download):
         raise DatasetError(f"--data-root {root} does not exist")
     if name == "digits":
         return build_digits(transform)
     if name == "cifar10":
         return build_cifar10(root, download, transform)
+    if name == "cifar100":
+        return build_cifar100(root, download, transform)
+    if name == "stl10":
+        return build_stl10(root, download, transform)
+    if name == "svhn":
+        return build_svhn(root, download, transform)
+    if name == "mnist":
+        return build_mnist(root, download, transform)
     if name == "fashion-mnist":
         return build_fashion_mnist(root, download, transform)
-    if name == "folder":
-        if root is None:
-            raise DatasetError("--dataset folder needs --data-root DIR holding DIR/train/<class>/ and DIR/test/<class>/")
-        return build_folder(root, transform)
-    raise DatasetError(f"--dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if name == "cats-vs-dogs":
+        return build_cats_vs_dogs(root, transform)
+    if name == "mvtec":
+        return build_mvtec(root, category, transform)
+    if root is None:
+        raise DatasetError("--dataset folder needs --data-root DIR holding DIR/train/<class>/ and DIR/test/<class>/ "
+                           "(or, with --layout good-defect, DIR/train/good/, DIR/test/good/, DIR/test/<defect>/)")
+    if layout == "good-defect":
+        return build_good_defect(root, transform, "folder")
+    return build_folder(root, transform)

@@ -70,11 +70,12 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      batch_size: int = 64, num_workers: int = 2, device: str = "auto", precision: str = "fp32",
                      dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
                      skip_existing: bool = False, commit_every: int = 16, progress: bool = True,
+                     category: str | None = None, layout: str = "classes",
                      log: Callable[[str], None] = print) -> Path:
     """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
 
     Args:
-        dataset: ``cifar10``, ``fashion-mnist``, ``digits`` or ``folder``.
+        dataset: one of :data:`extract.datasets.DATASETS`.
         data_root: folder holding the data (see :func:`extract.datasets.build_dataset`).
         download: let torchvision download missing data.
         backbone: timm model name.
@@ -94,6 +95,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         commit_every: batches per committed chunk; a killed run loses at most this many batches, and a
             chunk is held in memory until committed. A resumed run must use the same value and batch size.
         progress: show progress bars.
+        category: the MVTec AD category (``dataset="mvtec"``; see :func:`extract_categories` for ``all``).
+        layout: ``classes`` or ``good-defect`` (``dataset="folder"``).
         log: where to print status lines.
 
     Returns:
@@ -108,13 +111,18 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     dev = resolve_device(device)
-    source = build_dataset(dataset, data_root, download, transform=None)  # data errors before the backbone
+    source = build_dataset(dataset, data_root, download, transform=None, category=category,
+                           layout=layout)  # data errors before the backbone
+    dataset = source.name  # mvtec-<category>: one cache per category
     model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
     encoder = TokenEncoder(model, patch_grid=patch_grid).to(dev)
     config = resolve_preprocessing(model, img_size, crop_pct)
     source.set_transform(build_transform(config))
     log(f"dataset {dataset}: {source.description}; "
         + ", ".join(f"{s} {len(v.sample_ids)} images" for s, v in source.splits.items()))
+    if source.skipped_files:
+        shown = ", ".join(source.skipped_files[:5]) + (", ..." if len(source.skipped_files) > 5 else "")
+        log(f"skipped {len(source.skipped_files)} files that are not readable images: {shown}")
     log(f"backbone {backbone}: weights {loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
         f"{config['interpolation']}, crop_pct {config['crop_pct']}; {precision} forward, {dtype} storage, {dev}")
     settings = {
@@ -225,6 +233,35 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             "extract_seconds": round(encode_seconds, 3),
             "images_per_second": round(encoded / encode_seconds, 3) if encode_seconds > 0 else 0.0,
         }
-        final = store.assemble(attrs)
+        fine_labels = None
+        if source.fine_class_names is not None:
+            attrs["fine_class_names"] = source.fine_class_names
+            fine_labels = {split: part.fine_labels for split, part in source.splits.items()}
+        if source.skipped_files is not None:
+            attrs["skipped_files"] = source.skipped_files
+        final = store.assemble(attrs, fine_labels=fine_labels)
     log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
     return final
+
+
+def extract_categories(dataset: str, data_root: str | None, category: str | None, **options) -> list[Path]:
+    """:func:`extract_features` for each category asked for: every MVTec AD category under ``data_root`` when
+    ``category`` is ``all`` (one cache each), else the one dataset (or category) given.
+
+    Returns:
+        The cache paths, in category order.
+
+    Raises:
+        DatasetError: ``all`` with no category under ``data_root``; otherwise as :func:`extract_features`.
+    """
+    from .datasets import DatasetError, mvtec_categories
+
+    if dataset == "mvtec" and category == "all":
+        if data_root is None or not Path(data_root).is_dir():
+            raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ...; "
+                               f"got {data_root!r}")
+        categories = mvtec_categories(Path(data_root))
+        if not categories:
+            raise DatasetError(f"--data-root {data_root}: no MVTec AD category (<category>/train/good/) found")
+        return [extract_features(dataset, data_root, category=c, **options) for c in categories]
+    return [extract_features(dataset, data_root, category=category, **options)]

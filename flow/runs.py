@@ -37,6 +37,10 @@ RUN_VERSION = 1
 SCORE_TYPES = ("nll", "z2")
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
                  "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting")
+#: Columns of ``auroc_by_anomaly.csv``: the metrics of each run and score on the normal test images against the
+#: test images of one anomalous class (MVTec AD: one defect type) at a time.
+BY_ANOMALY_COLUMNS = ("dataset", "backbone", "method", "setting", "normal_class", "normal_name", "anomaly_class",
+                      "anomaly_name", "score", "seed", "auroc", "aupr", "fpr95", "n_normal", "n_anomalous", "run")
 
 
 class RunError(Exception):
@@ -240,6 +244,10 @@ def _open_for_fit(cache, normal, runs_dir: Path):
     ``runs_dir`` is known to be writable (what every method checks before it fits)."""
     with FeatureCache(cache) as fc:
         classes = resolve_normal(normal, fc.class_names)
+        if str(normal) not in fc.class_names and str(normal).strip() == "all":
+            # 'all' means every class that can be normal: one with train rows (MVTec: only 'good')
+            train = fc.split("train")
+            classes = [k for k in classes if train.rows_of_class(k).size]
         check_writable_dir(runs_dir, "--runs-dir")
         yield fc, classes, fc.fingerprint()
 
@@ -536,8 +544,10 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
     The test split is read once per cache in blocks of ``block_rows`` rows and every run on that cache
     scores each block, so memory stays bounded by a block whatever the cache's size.
 
-    Writes ``<run>/scores.csv`` (sample_id, label, is_anomaly, nll in nats, z2) per run and
-    ``<runs_dir>/auroc.csv`` (columns ``AUROC_COLUMNS``: one row per run and score type).
+    Writes ``<run>/scores.csv`` (sample_id, label, is_anomaly, nll in nats, z2) per run,
+    ``<runs_dir>/auroc.csv`` (columns ``AUROC_COLUMNS``: one row per run and score type; the protocol's
+    numbers) and ``<runs_dir>/auroc_by_anomaly.csv`` (columns ``BY_ANOMALY_COLUMNS``: normal test images
+    against each anomalous class alone, e.g. per MVTec AD defect type).
 
     Args:
         runs_dir: folder of run folders.
@@ -562,6 +572,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
     for run in runs:
         by_cache.setdefault(read_run_record(run)["cache"], []).append(run)
     rows: list[dict] = []
+    by_anomaly: list[dict] = []
     pending_writes: list[tuple] = []
     for cache_path, cache_runs in by_cache.items():
         if not Path(cache_path).exists():
@@ -594,16 +605,26 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             elapsed = time.perf_counter() - start
             labels = test.labels
             sample_ids = test.sample_ids
+            class_names = fc.class_names
             for run, _, record in loaded:
                 per_run = {key: np.concatenate(parts) for key, parts in scores[run].items()}
                 is_anomaly = (labels != record["normal_class"]).astype(np.int64)
                 pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, per_run))
                 for key in score_names(record):
                     try:
-                        metrics = {name: fn(is_anomaly, per_run[key]) for name, fn in
-                                   (("auroc", auroc), ("aupr", aupr), ("fpr95", fpr_at_tpr))}
+                        metrics = _metrics(is_anomaly, per_run[key])
                     except MetricError as err:
                         raise MetricError(f"run {run.name}, score {key}: {err}") from None
+                    normal_rows = labels == record["normal_class"]
+                    for c in np.unique(labels[~normal_rows]).tolist():  # one anomalous class at a time
+                        subset = normal_rows | (labels == c)
+                        by_anomaly.append({
+                            "dataset": record["dataset"], "backbone": record["backbone"], "method": record["method"],
+                            "setting": record.get("setting", ""), "normal_class": record["normal_class"],
+                            "normal_name": record["normal_name"], "anomaly_class": c, "anomaly_name": class_names[c],
+                            "score": key, "seed": record["seed"], **_metrics(is_anomaly[subset], per_run[key][subset]),
+                            "n_normal": int(normal_rows.sum()), "n_anomalous": int((labels == c).sum()),
+                            "run": run.name})
                     rows.append({
                         "dataset": record["dataset"], "backbone": record["backbone"],
                         "normal_class": record["normal_class"], "normal_name": record["normal_name"],
@@ -619,8 +640,16 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
         _write_scores(*args)
     rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["setting"], r["normal_class"], r["seed"],
                              r["score"]))
+    by_anomaly.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["setting"], r["normal_class"],
+                                   r["seed"], r["score"], r["anomaly_class"]))
+    _write_csv(Path(runs_dir) / "auroc_by_anomaly.csv", BY_ANOMALY_COLUMNS, by_anomaly)
     _write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
     return rows
+
+
+def _metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """auroc, aupr and fpr95 of scores (N,) against 0/1 labels (N,) (anomalous positive; :mod:`flow.metrics`)."""
+    return {name: fn(is_anomaly, scores) for name, fn in (("auroc", auroc), ("aupr", aupr), ("fpr95", fpr_at_tpr))}
 
 
 def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anomaly: np.ndarray,

@@ -270,12 +270,13 @@ def test_end_to_end_in_a_subprocess(tree, tmp_path):
 
 
 def test_unknown_dataset(tmp_path):
-    result = invoke("extract", "--dataset", "mnist", "--cache-dir", str(tmp_path))
+    result = invoke("extract", "--dataset", "imagenet", "--cache-dir", str(tmp_path))
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1
     assert "Invalid value for '--dataset'" in errors[0]
-    assert "'mnist' is not one of 'cifar10', 'fashion-mnist', 'digits', 'folder'" in errors[0]
+    assert ("'imagenet' is not one of 'cifar10', 'cifar100', 'stl10', 'mnist', 'svhn', 'fashion-mnist', "
+            "'cats-vs-dogs', 'mvtec', 'digits', 'folder'") in errors[0]
     assert not tmp_path.joinpath("cache").exists() and list(tmp_path.iterdir()) == []
 
 

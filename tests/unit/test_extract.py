@@ -479,10 +479,11 @@ def test_folder_errors(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DatasetError, match=r"--dataset must be one of cifar10, fashion-mnist, digits, folder; "
-                                           r"got 'mnist'"):
-        build_dataset("mnist", None, False, np.asarray)
-    assert extract.DATASETS == ("cifar10", "fashion-mnist", "digits", "folder")
+    with pytest.raises(DatasetError, match=r"--dataset must be one of cifar10, cifar100, stl10, mnist, svhn, "
+                                           r"fashion-mnist, cats-vs-dogs, mvtec, digits, folder; got 'imagenet'"):
+        build_dataset("imagenet", None, False, np.asarray)
+    assert extract.DATASETS == ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs",
+                                "mvtec", "digits", "folder")
 
 
 def test_unreadable_image_names_the_file(tmp_path):
