@@ -595,3 +595,69 @@ def _replace(f, name, data):
     del f[name]
     if data is not None:
         f[name] = data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optional fine labels (CIFAR-100)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fine_cache(path, fine_names=("f0", "f1", "f2", "f3")):
+    """Gaussian cache with fine labels: class k's rows alternate between fine classes 2k mod 4 and 2k + 1 mod 4."""
+    splits = gaussian_splits(n_train=4, n_test=2, num_classes=2)
+    with CacheWriter(path) as writer:
+        for split, (cls, patches, labels) in splits.items():
+            writer.create_split(split, len(cls), cls.shape[1], patches.shape[1], "float32")
+            writer.write(split, 0, cls, patches, labels, [f"{split}/{i}" for i in range(len(cls))])
+            writer.write_fine_labels(split, 2 * labels + np.arange(len(labels)) % 2)
+        return writer.finish(cache_attrs(["a", "b"], cls.shape[1], (2, 2), fine_class_names=list(fine_names)))
+
+
+def test_fine_labels_round_trip_and_enter_the_fingerprint(tmp_path):
+    path = _fine_cache(tmp_path / "c.h5")
+    with FeatureCache(path) as fc:
+        assert fc.fine_class_names == ["f0", "f1", "f2", "f3"]
+        assert fc.split("train").fine_labels.tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+        assert fc.split("test").fine_labels.dtype == np.int64
+        before = fc.fingerprint()
+    _poke(path, lambda f: f["train/fine_label"].__setitem__(0, 1))
+    with FeatureCache(path) as fc:
+        assert fc.fingerprint() != before
+
+
+def test_a_cache_without_fine_labels_has_none(gaussian_cache):
+    with FeatureCache(gaussian_cache) as fc:
+        assert fc.fine_class_names is None and fc.split("train").fine_labels is None
+
+
+def test_writer_refuses_fine_labels_without_names_or_of_the_wrong_length(tmp_path):
+    splits = gaussian_splits(n_train=2, n_test=1, num_classes=2)
+    with pytest.raises(CacheError, match="fine labels must be written for every split"):
+        with CacheWriter(tmp_path / "c.h5") as writer:
+            for split, (cls, patches, labels) in splits.items():
+                writer.create_split(split, len(cls), cls.shape[1], patches.shape[1], "float32")
+                writer.write(split, 0, cls, patches, labels, [f"{split}/{i}" for i in range(len(cls))])
+                writer.write_fine_labels(split, labels)
+            writer.finish(cache_attrs(["a", "b"], cls.shape[1], (2, 2)))
+    assert not list(tmp_path.iterdir())
+    with CacheWriter(tmp_path / "d.h5") as writer:
+        cls, patches, labels = splits["train"]
+        writer.create_split("train", len(cls), cls.shape[1], patches.shape[1], "float32")
+        with pytest.raises(ValueError, match=r"fine labels of shape \(3,\), expected \(4,\)"):
+            writer.write_fine_labels("train", labels[:3])
+        writer.abort()
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda f: f.attrs.__delitem__("fine_class_names"), "/train/fine_label and the attribute 'fine_class_names' must"),
+    (lambda f: _replace(f, "test/fine_label", None), "/test/fine_label and the attribute 'fine_class_names' must"),
+    (lambda f: f["train/fine_label"].__setitem__(0, 4), "/train/fine_label holds values outside 0..3"),
+    (lambda f: _replace(f, "test/fine_label", np.zeros(3, np.int64)), "/test/fine_label must be a 1-D integer array of "
+                                                                      "length 4"),
+    (lambda f: f.attrs.__setitem__("fine_class_names", '"abc"'), "'fine_class_names' must be a non-empty list"),
+])
+def test_malformed_fine_labels_are_refused(tmp_path, edit, fragment):
+    path = _fine_cache(tmp_path / "c.h5")
+    _poke(path, edit)
+    with pytest.raises(CacheError, match=re.escape(fragment)):
+        FeatureCache(path)
