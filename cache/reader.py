@@ -151,6 +151,8 @@ class FeatureCache:
         self.class_names: list[str] = list(self.attrs["class_names"])
         #: names of the optional fine labels (CIFAR-100's 100 classes), or None
         self.fine_class_names: list[str] | None = self.attrs.get("fine_class_names")
+        #: the classes that can be the normal class (good/defect layouts: ``good``); all classes when not stored
+        self.normal_classes: list[str] = list(self.attrs.get("normal_classes") or self.class_names)
         self._splits: dict[str, CacheSplit] = {}
 
     @property
@@ -230,6 +232,10 @@ class FeatureCache:
             raise CacheError(f"{where}: attribute 'class_names' must be a non-empty list of strings")
         if len(set(names)) != len(names):
             raise CacheError(f"{where}: attribute 'class_names' repeats a name: {names}")
+        normal = attrs.get("normal_classes")
+        if normal is not None and (not isinstance(normal, list) or not normal or not set(normal) <= set(names)):
+            raise CacheError(f"{where}: attribute 'normal_classes' must be a non-empty list of class names, got "
+                             f"{normal!r}")
         wrong = [k for k in STRING_ATTRS if not isinstance(attrs[k], str)]
         if wrong:
             raise CacheError(f"{where}: attributes {wrong} must be strings")

@@ -62,7 +62,7 @@ STRING_ATTRS = ("created", "dataset", "data_source", "backbone", "weights_source
 
 #: Attributes stored as JSON strings.
 JSON_ATTRS = ("class_names", "input_size", "mean", "std", "token_grid", "patch_grid", "fine_class_names",
-              "skipped_files")
+              "skipped_files", "normal_classes")
 
 #: Optional per-split dataset; present in every split exactly when the root attribute ``fine_class_names`` is.
 FINE_LABEL = "fine_label"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
 DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
             "folder")
@@ -72,6 +73,7 @@ class DatasetSource:
         splits: ``{"train": SplitSource, "test": SplitSource}``.
         description: where the images came from (recorded in the cache as ``data_source``).
         fine_class_names: names of ``SplitSource.fine_labels`` (CIFAR-100), else None.
+        normal_classes: the classes that can be the normal class (good/defect layouts: ``good``); None: all.
         skipped_files: files of the dataset left out because they are not readable images (Cats vs Dogs).
     """
 
@@ -81,6 +83,7 @@ class DatasetSource:
     description: str
     fine_class_names: list[str] | None = None
     skipped_files: list[str] | None = None
+    normal_classes: list[str] | None = None
 
     def set_transform(self, transform: Callable) -> None:
         """Use ``transform`` (PIL image -> tensor) in every split's Dataset."""
@@ -130,24 +133,55 @@ def load_image(path: str) -> Image.Image:
     return image if image.mode in ("RGB", "L") else image.convert("RGB")
 
 
-def _image_folder_split(root: Path, split: str, transform: Callable) -> tuple[list[str], SplitSource]:
-    from torchvision.datasets import ImageFolder
+def _visible_image(path: str) -> bool:
+    """An image file by extension (torchvision's ``IMG_EXTENSIONS``) that is not hidden (``.name``, e.g. macOS
+    ``._x.png`` resource forks)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision ``ImageFolder`` that ignores hidden class folders (``.ipynb_checkpoints``) and hidden files, or,
+    with ``fixed_classes``, indexes exactly those class folders in that order (indices 0, 1, ...)."""
+
+    def __init__(self, root: str, fixed_classes: list[str] | None = None, **kwargs) -> None:
+        self.fixed_classes = fixed_classes
+        super().__init__(root, loader=load_image, is_valid_file=_visible_image, **kwargs)
+
+    def find_classes(self, directory):  # torchvision's hook for choosing the classes
+        names = self.fixed_classes if self.fixed_classes is not None else sorted(
+            e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not names:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return list(names), {c: i for i, c in enumerate(names)}
+
+
+def _folder_split(root: Path, split: str, transform: Callable, option: str = "--data-root",
+                  classes: list[str] | None = None) -> tuple[list[str], SplitSource]:
     folder = root / split
     try:
-        dataset = ImageFolder(str(folder), transform=transform, loader=load_image)
+        dataset = VisibleImageFolder(str(folder), classes, transform=transform)
     except (FileNotFoundError, OSError) as err:
-        raise DatasetError(f"--data-root {root}: cannot index {folder}: {err}") from None
-    seen: dict[str, str] = {}
-    for path, _ in dataset.samples:  # ImageFolder follows directory links: a loop would repeat images
-        real = os.path.realpath(path)
-        if real in seen:
-            raise DatasetError(f"--data-root {root}: the image {real} is reached twice ({seen[real]} and {path}); "
-                               "remove the duplicate or the directory link")
-        seen[real] = path
+        raise DatasetError(f"{option} {root}: cannot index {folder}: {err}") from None
     ids = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return list(dataset.classes), SplitSource(dataset, ids, labels)
+
+
+def check_unique_files(root: Path, paths: list[str], option: str = "--data-root") -> None:
+    """Refuse an image file reached twice (a directory link, a loop, or a file linked into both splits).
+
+    Raises:
+        DatasetError: names the file and both paths.
+    """
+    seen: dict[str, str] = {}
+    for path in paths:  # ImageFolder follows directory links: a loop would repeat images
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DatasetError(f"{option} {root}: the image {real} is reached twice ({seen[real]} and {path}); "
+                               "remove the duplicate or the link")
+        seen[real] = path
 
 
 def build_folder(root: Path, transform: Callable, name: str = "folder") -> DatasetSource:
@@ -160,11 +194,12 @@ def build_folder(root: Path, transform: Callable, name: str = "folder") -> Datas
         if not (root / split).is_dir():
             raise DatasetError(f"--data-root {root}: expected folders {root}/train/<class>/ and "
                                f"{root}/test/<class>/; {root / split} is missing")
-    train_classes, train = _image_folder_split(root, "train", transform)
-    test_classes, test = _image_folder_split(root, "test", transform)
+    train_classes, train = _folder_split(root, "train", transform)
+    test_classes, test = _folder_split(root, "test", transform)
     if train_classes != test_classes:
         raise DatasetError(f"--data-root {root}: train classes {train_classes} differ from test classes "
                            f"{test_classes}")
+    check_unique_files(root, [p for part in (train, test) for p, _ in part.dataset.samples])
     return DatasetSource(name, train_classes, {"train": train, "test": test}, f"image folder {root.resolve()}")
 
 
@@ -237,13 +272,28 @@ def build_cifar10(data_root: Path | None, download: bool, transform: Callable) -
                          f"torchvision.datasets.CIFAR10 {Path(root).resolve()}")
 
 
+def _release_files(cls, root: Path, kwargs: dict) -> list[Path]:
+    """The files of a torchvision dataset class that it checks (CIFAR, STL-10: ``base_folder`` + file lists; SVHN:
+    the split's .mat)."""
+    if hasattr(cls, "base_folder") and hasattr(cls, "train_list"):
+        return [Path(root) / cls.base_folder / n for n, _ in cls.train_list + cls.test_list]
+    if hasattr(cls, "split_list") and "split" in kwargs:
+        return [Path(root) / cls.split_list[kwargs["split"]][1]]
+    return []
+
+
 def _torchvision_dataset(cls, name: str, root: Path, download: bool, transform: Callable, expected: str,
                          **kwargs):
     try:
         return cls(str(root), download=download, transform=transform, **kwargs)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."; scipy: v7.3 .mat files
+        first = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
+        files = _release_files(cls, root, kwargs)
+        if files and all(f.is_file() for f in files):
+            raise DatasetError(f"--dataset {name}: the files under --data-root {root} are present but torchvision "
+                               f"refused them ({first}); they are damaged, incomplete or of another release "
+                               "(torchvision checks their MD5)") from None
         if download:
-            first = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
             raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
                                f"and downloading it failed ({first}; no network?); download it elsewhere and "
                                "pass --data-root") from None
@@ -252,6 +302,15 @@ def _torchvision_dataset(cls, name: str, root: Path, download: bool, transform: 
     except OSError as err:  # URLError and socket errors are OSErrors: no network
         raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
                            f"and the download failed ({err}); download it elsewhere or pass --data-root") from None
+
+
+def _check_arrays(name: str, root: Path, split: str, data: np.ndarray, labels, image_shape: tuple) -> None:
+    """Refuse a torchvision array dataset whose images are not (N, *image_shape) or whose labels are not (N,)."""
+    labels = np.asarray(labels)
+    if data.ndim != 1 + len(image_shape) or tuple(data.shape[1:]) != image_shape or labels.shape != data.shape[:1]:
+        raise DatasetError(f"--dataset {name}: the {split} files under --data-root {root} hold images of shape "
+                           f"{tuple(data.shape)} and labels of shape {labels.shape}; expected (N, "
+                           f"{', '.join(map(str, image_shape))}) and (N,)")
 
 
 def _stage_idx_files(data_root: Path, staging: Path, folder: str, title: str) -> bool:
@@ -400,6 +459,11 @@ class FileImages(Dataset):
         return self.transform(load_image(self.paths[index])), int(self.labels[index])
 
 
+def _few(names: list[str], most: int = 5) -> str:
+    return "none" if not names else ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
+                                                                else "")
+
+
 def build_cifar100(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
     """CIFAR-100 with the 20 superclasses as classes (SPEC.md section 4); the fine class is kept as ``fine_labels``.
 
@@ -416,9 +480,11 @@ def build_cifar100(data_root: Path | None, download: bool, transform: Callable) 
     if data_root is not None and (data_root / "train").is_dir():
         source = build_folder(data_root, transform, name="cifar100")
         if tuple(source.class_names) != CIFAR100_FINE_CLASSES:
+            missing = sorted(set(CIFAR100_FINE_CLASSES) - set(source.class_names))
+            unexpected = sorted(set(source.class_names) - set(CIFAR100_FINE_CLASSES))
             raise DatasetError(f"--data-root {data_root}: class folders must be the 100 CIFAR-100 fine class names "
-                               f"({', '.join(CIFAR100_FINE_CLASSES[:3])}, ...); found {len(source.class_names)} "
-                               f"folders: {', '.join(source.class_names[:5])}{', ...' if len(source.class_names) > 5 else ''}")
+                               f"({', '.join(CIFAR100_FINE_CLASSES[:3])}, ...); missing {_few(missing)}, unexpected "
+                               f"{_few(unexpected)}")
         for split, part in source.splits.items():
             _check_counts(f"--data-root {data_root}", "CIFAR-100", split, part.labels, CIFAR100_FINE_CLASSES,
                           CIFAR100_COUNTS[split] // 5)
@@ -440,10 +506,18 @@ def build_cifar100(data_root: Path | None, download: bool, transform: Callable) 
                                        expected=f"{root}/cifar-100-python/ or {root}/train/<fine class>/")
         if tuple(dataset.classes) != CIFAR100_FINE_CLASSES:
             raise DatasetError(f"--data-root {root}: CIFAR-100 fine_label_names differ from the published list")
+        _check_arrays("cifar100", root, split, dataset.data, dataset.targets, (32, 32, 3))
         pickled = Path(root) / CIFAR100.base_folder / (dataset.train_list if split == "train" else dataset.test_list)[0][0]
         with open(pickled, "rb") as handle:  # torchvision keeps only the fine labels; the release has both
-            coarse = np.asarray(pickle.load(handle, encoding="latin1")["coarse_labels"], dtype=np.int64)
+            entry = pickle.load(handle, encoding="latin1")
+        if "coarse_labels" not in entry:
+            raise DatasetError(f"--data-root {root}: {pickled} has no 'coarse_labels' (not the CIFAR-100 python "
+                               "release)")
+        coarse = np.asarray(entry["coarse_labels"], dtype=np.int64)
         fine = np.asarray(dataset.targets, dtype=np.int64)
+        if coarse.shape != fine.shape or (fine.size and (fine.min() < 0 or fine.max() >= 100)):
+            raise DatasetError(f"--data-root {root}: {pickled} holds {fine.size} fine labels (expected in 0..99) and "
+                               f"{coarse.size} coarse labels; expected as many of each")
         disagree = np.flatnonzero(coarse != CIFAR100_FINE_TO_COARSE[fine])
         if disagree.size:
             i = int(disagree[0])
@@ -475,6 +549,7 @@ def build_stl10(data_root: Path | None, download: bool, transform: Callable) -> 
         dataset = _torchvision_dataset(STL10, "stl10", root, download, transform, split=split,
                                        expected=f"{root}/stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, "
                                                 "test_y.bin, unlabeled_X.bin")
+        _check_arrays("stl10", root, split, dataset.data, dataset.labels, (3, 96, 96))
         if getattr(dataset, "classes", None) and tuple(dataset.classes) != STL10_CLASSES:
             raise DatasetError(f"--data-root {root}: stl10_binary/class_names.txt lists {dataset.classes}, "
                                f"expected {list(STL10_CLASSES)}")
@@ -497,19 +572,22 @@ def build_svhn(data_root: Path | None, download: bool, transform: Callable) -> D
     for split in ("train", "test"):
         dataset = _torchvision_dataset(SVHN, "svhn", root, download, transform, split=split,
                                        expected=f"{root}/train_32x32.mat and {root}/test_32x32.mat")
+        _check_arrays("svhn", root, split, dataset.data, np.atleast_1d(dataset.labels), (3, 32, 32))
+        dataset.labels = np.atleast_1d(dataset.labels)  # torchvision squeezes a 1-image split to 0-d
         splits[split] = _torchvision_split(dataset, split, labels=dataset.labels)
     return DatasetSource("svhn", list(DIGIT_CLASSES), splits, f"torchvision.datasets.SVHN {Path(root).resolve()}")
 
 
 def _readable_image(path: str) -> bool:
-    """Whether ``path`` decodes as an image (JPEGs decoded at reduced scale, which still reads every byte)."""
+    """Whether :func:`load_image` would accept ``path`` (JPEGs are decoded at reduced scale, which still reads every
+    byte, so a truncated file fails)."""
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.draft("RGB", (64, 64))
             image.load()
-        return True
-    except Exception:  # PIL raises several types for bad files
+        return image.mode not in ("I", "F")  # load_image refuses 32-bit images
+    except Exception:  # PIL raises several types for bad files; a dangling link raises OSError
         return False
 
 
@@ -522,7 +600,13 @@ def _readable(paths: list[str]) -> list[bool]:
 
 def _file_number(name: str) -> tuple:
     stem = Path(name).stem
-    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+    return (0, int(stem), name) if stem.isascii() and stem.isdigit() else (1, 0, name)
+
+
+def _class_folders(base: Path) -> dict[str, Path] | None:
+    """``{cat: base/Cat, dog: base/Dog}`` (folder names in any case), or None when either is missing."""
+    found = {p.name.lower(): p for p in base.iterdir() if p.is_dir()} if base.is_dir() else {}
+    return {c: found[c] for c in CATS_VS_DOGS_CLASSES} if all(c in found for c in CATS_VS_DOGS_CLASSES) else None
 
 
 def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_class: int = CATS_VS_DOGS_TRAIN,
@@ -530,26 +614,28 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
     """Cats vs Dogs (Microsoft PetImages), protocol of SPEC.md section 4: per class 10,000 train, 2,500 test.
 
     Layouts: ``data_root/{Cat,Dog}/`` (or ``data_root/PetImages/{Cat,Dog}/``), the Microsoft release; every
-    file of a class folder is tried, ordered by file number (``123.jpg``; other names after, by name), files
-    that are not readable images are skipped and counted, and the first ``train_per_class`` readable ones
-    are train, the next ``test_per_class`` test. Or an image-folder tree ``data_root/{train,test}/{cat,dog}/``
-    (any case) taken as it is, unreadable images skipped. Classes are ``cat`` (0) and ``dog`` (1).
+    entry of a class folder except hidden ones is tried, ordered by file number (``123.jpg``; other names after,
+    by name); entries that are not readable images (corrupt files, ``Thumbs.db``, dangling links) are skipped and
+    listed, and the first ``train_per_class`` readable ones are train, the next ``test_per_class`` test. Or an
+    image-folder tree ``data_root/{train,test}/{cat,dog}/`` (any case) taken as it is, unreadable images skipped.
+    Classes are ``cat`` (0) and ``dog`` (1).
 
     Raises:
-        DatasetError: the layout is not found, or a class has no more than ``train_per_class`` readable images.
+        DatasetError: the layout is not found, a class has no more than ``train_per_class`` readable images, or an
+            image is reached twice (a link).
     """
     if data_root is None:
         raise DatasetError("--dataset cats-vs-dogs needs --data-root DIR holding DIR/Cat/ and DIR/Dog/ (Microsoft "
                            "PetImages) or DIR/{train,test}/{cat,dog}/; it cannot be downloaded")
-    base = data_root / "PetImages" if (data_root / "PetImages").is_dir() else data_root
-    folders = {c: next((base / n for n in (c.capitalize(), c) if (base / n).is_dir()), None)
-               for c in CATS_VS_DOGS_CLASSES}
+    folders = _class_folders(data_root / "PetImages") or _class_folders(data_root)
     skipped: list[str] = []
-    if all(folders.values()):
+    splits: dict[str, SplitSource] = {}
+    if folders is not None:
         per_split: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
         notes = []
         for label, name in enumerate(CATS_VS_DOGS_CLASSES):
-            files = sorted((p for p in folders[name].iterdir() if p.is_file()), key=lambda p: _file_number(p.name))
+            files = sorted((p for p in folders[name].iterdir() if not p.name.startswith(".") and not p.is_dir()),
+                           key=lambda p: _file_number(p.name))
             ok = _readable([str(p) for p in files])
             good = [p for p, k in zip(files, ok) if k]
             skipped += [p.relative_to(data_root).as_posix() for p, k in zip(files, ok) if not k]
@@ -561,78 +647,72 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
                 per_split[split][0].extend(paths)
                 per_split[split][1].extend([label] * len(paths))
             notes.append(f"{name}: {len(chosen['train'])} train / {len(chosen['test'])} test of {len(files)} files")
-        splits = {}
         for split, (paths, labels) in per_split.items():
             labels = np.asarray(labels, dtype=np.int64)
             splits[split] = SplitSource(FileImages([str(p) for p in paths], labels, transform),
                                         [p.relative_to(data_root).as_posix() for p in paths], labels)
-        description = (f"Microsoft PetImages {base.resolve()}: {'; '.join(notes)} (first readable files by number; "
-                       f"{len(skipped)} unreadable skipped)")
+        description = (f"Microsoft PetImages {folders['cat'].parent.resolve()}: {'; '.join(notes)} (first readable "
+                       f"files by number; {len(skipped)} unreadable skipped)")
     elif (data_root / "train").is_dir():
         source = build_folder(data_root, transform, name="cats-vs-dogs")
-        if [c.lower() for c in source.class_names] != list(CATS_VS_DOGS_CLASSES):
-            raise DatasetError(f"--data-root {data_root}: class folders must be cat and dog; found {source.class_names}")
-        splits = {}
+        lower = [c.lower() for c in source.class_names]
+        if sorted(lower) != list(CATS_VS_DOGS_CLASSES):
+            raise DatasetError(f"--data-root {data_root}: class folders must be cat and dog (any case); found "
+                               f"{source.class_names}")
+        to_label = np.array([CATS_VS_DOGS_CLASSES.index(c) for c in lower], dtype=np.int64)  # 'Dog' sorts before 'cat'
         for split, part in source.splits.items():
             paths = [path for path, _ in part.dataset.samples]
             ok = np.asarray(_readable(paths), dtype=bool)
             skipped += [i for i, k in zip(part.sample_ids, ok) if not k]
             keep = np.flatnonzero(ok)
-            splits[split] = SplitSource(FileImages([paths[i] for i in keep], part.labels[keep], transform),
-                                        [part.sample_ids[i] for i in keep], part.labels[keep])
+            labels = to_label[part.labels[keep]]
+            splits[split] = SplitSource(FileImages([paths[i] for i in keep], labels, transform),
+                                        [part.sample_ids[i] for i in keep], labels)
         description = f"Cats vs Dogs image folders {data_root.resolve()} ({len(skipped)} unreadable skipped)"
     else:
         raise DatasetError(f"--data-root {data_root}: expected {data_root}/Cat/ and {data_root}/Dog/ (Microsoft "
-                           f"PetImages) or {data_root}/train/<cat|dog>/ and {data_root}/test/<cat|dog>/")
+                           f"PetImages, or under {data_root}/PetImages/) or {data_root}/train/<cat|dog>/ and "
+                           f"{data_root}/test/<cat|dog>/")
+    check_unique_files(data_root, [p for part in splits.values() for p in part.dataset.paths])
     return DatasetSource("cats-vs-dogs", list(CATS_VS_DOGS_CLASSES), splits, description, skipped_files=skipped)
 
 
 def build_good_defect(root: Path, transform: Callable, name: str, option: str = "--data-root") -> DatasetSource:
     """An MVTec-style tree: ``root/train/good/``, ``root/test/good/`` and ``root/test/<defect type>/`` (anything
-    else, such as ``ground_truth/``, is ignored).
+    else, such as ``ground_truth/``, and hidden folders and files are ignored).
 
-    Classes are ``good`` (0, the normal class) followed by the defect types sorted by name, so each test
-    image keeps its defect type and AUROC can be reported per defect type. The train split holds only
-    ``good``.
+    Classes are ``good`` (0, the normal class, the only one that can be normal) followed by the defect types
+    sorted by name, so each test image keeps its defect type and AUROC can be reported per defect type. The
+    train split holds only ``good``.
 
     Raises:
-        DatasetError: ``train/good`` or ``test/good`` missing, other folders under ``train/``, or no defect type.
+        DatasetError: ``train/good`` or ``test/good`` missing, other folders under ``train/``, no defect type, or an
+            image reached twice (a link).
     """
-    from torchvision.datasets import ImageFolder
-
     for needed in (root / "train" / "good", root / "test" / "good"):
         if not needed.is_dir():
             raise DatasetError(f"{option} {root}: expected {root}/train/good/, {root}/test/good/ and "
                                f"{root}/test/<defect type>/; {needed} is missing")
-    extra = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and p.name != "good")
+
+    def folders(path: Path) -> list[str]:
+        return sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != "good" and not p.name.startswith("."))
+
+    extra = folders(root / "train")
     if extra:
         raise DatasetError(f"{option} {root}: train/ must hold only good/ (normal images); found {extra}")
-    defects = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name != "good")
+    defects = folders(root / "test")
     if not defects:
         raise DatasetError(f"{option} {root}: test/ holds no defect type folder beside good/")
     classes = ["good", *defects]
-
-    class GoodFirst(ImageFolder):  # torchvision's hook for choosing the classes of a folder
-        def find_classes(self, directory):
-            chosen = classes if Path(directory).name == "test" else ["good"]
-            return chosen, {c: i for i, c in enumerate(chosen)}
-
-    splits = {}
-    for split in ("train", "test"):
-        try:
-            dataset = GoodFirst(str(root / split), transform=transform, loader=load_image)
-        except (FileNotFoundError, OSError) as err:
-            raise DatasetError(f"{option} {root}: cannot index {root / split}: {err}") from None
-        paths = [path for path, _ in dataset.samples]
-        labels = np.asarray(dataset.targets, dtype=np.int64)
-        splits[split] = SplitSource(FileImages(paths, labels, transform),
-                                    [Path(p).relative_to(root).as_posix() for p in paths], labels)
-    return DatasetSource(name, classes, splits, f"good/defect folders {root.resolve()}")
+    splits = {split: _folder_split(root, split, transform, option, ["good"] if split == "train" else classes)[1]
+              for split in ("train", "test")}
+    check_unique_files(root, [p for part in splits.values() for p, _ in part.dataset.samples], option)
+    return DatasetSource(name, classes, splits, f"good/defect folders {root.resolve()}", normal_classes=["good"])
 
 
 def mvtec_categories(data_root: Path) -> list[str]:
-    """The MVTec AD categories under ``data_root``: sub-folders holding ``train/good``, sorted by name."""
-    return sorted(p.name for p in data_root.iterdir() if (p / "train" / "good").is_dir())
+    """The MVTec AD categories under ``data_root``: visible sub-folders holding ``train/good``, sorted by name."""
+    return sorted(p.name for p in data_root.iterdir() if not p.name.startswith(".") and (p / "train" / "good").is_dir())
 
 
 def build_mvtec(data_root: Path | None, category: str | None, transform: Callable) -> DatasetSource:
@@ -646,7 +726,7 @@ def build_mvtec(data_root: Path | None, category: str | None, transform: Callabl
         raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ... (the MVTec "
                            "AD release, unpacked); it cannot be downloaded")
     present = mvtec_categories(data_root)
-    if category is None or category == "all" or category not in present:
+    if category is None or category not in present:
         raise DatasetError(f"--category must be one of {', '.join(present) or '(none found under --data-root)'} or "
                            f"'all'; got {category!r}")
     return build_good_defect(data_root / category, transform, f"mvtec-{category}")
@@ -682,27 +762,80 @@ def build_dataset(name: str, data_root: str | Path | None, download: bool, trans
     local_only = name in ("folder", "cats-vs-dogs", "mvtec")
     if root is not None and not root.exists() and (local_only or not download):
         raise DatasetError(f"--data-root {root} does not exist")
-    if name == "digits":
-        return build_digits(transform)
-    if name == "cifar10":
-        return build_cifar10(root, download, transform)
-    if name == "cifar100":
-        return build_cifar100(root, download, transform)
-    if name == "stl10":
-        return build_stl10(root, download, transform)
-    if name == "svhn":
-        return build_svhn(root, download, transform)
-    if name == "mnist":
-        return build_mnist(root, download, transform)
-    if name == "fashion-mnist":
-        return build_fashion_mnist(root, download, transform)
-    if name == "cats-vs-dogs":
-        return build_cats_vs_dogs(root, transform)
-    if name == "mvtec":
-        return build_mvtec(root, category, transform)
-    if root is None:
+    if name == "folder" and root is None:
         raise DatasetError("--dataset folder needs --data-root DIR holding DIR/train/<class>/ and DIR/test/<class>/ "
                            "(or, with --layout good-defect, DIR/train/good/, DIR/test/good/, DIR/test/<defect>/)")
-    if layout == "good-defect":
-        return build_good_defect(root, transform, "folder")
-    return build_folder(root, transform)
+    builders = {
+        "digits": lambda: build_digits(transform),
+        "cifar10": lambda: build_cifar10(root, download, transform),
+        "cifar100": lambda: build_cifar100(root, download, transform),
+        "stl10": lambda: build_stl10(root, download, transform),
+        "svhn": lambda: build_svhn(root, download, transform),
+        "mnist": lambda: build_mnist(root, download, transform),
+        "fashion-mnist": lambda: build_fashion_mnist(root, download, transform),
+        "cats-vs-dogs": lambda: build_cats_vs_dogs(root, transform),
+        "mvtec": lambda: build_mvtec(root, category, transform),
+        "folder": lambda: (build_good_defect(root, transform, "folder") if layout == "good-defect"
+                           else build_folder(root, transform)),
+    }
+    if name in ("digits", "folder", "cats-vs-dogs", "mvtec"):
+        source = builders[name]()
+    else:
+        source = _read_release(name, root, builders[name])
+    check_source(source)
+    return source
+
+
+def _read_release(name: str, root: Path | None, build: Callable[[], DatasetSource]) -> DatasetSource:
+    """``build()`` for a torchvision dataset, turning the errors of a file that does not have the release's layout
+    (a missing key, a wrong shape) into one :class:`DatasetError` naming the dataset and data root."""
+    try:
+        return build()
+    except _RELEASE_FORMAT_ERRORS as err:  # a release file that parses but is not laid out as the release's
+        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise DatasetError(f"--dataset {name}: cannot read the files under --data-root {root or 'data'} "
+                           f"({type(err).__name__}{': ' + text if text else ''}); they are damaged or not in the "
+                           "format of the dataset's release") from None
+
+
+def _format_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [KeyError, IndexError, TypeError, ValueError, EOFError, AttributeError]
+    try:
+        from scipy.io.matlab import MatReadError  # SVHN's .mat files
+
+        errors.append(MatReadError)
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        pass
+    import pickle
+
+    errors.append(pickle.UnpicklingError)
+    return tuple(errors)
+
+
+_RELEASE_FORMAT_ERRORS = _format_errors()
+
+
+def check_source(source: DatasetSource) -> None:
+    """Refuse a dataset whose labels cannot be stored: per split as many labels and sample ids as images, labels
+    (and fine labels) in range; checked before any image is encoded.
+
+    Raises:
+        DatasetError: names the split, the first bad sample and the allowed range.
+    """
+    for split, part in source.splits.items():
+        n = len(part.dataset)
+        labels = np.asarray(part.labels)
+        if labels.ndim != 1 or len(labels) != n or len(part.sample_ids) != n:
+            raise DatasetError(f"--dataset {source.name}: the {split} split has {n} images but {labels.size} labels "
+                               f"and {len(part.sample_ids)} sample ids")
+        for values, names, what in ((labels, source.class_names, "label"),
+                                    (part.fine_labels, source.fine_class_names, "fine label")):
+            if values is None or not len(values):
+                continue
+            bad = np.flatnonzero((values < 0) | (values >= len(names)))
+            if bad.size:
+                i = int(bad[0])
+                raise DatasetError(f"--dataset {source.name}: {split} image {part.sample_ids[i]!r} has {what} "
+                                   f"{int(values[i])}, outside 0..{len(names) - 1} ({bad.size} such images)")
+    if source.normal_classes is not None and not set(source.normal_classes) <= set(source.class_names):
+        raise DatasetError(f"--dataset {source.name}: normal classes {source.normal_classes} are not all classes")

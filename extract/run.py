@@ -239,6 +239,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             fine_labels = {split: part.fine_labels for split, part in source.splits.items()}
         if source.skipped_files is not None:
             attrs["skipped_files"] = source.skipped_files
+        if source.normal_classes is not None:
+            attrs["normal_classes"] = source.normal_classes
         final = store.assemble(attrs, fine_labels=fine_labels)
     log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
     return final
@@ -263,5 +265,7 @@ def extract_categories(dataset: str, data_root: str | None, category: str | None
         categories = mvtec_categories(Path(data_root))
         if not categories:
             raise DatasetError(f"--data-root {data_root}: no MVTec AD category (<category>/train/good/) found")
+        for c in categories:  # every category's layout is checked before any image is encoded
+            build_dataset(dataset, data_root, False, transform=None, category=c)
         return [extract_features(dataset, data_root, category=c, **options) for c in categories]
     return [extract_features(dataset, data_root, category=category, **options)]

@@ -244,10 +244,13 @@ def _open_for_fit(cache, normal, runs_dir: Path):
     ``runs_dir`` is known to be writable (what every method checks before it fits)."""
     with FeatureCache(cache) as fc:
         classes = resolve_normal(normal, fc.class_names)
+        allowed = [fc.class_names.index(c) for c in fc.normal_classes]
         if str(normal) not in fc.class_names and str(normal).strip() == "all":
-            # 'all' means every class that can be normal: one with train rows (MVTec: only 'good')
-            train = fc.split("train")
-            classes = [k for k in classes if train.rows_of_class(k).size]
+            classes = allowed  # every class that can be normal (good/defect layouts: only 'good')
+        refused = [fc.class_names[k] for k in classes if k not in allowed]
+        if refused:
+            raise ValueError(f"--normal {refused[0]!r}: only {', '.join(fc.normal_classes)} can be the normal class "
+                             "of this cache (the other classes are defect types)")
         check_writable_dir(runs_dir, "--runs-dir")
         yield fc, classes, fc.fingerprint()
 
@@ -635,7 +638,13 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                     })
             log(f"scored {test.num_rows} test rows of {Path(cache_path).name} with {len(loaded)} run(s) "
                 f"in {elapsed:.1f} s")
-    # every AUROC is computed before anything is written: an error leaves the earlier outputs as they were
+    # every AUROC is computed, and every destination checked, before anything is written: an error leaves the
+    # earlier outputs as they were
+    outputs = [args[0] for args in pending_writes] + [Path(runs_dir) / "auroc_by_anomaly.csv",
+                                                      Path(runs_dir) / "auroc.csv"]
+    for path in outputs:
+        if os.path.lexists(path) and not path.is_file():
+            raise RunError(f"cannot write {path}: it exists and is not a file; move it away")
     for args in pending_writes:
         _write_scores(*args)
     rows.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["setting"], r["normal_class"], r["seed"],

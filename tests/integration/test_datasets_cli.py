@@ -80,10 +80,52 @@ def test_mvtec_score_reports_auroc_per_defect_type(mvtec_run):
     assert total[0]["n_anomalous"] == "5"
 
 
-def test_mvtec_naming_a_defect_class_as_normal_is_refused(mvtec_run, tmp_path):
-    result = invoke("fit", "--cache", str(mvtec_run["caches"][0]), "--normal", "contamination", "--runs-dir",
+@pytest.mark.parametrize("normal", ["contamination", "2"])
+def test_mvtec_naming_a_defect_class_as_normal_is_refused(mvtec_run, tmp_path, normal):
+    with FeatureCache(mvtec_run["caches"][0]) as fc:
+        assert fc.attrs["normal_classes"] == ["good"] and fc.normal_classes == ["good"]
+    result = invoke("fit", "--cache", str(mvtec_run["caches"][0]), "--normal", normal, "--runs-dir",
                     str(tmp_path / "r"), "--epochs", "1", "--device", "cpu")
-    assert_input_error(result, "--normal 'contamination'", "no rows of this class")
+    assert_input_error(result, "--normal 'contamination': only good can be the normal class of this cache")
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+
+
+def test_normal_all_refuses_a_class_without_train_rows(tmp_path):
+    from conftest import gaussian_splits, write_cache
+
+    splits = gaussian_splits(n_train=5, n_test=3)
+    cls, patches, labels = splits["train"]
+    keep = labels != 1  # class b has test images but no train images
+    splits["train"] = (cls[keep], patches[keep], labels[keep])
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    result = invoke("fit", "--cache", str(cache), "--normal", "all", "--method", "knn", "--runs-dir",
+                    str(tmp_path / "runs"))
+    assert_input_error(result, "--normal 'b': the train split has no rows of this class")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_mvtec_all_checks_every_category_before_encoding(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec")
+    (root / "zzz" / "train" / "good").mkdir(parents=True)  # sorts last; has no test/
+    Image = __import__("PIL.Image", fromlist=["Image"])
+    Image.new("RGB", (8, 8)).save(root / "zzz" / "train" / "good" / "0.png")
+    result = invoke("extract", "--dataset", "mvtec", "--category", "all", "--data-root", str(root),
+                    "--cache-dir", str(tmp_path / "cache"), *COMMON)
+    assert_input_error(result, "zzz/test/good is missing")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_score_checks_every_destination_before_writing(mvtec_run, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(mvtec_run["runs"], runs)
+    (runs / "auroc_by_anomaly.csv").unlink()
+    (runs / "auroc.csv").unlink()
+    (runs / "auroc.csv").mkdir()
+    result = invoke("score", "--runs-dir", str(runs), "--device", "cpu")
+    assert_input_error(result, "auroc.csv: it exists and is not a file")
+    assert not (runs / "auroc_by_anomaly.csv").exists()
 
 
 def test_mvtec_category_errors(mvtec_run, tmp_path):

@@ -644,6 +644,9 @@ def test_build_dataset_download_into_a_new_root(tmp_path, monkeypatch):
             self.data = [None, None]
             self.targets = [0, 1]
 
+        def __len__(self):
+            return len(self.data)
+
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
     root = tmp_path / "new"
     source = build_dataset("fashion-mnist", root, True, np.asarray)

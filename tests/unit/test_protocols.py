@@ -371,3 +371,156 @@ def test_every_dataset_is_offered_by_the_cli():
     import pipeline
 
     assert pipeline.DATASET_CHOICES == list(ds.DATASETS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input found by a breaking session: each a one-line DatasetError before anything is encoded
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_labels_outside_the_classes_are_refused_before_encoding(tmp_path):
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for prefix, labels in (("train", [0, 1, 10, 3]), ("t10k", [0, 1])):
+        labels = np.array(labels, np.uint8)
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, len(labels), 28, 28)
+                                                          + bytes(len(labels) * 784))
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, len(labels)) + labels.tobytes())
+    with pytest.raises(DatasetError, match=r"train image 'train/00002' has label 10, outside 0..9 \(1 such images\)"):
+        build_dataset("mnist", root, False, no_transform)
+
+
+def test_stl10_label_file_shorter_than_the_images_is_refused(tmp_path, no_md5):
+    root = _write_stl10(tmp_path / "stl", {"train": 1, "test": 1})
+    y = root / "stl10_binary" / "test_y.bin"
+    y.write_bytes(y.read_bytes()[:-1])
+    with pytest.raises(DatasetError, match="stl10: the test files under .* hold images of shape \\(10, 3, 96, 96\\) "
+                                           "and labels of shape \\(9,\\)"):
+        build_dataset("stl10", root, False, no_transform)
+
+
+def test_stl10_label_zero_wraps_and_is_refused(tmp_path, no_md5):
+    root = _write_stl10(tmp_path / "stl", {"train": 1, "test": 1})
+    (root / "stl10_binary" / "train_y.bin").write_bytes(bytes([0] + list(range(2, 11))))
+    with pytest.raises(DatasetError, match="has label 255, outside 0..9"):
+        build_dataset("stl10", root, False, no_transform)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"X": np.zeros((32, 32, 3, 2), np.uint8)}, "KeyError: 'y'"),
+    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 2))}, "labels of shape (2, 2)"),
+    ({"X": np.zeros((2, 3, 32, 32), np.uint8), "y": np.ones((2, 1))}, "hold images of shape (32, 32, 2, 3)"),
+    (b"not a mat file", "they are damaged or not in the format of the dataset's release"),
+])
+def test_malformed_svhn_files_are_one_line_errors(tmp_path, no_md5, content, fragment):
+    from scipy.io import savemat
+
+    root = tmp_path / "svhn"
+    root.mkdir()
+    for split in ("train", "test"):
+        if isinstance(content, bytes):
+            (root / f"{split}_32x32.mat").write_bytes(content)
+        else:
+            savemat(root / f"{split}_32x32.mat", content)
+    with pytest.raises(DatasetError) as info:
+        build_dataset("svhn", root, False, no_transform)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_svhn_with_one_test_image(tmp_path, no_md5):
+    from scipy.io import savemat
+
+    root = tmp_path / "svhn"
+    root.mkdir()
+    for split, n in (("train", 10), ("test", 1)):
+        savemat(root / f"{split}_32x32.mat", {"X": np.zeros((32, 32, 3, n), np.uint8),
+                                               "y": np.arange(1, n + 1).reshape(-1, 1)})
+    assert build_dataset("svhn", root, False, no_transform).splits["test"].labels.tolist() == [1]
+
+
+def test_release_files_present_but_refused_by_torchvision(tmp_path):
+    from scipy.io import savemat
+
+    root = tmp_path / "svhn"
+    root.mkdir()
+    for split in ("train", "test"):  # real format, but not the release's bytes: the MD5 check fails
+        savemat(root / f"{split}_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1))})
+    with pytest.raises(DatasetError, match="are present but torchvision refused them .*MD5"):
+        build_dataset("svhn", root, False, no_transform)
+
+
+def test_cifar100_pickle_without_coarse_labels(tmp_path, no_md5):
+    root = _write_cifar100(tmp_path / "c100", {"train": 1, "test": 1})
+    entry = pickle.loads((root / "cifar-100-python" / "test").read_bytes())
+    del entry["coarse_labels"]
+    (root / "cifar-100-python" / "test").write_bytes(pickle.dumps(entry))
+    with pytest.raises(DatasetError, match="has no 'coarse_labels'"):
+        build_dataset("cifar100", root, False, no_transform)
+
+
+def test_cifar100_folder_error_names_the_misspelled_folder(tmp_path):
+    for split in ("train", "test"):
+        for fine in ds.CIFAR100_FINE_CLASSES:
+            folder = tmp_path / split / ("sweet_peper" if fine == "sweet_pepper" else fine)
+            folder.mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(folder / "0.png")
+    with pytest.raises(DatasetError, match="missing sweet_pepper, unexpected sweet_peper"):
+        build_dataset("cifar100", tmp_path, False, no_transform)
+
+
+def test_mvtec_links_and_hidden_folders(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec")
+    (root / "bottle" / "test" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "bottle" / "test" / ".ipynb_checkpoints" / "x.png")
+    Image.new("RGB", (4, 4)).save(root / "bottle" / "test" / "good" / "._000.png")  # a macOS resource fork
+    (root / ".cache" / "train" / "good").mkdir(parents=True)
+    assert ds.mvtec_categories(root) == ["bottle", "screw"]
+    source = build_dataset("mvtec", root, False, no_transform, category="bottle")
+    assert source.class_names == ["good", "broken_large", "contamination"] and len(source.splits["test"].labels) == 8
+    assert source.normal_classes == ["good"]
+    (root / "bottle" / "test" / "alias").symlink_to(root / "bottle" / "train" / "good")
+    with pytest.raises(DatasetError, match="is reached twice .*train/good/000.png and .*test/alias/000.png"):
+        build_dataset("mvtec", root, False, no_transform, category="bottle")
+    (root / "bottle" / "test" / "alias").unlink()
+    (root / "bottle" / "test" / "contamination" / "loop").symlink_to(root / "bottle" / "test")
+    with pytest.raises(DatasetError, match="is reached twice"):
+        build_dataset("mvtec", root, False, no_transform, category="bottle")
+
+
+def test_folder_file_linked_into_both_splits_is_refused(tmp_path):
+    from conftest import make_image_tree
+
+    root = make_image_tree(tmp_path / "images")
+    (root / "test" / "red" / "linked.png").symlink_to(root / "train" / "red" / "000.png")
+    with pytest.raises(DatasetError, match="is reached twice"):
+        build_dataset("folder", root, False, no_transform)
+
+
+def test_cats_vs_dogs_odd_files(tmp_path):
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            (tmp_path / name / f"{i}.jpg").write_bytes(_jpeg((0, 0, 0)))
+    Image.fromarray(np.zeros((4, 4), np.float32), mode="F").save(tmp_path / "Cat" / "1.tif")  # load_image refuses it
+    (tmp_path / "Cat" / "².jpg").write_bytes(_jpeg((0, 0, 0)))  # a digit to str.isdigit, not to int()
+    (tmp_path / "Dog" / "9.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "PetImages").mkdir()  # empty: the class folders at the top are used
+    source = ds.build_cats_vs_dogs(tmp_path, no_transform, train_per_class=3, test_per_class=2)
+    assert sorted(source.skipped_files) == ["Cat/1.tif", "Dog/9.jpg"]
+    assert source.splits["train"].sample_ids[:3] == ["Cat/0.jpg", "Cat/1.jpg", "Cat/2.jpg"]
+    assert source.splits["test"].sample_ids[:2] == ["Cat/3.jpg", "Cat/².jpg"]
+    (tmp_path / "Dog" / "3.jpg").unlink()
+    (tmp_path / "Dog" / "3.jpg").symlink_to(tmp_path / "Cat" / "0.jpg")
+    with pytest.raises(DatasetError, match="is reached twice"):
+        ds.build_cats_vs_dogs(tmp_path, no_transform, train_per_class=3, test_per_class=2)
+
+
+def test_cats_vs_dogs_folder_names_in_mixed_case(tmp_path):
+    for split in ("train", "test"):
+        for name, colour in (("cat", (200, 0, 0)), ("Dog", (0, 0, 200))):
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "0.jpg").write_bytes(_jpeg(colour))
+    source = build_dataset("cats-vs-dogs", tmp_path, False, no_transform)
+    test = source.splits["test"]
+    assert dict(zip(test.sample_ids, test.labels.tolist())) == {"test/cat/0.jpg": 0, "test/Dog/0.jpg": 1}
+    assert loaded_labels(test) == [1, 0]  # ImageFolder order: Dog before cat; the loader yields the mapped labels
