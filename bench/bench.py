@@ -1,4 +1,4 @@
-"""Benchmark: the pipeline measured against its own limits (issue 6), every claim a ratio from one run.
+"""Benchmark: the pipeline measured against its own limits, every claim a ratio from one run (docs/performance.md).
 
     python bench/bench.py --quick            # a few minutes: small sizes
     python bench/bench.py                    # full mode: the sizes reported in docs/performance.md
@@ -234,9 +234,11 @@ def section_extraction(args, work: Path) -> list[Row]:
         Row("1 extraction", "encoder forward (+ token pooling)", with_pool, "images/s"),
         Row("1 extraction", "extract, whole command (wall)", extract_rate, "images/s"),
         Row("1 extraction", "extract / bare forward (wall)", extract_rate / bare, "ratio", target,
-            "yes" if extract_rate / bare >= 0.9 else "no"),
+            "yes" if extract_rate / bare >= 0.9 else "no", "whole command: includes fixed costs (below) that shrink "
+                                                           "with more images"),
         Row("1 extraction", "extract encode loop / bare forward", loop_rate / bare, "ratio", target,
-            "yes" if loop_rate / bare >= 0.9 else "no", "the chunk loop only (cache attribute extract_seconds)"),
+            "yes" if loop_rate / bare >= 0.9 else "no", "steady state: the chunk loop (cache attribute "
+                                                        "extract_seconds)"),
         Row("1 extraction", "decode + resize, one process", count / decode_s, "images/s",
             note=f"{decode_s / wall:.1%} of the extract wall time if not overlapped"),
         Row("1 extraction", "token pooling share of the encoder forward", 1 - with_pool / bare, "fraction"),
@@ -443,7 +445,7 @@ def section_flow(args, work: Path) -> list[Row]:
                 z16, ld16 = model(y, tokens)
         rel = float((ld16.float() - ld32).abs().max() / ld32.abs().max().clamp_min(1e-12))
         rows.append(Row("3 flow", "bf16 vs fp32 log-det, max relative difference", rel, "",
-                        note="kept out of the default unless this is float noise"))
+                        note="float noise would be ~1e-6; larger, bf16 changes results"))
     return rows
 
 
@@ -546,7 +548,8 @@ def section_memory(args, work: Path) -> list[Row]:
         Row("4 memory", "score peak RSS", score_peak, "MB", note="test split read in blocks of 2048 rows"),
         Row("4 memory", "score throughput (whole command)", test_rows / score_wall, "samples/s",
             note="includes interpreter start, model load and the CSV writes"),
-        Row("4 memory", "fit wall, 1 epoch", fit_wall, "s", note=f"{n_normal} rows"),
+        Row("4 memory", "fit command wall, 1 epoch", fit_wall, "s", note=f"{n_normal} rows; includes interpreter start, "
+                                                                         "imports and reading the rows"),
     ]
 
 
@@ -649,12 +652,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
     parser.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated section numbers")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (default: the packaged "
+                        "ImageNet EfficientNet-Lite0, which needs no download)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (ViTs on the GPU machine)")
-    parser.add_argument("--img-size", type=int, default=None)
-    parser.add_argument("--patch-grid", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: the model's)")
+    parser.add_argument("--patch-grid", type=int, default=4, help="pool the token grid to G x G (extract --patch-grid)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader decoding processes")
     parser.add_argument("--precision", default="bf16", choices=list(PRECISION_DTYPES),
                         help="forward precision of sections 1, 5, 6")
     parser.add_argument("--precisions", default="fp32,bf16", help="compared in sections 2 and 3")
@@ -708,7 +712,9 @@ def write_outputs(out: Path, rows: list[Row], args, seconds: float) -> list[str]
     (out / "bench.csv").write_text(buffer.getvalue())
     lines = [f"Benchmark: {header}", "", "| section | metric | value | unit | target | met | note |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.section} | {r.metric} | {fmt(r.value)} | {r.unit} | {r.target} | {r.met} | {r.note} |" for r in rows]
+    cell = lambda v: fmt(v).replace("|", "\\|")  # noqa: E731 (|ΔAUROC| would split a markdown cell)
+    lines += [f"| {cell(r.section)} | {cell(r.metric)} | {cell(r.value)} | {cell(r.unit)} | {cell(r.target)} | "
+              f"{cell(r.met)} | {cell(r.note)} |" for r in rows]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     (out / "bench.json").write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in rows]}, default=str,
                                                indent=1))

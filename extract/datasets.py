@@ -197,8 +197,10 @@ def build_folder(root: Path, transform: Callable, name: str = "folder") -> Datas
     train_classes, train = _folder_split(root, "train", transform)
     test_classes, test = _folder_split(root, "test", transform)
     if train_classes != test_classes:
+        hint = ("; for MVTec-style good/defect folders pass --layout good-defect"
+                if train_classes == ["good"] and "good" in test_classes else "")
         raise DatasetError(f"--data-root {root}: train classes {train_classes} differ from test classes "
-                           f"{test_classes}")
+                           f"{test_classes}{hint}")
     check_unique_files(root, [p for part in (train, test) for p, _ in part.dataset.samples])
     return DatasetSource(name, train_classes, {"train": train, "test": test}, f"image folder {root.resolve()}")
 
@@ -640,8 +642,11 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
             good = [p for p, k in zip(files, ok) if k]
             skipped += [p.relative_to(data_root).as_posix() for p, k in zip(files, ok) if not k]
             if len(good) <= train_per_class:
-                raise DatasetError(f"--data-root {data_root}: {folders[name]} holds {len(good)} readable images; the "
-                                   f"Cats vs Dogs protocol needs {train_per_class} train + {test_per_class} test")
+                raise DatasetError(f"--data-root {data_root}: {folders[name]} holds {len(good)} readable images "
+                                   f"({len(files) - len(good)} unreadable skipped); the Cats vs Dogs protocol takes the "
+                                   f"first {train_per_class} for train and up to {test_per_class} after them for test, "
+                                   f"so it needs more than {train_per_class}; for another split use "
+                                   f"{data_root}/{{train,test}}/{{cat,dog}}/")
             chosen = {"train": good[:train_per_class], "test": good[train_per_class:train_per_class + test_per_class]}
             for split, paths in chosen.items():
                 per_split[split][0].extend(paths)
@@ -726,7 +731,13 @@ def build_mvtec(data_root: Path | None, category: str | None, transform: Callabl
         raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ... (the MVTec "
                            "AD release, unpacked); it cannot be downloaded")
     present = mvtec_categories(data_root)
-    if category is None or category not in present:
+    if not present and (data_root / "train" / "good").is_dir():
+        raise DatasetError(f"--data-root {data_root} is one category (it holds train/good/); pass its parent folder "
+                           f"and --category {data_root.name}")
+    if category is None:
+        raise DatasetError(f"--dataset mvtec needs --category: one of {', '.join(present) or '(none found)'}, or "
+                           "'all' (one cache per category)")
+    if category not in present:
         raise DatasetError(f"--category must be one of {', '.join(present) or '(none found under --data-root)'} or "
                            f"'all'; got {category!r}")
     return build_good_defect(data_root / category, transform, f"mvtec-{category}")

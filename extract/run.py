@@ -264,7 +264,9 @@ def extract_categories(dataset: str, data_root: str | None, category: str | None
                                f"got {data_root!r}")
         categories = mvtec_categories(Path(data_root))
         if not categories:
-            raise DatasetError(f"--data-root {data_root}: no MVTec AD category (<category>/train/good/) found")
+            hint = (f"; it is one category itself: pass its parent folder (and --category {Path(data_root).name})"
+                    if (Path(data_root) / "train" / "good").is_dir() else "")
+            raise DatasetError(f"--data-root {data_root}: no MVTec AD category (<category>/train/good/) found{hint}")
         for c in categories:  # every category's layout is checked before any image is encoded
             build_dataset(dataset, data_root, False, transform=None, category=c)
         return [extract_features(dataset, data_root, category=c, **options) for c in categories]

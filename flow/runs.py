@@ -39,8 +39,8 @@ AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method",
                  "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting")
 #: Columns of ``auroc_by_anomaly.csv``: the metrics of each run and score on the normal test images against the
 #: test images of one anomalous class (MVTec AD: one defect type) at a time.
-BY_ANOMALY_COLUMNS = ("dataset", "backbone", "method", "setting", "normal_class", "normal_name", "anomaly_class",
-                      "anomaly_name", "score", "seed", "auroc", "aupr", "fpr95", "n_normal", "n_anomalous", "run")
+BY_ANOMALY_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "anomaly_class",
+                      "anomaly_name", "auroc", "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting")
 
 
 class RunError(Exception):
@@ -627,7 +627,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                             "normal_name": record["normal_name"], "anomaly_class": c, "anomaly_name": class_names[c],
                             "score": key, "seed": record["seed"], **_metrics(is_anomaly[subset], per_run[key][subset]),
                             "n_normal": int(normal_rows.sum()), "n_anomalous": int((labels == c).sum()),
-                            "run": run.name})
+                            "run": run.name, "cache": cache_path})
                     rows.append({
                         "dataset": record["dataset"], "backbone": record["backbone"],
                         "normal_class": record["normal_class"], "normal_name": record["normal_name"],

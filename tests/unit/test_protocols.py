@@ -275,7 +275,10 @@ def test_cats_vs_dogs_too_few_readable_images(tmp_path):
         (tmp_path / name).mkdir()
         for i in range(3):
             (tmp_path / name / f"{i}.jpg").write_bytes(_jpeg((0, 0, 0)))
-    with pytest.raises(DatasetError, match="holds 3 readable images; the Cats vs Dogs protocol needs 10000 train"):
+    (tmp_path / "Cat" / "bad.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"Cat holds 3 readable images \(1 unreadable skipped\); the Cats vs Dogs "
+                                           r"protocol takes the first 10000 for train and up to 2500 after them for "
+                                           r"test, so it needs more than 10000; for another split use .*/\{train,test\}"):
         build_dataset("cats-vs-dogs", tmp_path, False, no_transform)
     source = ds.build_cats_vs_dogs(tmp_path, no_transform, train_per_class=2, test_per_class=5)
     assert_protocol(source, ["cat", "dog"], [2, 2], [1, 1], normal=1)
@@ -346,8 +349,12 @@ def test_mvtec_errors(tmp_path):
     root = make_mvtec(tmp_path / "mvtec")
     with pytest.raises(DatasetError, match="--category must be one of bottle, screw or 'all'; got 'cable'"):
         build_dataset("mvtec", root, False, no_transform, category="cable")
-    with pytest.raises(DatasetError, match="--category must be one of"):
+    with pytest.raises(DatasetError, match="--dataset mvtec needs --category: one of bottle, screw, or 'all'"):
         build_dataset("mvtec", root, False, no_transform)
+    with pytest.raises(DatasetError, match="is one category .*pass its parent folder and --category bottle"):
+        build_dataset("mvtec", root / "bottle", False, no_transform, category="bottle")
+    with pytest.raises(DatasetError, match="pass --layout good-defect"):
+        build_dataset("folder", root / "bottle", False, no_transform)
     with pytest.raises(DatasetError, match="needs --data-root"):
         build_dataset("mvtec", None, False, no_transform, category="bottle")
     with pytest.raises(DatasetError, match="--category applies to --dataset mvtec only"):
