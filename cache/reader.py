@@ -233,7 +233,8 @@ class FeatureCache:
         if len(set(names)) != len(names):
             raise CacheError(f"{where}: attribute 'class_names' repeats a name: {names}")
         normal = attrs.get("normal_classes")
-        if normal is not None and (not isinstance(normal, list) or not normal or not set(normal) <= set(names)):
+        if normal is not None and (not isinstance(normal, list) or not normal
+                                   or not all(isinstance(v, str) for v in normal) or not set(normal) <= set(names)):
             raise CacheError(f"{where}: attribute 'normal_classes' must be a non-empty list of class names, got "
                              f"{normal!r}")
         wrong = [k for k in STRING_ATTRS if not isinstance(attrs[k], str)]

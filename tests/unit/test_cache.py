@@ -583,6 +583,10 @@ def test_fingerprint_changes_with_attributes(gaussian_cache):
     (lambda f: _replace(f, "train/label", np.zeros(21) + 0.5), "/train/label must be a 1-D integer array"),
     (lambda f: _replace(f, "test/cls", np.array([[b"x"] * 6] * 15)), "/test/cls must hold floats"),
     (lambda f: _replace(f, "test/patches", None), "split 'test' lacks datasets ['patches']"),
+    (lambda f: f.attrs.__setitem__("normal_classes", '["zz"]'), "'normal_classes' must be a non-empty list of class "
+                                                               "names, got ['zz']"),
+    (lambda f: f.attrs.__setitem__("normal_classes", '[["a"]]'), "'normal_classes' must be a non-empty list"),
+    (lambda f: f.attrs.__setitem__("normal_classes", '[]'), "'normal_classes' must be a non-empty list"),
 ])
 def test_malformed_caches_are_refused(tmp_path, edit, fragment):
     path = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=7, n_test=5), ["a", "b", "c"])
