@@ -340,23 +340,26 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
     from flow.runs import FLOW_METHODS, auroc_table, fit_cache, flow_setting, read_run_record, score_runs
 
     caches = extract_categories(download=not no_download, skip_existing=True, log=click.echo, **options)
+    times: dict[str, float] = {}
+    fitted: dict[Path, set[str]] = {}
     for cache in caches:  # one per MVTec AD category with --category all, else one
-        times, fitted = {}, []
         for method in methods:
             start = time.perf_counter()
             sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [(4, 1024)]
             for seed in (seeds if method in FLOW_METHODS else [0]):
                 for num_blocks, width in sizes:
-                    fitted += fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
-                                        flow_config={"num_blocks": num_blocks, "hidden": width},
-                                        train_config=TrainConfig(epochs=epochs), device=options["device"],
-                                        log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
-                                        setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "")
-            times[method] = time.perf_counter() - start
-        # score refreshes every run under --runs-dir (auroc.csv stays complete); the summary is of this run's fits
-        ours = {outcome.path.name for outcome in fitted}
-        rows = [r for r in score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
-                if r["run"] in ours]
+                    outcomes = fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
+                                         flow_config={"num_blocks": num_blocks, "hidden": width},
+                                         train_config=TrainConfig(epochs=epochs), device=options["device"],
+                                         log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
+                                         setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "")
+                    fitted.setdefault(cache, set()).update(o.path.name for o in outcomes)
+            times[method] = times.get(method, 0.0) + time.perf_counter() - start
+    # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits
+    all_rows = score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
+    written = []
+    for cache in caches:
+        rows = [r for r in all_rows if r["run"] in fitted.get(cache, set())]
         scored = [(Path(runs_dir) / name, read_run_record(Path(runs_dir) / name))
                   for name in dict.fromkeys(r["run"] for r in rows)]
         stem = Path(runs_dir) / Path(cache).stem
@@ -365,9 +368,10 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
         report = write_report(stem.with_name(stem.name + "__report.md"), rows, [r for _, r in scored],
                               f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache), plots)
         click.echo(auroc_table(rows))
-        click.echo("fit wall time per method, all its runs with loading: "
-                   + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
-        click.echo(f"wrote {summary}, {report} ({len(plots)} plots) and {Path(runs_dir) / 'auroc.csv'}")
+        written.append(f"{summary}, {report} ({len(plots)} plots)")
+    click.echo("fit wall time per method, all its runs with loading: "
+               + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
+    click.echo(f"wrote {'; '.join(written)} and {Path(runs_dir) / 'auroc.csv'}")
 
 
 @cli.command()

@@ -152,6 +152,19 @@ def test_run_on_good_defect_folders(tmp_path):
     assert names == {"crack", "dent"}
 
 
+def test_run_mvtec_all_categories_writes_a_summary_per_category(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec")
+    result = invoke("run", "--dataset", "mvtec", "--category", "all", "--data-root", str(root), "--cache-dir",
+                    str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--methods", "knn", *COMMON)
+    assert_ok(result)
+    summaries = sorted(p.name.split("__")[0] for p in (tmp_path / "runs").glob("*__summary.csv"))
+    assert summaries == ["mvtec-bottle", "mvtec-screw"]
+    assert result.output.count("scored ") == 2  # scored once: one line per cache
+    for path in (tmp_path / "runs").glob("*__summary.csv"):
+        rows = read_rows(path)
+        assert {r["dataset"] for r in rows} == {path.name.split("__")[0]} and len(rows) == 2  # knn: l2, cosine
+
+
 def test_cifar100_cache_keeps_the_fine_labels(tmp_path, no_md5):  # noqa: F811
     root = _write_cifar100(tmp_path / "c100", {"train": 1, "test": 1})
     result = invoke("extract", "--dataset", "cifar100", "--data-root", str(root), "--no-download",
