@@ -325,8 +325,11 @@ def _bounded_int(low: int, high: int):
 @_knn_k_option
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
               help="Folder receiving the runs, auroc.csv, and <cache>__summary.csv / __report.md.")
+@click.option("--refit", is_flag=True,
+              help="Fit every run again; by default a run already fitted with the same cache, method, seed and "
+                   "settings is kept, so an interrupted run resumes.")
 @user_errors
-def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs_dir, **options) -> None:
+def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs_dir, refit, **options) -> None:
     """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
 
     Writes <runs-dir>/<cache>__summary.csv (one row per method and score, one column per normal class,
@@ -352,7 +355,8 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
                                          flow_config={"num_blocks": num_blocks, "hidden": width},
                                          train_config=TrainConfig(epochs=epochs), device=options["device"],
                                          log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
-                                         setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "")
+                                         setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "",
+                                         keep_existing=not refit)
                     fitted.setdefault(cache, set()).update(o.path.name for o in outcomes)
             times[method] = times.get(method, 0.0) + time.perf_counter() - start
     # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits

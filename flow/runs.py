@@ -137,7 +137,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
               seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
               device: str = "auto", val_fraction: float = 0.0, progress: bool = True,
               log: Callable[[str], None] = print, method: str | None = None,
-              baseline_params: dict | None = None, setting: str = "") -> list[FitOutcome]:
+              baseline_params: dict | None = None, setting: str = "", keep_existing: bool = False
+              ) -> list[FitOutcome]:
     """Fit one detector per normal class on the train split of a cache and save each as a run.
 
     ``method`` is ``sanf`` (the CAFF flow), ``sanf-nocaff`` (MLP-only subnets; also chosen by
@@ -162,6 +163,9 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         baseline_params: keyword arguments of the baseline's constructor (e.g. ``{"k": 2}`` for ``knn``).
         setting: a label for a sweep's flow setting (see :func:`flow_setting`); it goes into the run's name
             and record and labels its rows, so that the runs of a sweep do not replace each other.
+        keep_existing: keep (do not fit again) a class whose run folder already holds a run of the same
+            cache content, method, normal class, seed and settings (what makes an interrupted ``run`` resume);
+            any other run in its place is replaced as usual.
 
     Returns:
         One :class:`FitOutcome` per normal class, in class order.
@@ -177,7 +181,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in BASELINES:
-        return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log)
+        return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing)
     if "use_caff" in flow_config and method_name(flow_config["use_caff"]) != method:
         raise ValueError(f"--method {method} contradicts --no-caff={not flow_config['use_caff']}")
     flow_config["use_caff"] = method == "sanf"
@@ -195,6 +199,12 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward)")
         names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting)
         for k in classes:
+            kept = keep_existing and _kept_run(runs_dir / names[k], {
+                "method": method, "normal_class": k, "seed": seed, "setting": setting, "flow": config.to_dict(),
+                "train": train_config.to_dict(), "val_fraction": val_fraction, "cache_fingerprint": fingerprint}, log)
+            if kept:
+                outcomes.append(kept)
+                continue
             rows = train.rows_of_class(k)
             cls_np, patches_np = train.read(rows)
             cls_t = torch.from_numpy(cls_np)
@@ -280,8 +290,22 @@ def _record_tail(cache, fingerprint: str) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutcome | None:
+    """The run at ``path`` when its record holds ``expected`` (compared as JSON) and its weights file exists."""
+    try:
+        record = read_run_record(path)
+    except RunError:
+        return None
+    same = all(json.dumps(record.get(key, "" if key == "setting" else None), sort_keys=True)
+               == json.dumps(value, sort_keys=True) for key, value in expected.items())
+    if not same or not (path / "model.safetensors").is_file():
+        return None
+    log(f"kept {path}: fitted before with the same cache, method, seed and settings (--refit fits it again)")
+    return FitOutcome(path, record)
+
+
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
-                  log: Callable[[str], None]) -> list[FitOutcome]:
+                  log: Callable[[str], None], keep_existing: bool = False) -> list[FitOutcome]:
     """:func:`fit_cache` for the baselines of :mod:`flow.baselines` (class tokens only; ``seed`` is recorded
     and names the run, but the baselines are deterministic)."""
     runs_dir = Path(runs_dir)
@@ -290,6 +314,12 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
         names = _check_slots(fc, cache, method, classes, runs_dir, seed)
         train = fc.split("train")
         for k in classes:
+            kept = keep_existing and _kept_run(runs_dir / names[k], {
+                "method": method, "normal_class": k, "seed": seed, "setting": "",
+                "params": BASELINES[method](**params).params(), "cache_fingerprint": fingerprint}, log)
+            if kept:
+                outcomes.append(kept)
+                continue
             cls_np, _ = train.read(train.rows_of_class(k))
             start = time.perf_counter()
             detector = BASELINES[method](**params).fit(cls_np)

@@ -165,6 +165,27 @@ def test_run_mvtec_all_categories_writes_a_summary_per_category(tmp_path):
         assert {r["dataset"] for r in rows} == {path.name.split("__")[0]} and len(rows) == 2  # knn: l2, cosine
 
 
+def test_run_keeps_runs_fitted_with_the_same_settings_and_refits_on_request(tmp_path):
+    root = make_mvtec(tmp_path / "mine", {"widget": {"good": (5, 3), "dent": 2}}) / "widget"
+    args = ["run", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root), "--cache-dir",
+            str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--methods", "sanf,knn", "--epochs", "1",
+            "--hidden", "8", *COMMON]
+    first = invoke(*args)
+    assert_ok(first)
+    flow_run = next(p for p in (tmp_path / "runs").iterdir() if "__sanf__" in p.name)
+    weights = (flow_run / "model.safetensors").read_bytes()
+    again = invoke(*args)
+    assert_ok(again)
+    assert again.output.count("kept ") == 2 and "fitted normal class" not in again.output
+    assert (flow_run / "model.safetensors").read_bytes() == weights
+    other = invoke(*[a if a != "1" else "2" for a in args])  # another epoch count: fitted again
+    assert_ok(other)
+    assert "fitted normal class 0 (good)" in other.output and other.output.count("kept ") == 1  # knn kept
+    refit = invoke(*args, "--refit")
+    assert_ok(refit)
+    assert "kept " not in refit.output
+
+
 def test_cifar100_cache_keeps_the_fine_labels(tmp_path, no_md5):  # noqa: F811
     root = _write_cifar100(tmp_path / "c100", {"train": 1, "test": 1})
     result = invoke("extract", "--dataset", "cifar100", "--data-root", str(root), "--no-download",
