@@ -31,7 +31,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_COUNTS = {"train": 5000, "test": 1000}
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                        "t10k-labels-idx1-ubyte")
-MNIST_FILES = FASHION_MNIST_FILES  # the same four idx file names
 #: Images per class of each split in the standard releases (checked for the image-folder forms).
 CIFAR100_COUNTS = {"train": 2500, "test": 500}  # per superclass; 500 / 100 per fine class
 #: Cats vs Dogs protocol (SPEC.md section 4): per class, the first 10,000 readable images (by file number)
@@ -658,8 +657,9 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
                                         [p.relative_to(data_root).as_posix() for p in paths], labels)
         description = (f"Microsoft PetImages {folders['cat'].parent.resolve()}: {'; '.join(notes)} (first readable "
                        f"files by number; {len(skipped)} unreadable skipped)")
+        check_unique_files(data_root, [str(p) for part in per_split.values() for p in part[0]])
     elif (data_root / "train").is_dir():
-        source = build_folder(data_root, transform, name="cats-vs-dogs")
+        source = build_folder(data_root, transform, name="cats-vs-dogs")  # refuses an image reached twice
         lower = [c.lower() for c in source.class_names]
         if sorted(lower) != list(CATS_VS_DOGS_CLASSES):
             raise DatasetError(f"--data-root {data_root}: class folders must be cat and dog (any case); found "
@@ -678,7 +678,6 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
         raise DatasetError(f"--data-root {data_root}: expected {data_root}/Cat/ and {data_root}/Dog/ (Microsoft "
                            f"PetImages, or under {data_root}/PetImages/) or {data_root}/train/<cat|dog>/ and "
                            f"{data_root}/test/<cat|dog>/")
-    check_unique_files(data_root, [p for part in splits.values() for p in part.dataset.paths])
     return DatasetSource("cats-vs-dogs", list(CATS_VS_DOGS_CLASSES), splits, description, skipped_files=skipped)
 
 

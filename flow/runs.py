@@ -641,31 +641,26 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             class_names = fc.class_names
             for run, _, record in loaded:
                 per_run = {key: np.concatenate(parts) for key, parts in scores[run].items()}
-                is_anomaly = (labels != record["normal_class"]).astype(np.int64)
+                normal_rows = labels == record["normal_class"]
+                is_anomaly = (~normal_rows).astype(np.int64)
+                anomaly_classes = np.unique(labels[~normal_rows]).tolist()
                 pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, per_run))
                 for key in score_names(record):
                     try:
                         metrics = _metrics(is_anomaly, per_run[key])
                     except MetricError as err:
                         raise MetricError(f"run {run.name}, score {key}: {err}") from None
-                    normal_rows = labels == record["normal_class"]
-                    for c in np.unique(labels[~normal_rows]).tolist():  # one anomalous class at a time
+                    head = {"dataset": record["dataset"], "backbone": record["backbone"],
+                            "normal_class": record["normal_class"], "normal_name": record["normal_name"],
+                            "method": record["method"], "setting": record.get("setting", ""), "score": key,
+                            "seed": record["seed"], "n_normal": int(normal_rows.sum()), "run": run.name,
+                            "cache": cache_path}
+                    rows.append({**head, **metrics, "n_anomalous": int(is_anomaly.sum())})
+                    for c in anomaly_classes:  # one anomalous class at a time
                         subset = normal_rows | (labels == c)
-                        by_anomaly.append({
-                            "dataset": record["dataset"], "backbone": record["backbone"], "method": record["method"],
-                            "setting": record.get("setting", ""), "normal_class": record["normal_class"],
-                            "normal_name": record["normal_name"], "anomaly_class": c, "anomaly_name": class_names[c],
-                            "score": key, "seed": record["seed"], **_metrics(is_anomaly[subset], per_run[key][subset]),
-                            "n_normal": int(normal_rows.sum()), "n_anomalous": int((labels == c).sum()),
-                            "run": run.name, "cache": cache_path})
-                    rows.append({
-                        "dataset": record["dataset"], "backbone": record["backbone"],
-                        "normal_class": record["normal_class"], "normal_name": record["normal_name"],
-                        "method": record["method"], "setting": record.get("setting", ""), "score": key,
-                        "seed": record["seed"], **metrics,
-                        "n_normal": int((is_anomaly == 0).sum()), "n_anomalous": int(is_anomaly.sum()),
-                        "run": run.name, "cache": cache_path,
-                    })
+                        by_anomaly.append({**head, "anomaly_class": c, "anomaly_name": class_names[c],
+                                           **_metrics(is_anomaly[subset], per_run[key][subset]),
+                                           "n_anomalous": int((labels == c).sum())})
             log(f"scored {test.num_rows} test rows of {Path(cache_path).name} with {len(loaded)} run(s) "
                 f"in {elapsed:.1f} s")
     # every AUROC is computed, and every destination checked, before anything is written: an error leaves the
