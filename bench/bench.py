@@ -379,6 +379,49 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return best
 
 
+def _flow_for_bench(config, as_written: bool):
+    from flow.coupling import ClassAttention
+    from flow.model import SANFFlow
+
+    model = SANFFlow(config)
+    for module in model.modules():
+        if isinstance(module, ClassAttention):
+            module.as_written = as_written
+    return model
+
+
+def _flow_equivalence(config, y, tokens, dev, steps: int = 5) -> list[Row]:
+    """Do the speed-ups change results? Query-side vs as-written attention, fused vs foreach Adam (fp32)."""
+    from flow.model import flow_loss
+
+    torch.manual_seed(0)
+    model = _flow_for_bench(config, False).to(dev).eval()
+    with torch.no_grad():
+        _, ld = model(y, tokens)
+        for module in model.modules():
+            if hasattr(module, "as_written"):
+                module.as_written = True
+        _, ld_written = model(y, tokens)
+    rel_ld = float((ld - ld_written).abs().max() / ld_written.abs().max().clamp_min(1e-12))
+    params = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _flow_for_bench(config, False).to(dev).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5,
+                                     fused=fused)
+        for _ in range(steps):
+            z, log_det = model(y, tokens)
+            optimizer.zero_grad(set_to_none=True)
+            flow_loss(z, log_det).backward()
+            optimizer.step()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    rel_p = float((params[0] - params[1]).abs().max() / params[1].abs().max())
+    return [Row("3 flow", "query-side vs as-written attention: log-det, max relative difference", rel_ld, "",
+                note="fp32; float noise is ~1e-6"),
+            Row("3 flow", f"fused vs foreach Adam: parameters after {steps} steps, max relative difference", rel_p, "",
+                note="fp32, same initialisation and batches")]
+
+
 def section_flow(args, work: Path) -> list[Row]:
     from flow.model import FlowConfig, SANFFlow, count_flops
     from flow.coupling import CAFFSubnet
@@ -411,16 +454,25 @@ def section_flow(args, work: Path) -> list[Row]:
         peaks["bf16"] = matmul_peak(dev, torch.bfloat16)
     for name, peak in peaks.items():
         rows.append(Row("3 flow", f"matmul peak {name}", peak / 1e9, "GFLOP/s", note="2048 x 2048 x 2048"))
-    variants = [("fp32 eager", "fp32", False)]
+    flops_written = count_flops(config, P, as_written=True)
+    rows.append(Row("3 flow", "FLOPs per sample, forward, eq. 6-10 as written", flops_written / 1e9, "GFLOP",
+                    note="keys and values of all 1 + P tokens (the form the paper counts); the default computes "
+                         "the same function from the query side"))
+    # (label, precision, torch.compile, attention as written, fused Adam); the first is what `fit` runs
+    variants = [("fp32 eager", "fp32", False, False, True),
+                ("fp32, attention as written, fused Adam", "fp32", False, True, True),
+                ("fp32, query-side attention, foreach Adam", "fp32", False, False, False),
+                ("fp32, attention as written, foreach Adam (before)", "fp32", False, True, False)]
     if "bf16" in args.precisions:
-        variants.append(("bf16 autocast", "bf16", False))
+        variants.append(("bf16 autocast", "bf16", False, False, True))
     if args.compile:
-        variants.append(("fp32 torch.compile", "fp32", True))
+        variants.append(("fp32 torch.compile", "fp32", True, False, True))
     rates = {}
-    for label, precision, compiled in variants:
+    for label, precision, compiled, as_written, fused in variants:
         torch.manual_seed(0)
-        model = SANFFlow(config).to(dev).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5)
+        model = _flow_for_bench(config, as_written).to(dev).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5,
+                                     fused=fused)
         runner = torch.compile(model) if compiled else model
         start = time.perf_counter()
         try:
@@ -432,10 +484,12 @@ def section_flow(args, work: Path) -> list[Row]:
         peak = peaks.get(precision, peaks["fp32"])
         rows.append(Row("3 flow", f"train {label}", rate, "samples/s",
                         note=f"{time.perf_counter() - start:.0f} s incl. warm-up"))
-        rows.append(Row("3 flow", f"utilisation {label}", 3 * flops * rate / peak, "of matmul peak"))
+        rows.append(Row("3 flow", f"utilisation {label}", 3 * (flops_written if as_written else flops) * rate / peak,
+                        "of matmul peak", note="FLOPs of the form computed"))
     for label, rate in rates.items():
         if label != "fp32 eager":
             rows.append(Row("3 flow", f"{label} / fp32 eager", rate / rates["fp32 eager"], "ratio"))
+    rows += _flow_equivalence(config, y, tokens, dev)
     if "bf16 autocast" in rates:  # does bf16 change the result beyond float noise?
         torch.manual_seed(0)
         model = SANFFlow(config).to(dev).eval()

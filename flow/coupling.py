@@ -41,6 +41,16 @@ class ClassAttention(nn.Module):
     input width rounded up to a multiple of the head count (the reference code attends in the
     input width); ``W_o`` maps to ``out_dim`` (H).
 
+    With a single query the key and value projections of the 1 + P tokens can be moved onto the
+    query side, which computes the same function (float rounding aside) in about 1 / (1 + P) of their
+    multiply-adds: per head h, ``q_h . (W_k,h m_j + b_k,h) = (W_k,h^T q_h) . m_j + q_h . b_k,h``, and the
+    last term is the same for every token j, so the softmax cancels it; and since each row of A sums
+    to 1, ``sum_j A_hj (W_v,h m_j + b_v,h) = W_v,h (sum_j A_hj m_j) + b_v,h``. :meth:`forward` computes
+    this form; :meth:`forward_as_written` computes eq. 6-10 literally (the tests check that both agree;
+    :func:`flow.model.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
+    effect on the output (its gradient is 0), in the paper's form as in ours; it is kept so that the
+    parameters are exactly those of eq. 7.
+
     Args:
         in_dim: d, channels of v and of each token.
         out_dim: width of Out_CA (H).
@@ -55,12 +65,14 @@ class ClassAttention(nn.Module):
         self.head_dim = -(-in_dim // num_heads)
         self.attn_dim = self.head_dim * num_heads
         self.q = nn.Linear(in_dim, self.attn_dim)
-        # K and V share one matmul over the 1 + P tokens (same math as two layers).
+        # W_k and W_v stacked in one layer (rows: K of every head, then V of every head).
         self.kv = nn.Linear(in_dim, 2 * self.attn_dim)
         self.proj = nn.Linear(self.attn_dim, out_dim)
+        #: compute eq. 6-10 literally in :meth:`forward` (for FLOP counts of the paper's form).
+        self.as_written = False
 
     def forward(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Attend from ``v`` over ``[v; tokens]``.
+        """Attend from ``v`` over ``[v; tokens]`` (the query-side form described above).
 
         Args:
             v: (B, d) query vector.
@@ -68,6 +80,25 @@ class ClassAttention(nn.Module):
 
         Returns:
             Out_CA of shape (B, H).
+        """
+        if self.as_written:
+            return self.forward_as_written(v, tokens)
+        B, P, d = tokens.shape
+        heads, e = self.num_heads, self.head_dim
+        m = torch.cat([v.unsqueeze(1), tokens], dim=1)  # (B, 1+P, d)
+        q = self.q(v).view(B, heads, e)
+        w_k, w_v = self.kv.weight.view(2, heads, e, d).unbind(0)  # (heads, e, d) each
+        key_side = torch.einsum("bhe,hed->bhd", q, w_k) * e ** -0.5  # W_k,h^T q_h / sqrt(e)
+        attn = torch.softmax(torch.bmm(key_side, m.transpose(1, 2)), dim=-1)  # (B, heads, 1+P)
+        mixed = torch.bmm(attn, m)  # (B, heads, d): sum_j A_hj m_j
+        out = torch.einsum("bhd,hed->bhe", mixed, w_v) + self.kv.bias[self.attn_dim:].view(heads, e)
+        return self.proj(out.reshape(B, self.attn_dim))
+
+    def forward_as_written(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Eq. 6-10 as printed: project all 1 + P tokens to keys and values, then attend.
+
+        Same arguments and result as :meth:`forward` (up to float rounding), about (1 + P) times the
+        multiply-adds in the key/value projections.
         """
         B, P, d = tokens.shape
         m = torch.cat([v.unsqueeze(1), tokens], dim=1)  # (B, 1+P, d)
@@ -163,12 +194,11 @@ class FlowLayer(nn.Module):
 
     def permute_tokens(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Apply this layer's channel permutation to (B, P, D) patch tokens (None passes through)."""
-        return None if tokens is None else tokens[..., self.perm]
+        return None if tokens is None else tokens.index_select(-1, self.perm)
 
     def _split_tokens(self, tokens: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if tokens is None or not self.use_caff:
             return None, None
-        tokens = self.permute_tokens(tokens)
         return tokens[..., : self.dim_a], tokens[..., self.dim_a:]
 
     def forward(self, y: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +211,19 @@ class FlowLayer(nn.Module):
         Returns:
             ``z`` (B, D) in this layer's permuted order and ``log|det dz/dy|`` (B,) in nats.
         """
-        y = y[:, self.perm]
+        tokens = self.permute_tokens(tokens) if self.use_caff else None
+        return self.couple(y.index_select(1, self.perm), tokens)
+
+    def couple(self, y: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-step affine coupling (eq. 2-4) on inputs already in this layer's permuted order.
+
+        Args:
+            y: (B, D) permuted input.
+            tokens: (B, P, D) patch tokens permuted alike (:meth:`permute_tokens`); None without CAFF.
+
+        Returns:
+            ``z`` (B, D) and ``log|det dz/dy|`` (B,) in nats (the permutation's log-det is 0).
+        """
         a, b = y[:, : self.dim_a], y[:, self.dim_a:]
         t_a, t_b = self._split_tokens(tokens)
         s1, t1 = self.subnet1(a, t_a)
@@ -202,6 +244,12 @@ class FlowLayer(nn.Module):
         Returns:
             ``y`` (B, D) and ``log|det dy/dz|`` (B,) = minus the forward log-det.
         """
+        tokens = self.permute_tokens(tokens) if self.use_caff else None
+        y, log_det = self.uncouple(z, tokens)
+        return y.index_select(1, self.inv_perm), log_det
+
+    def uncouple(self, z: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`couple`: ``y`` (B, D) still in the permuted order, and ``log|det dy/dz|`` (B,)."""
         a, b = z[:, : self.dim_a], z[:, self.dim_a:]
         t_a, t_b = self._split_tokens(tokens)
         s2, t2 = self.subnet2(b, t_b)
@@ -210,5 +258,4 @@ class FlowLayer(nn.Module):
         s1, t1 = self.subnet1(a, t_a)
         s1 = soft_clamp(s1, self.alpha)
         b = (b - t1) * torch.exp(-s1)
-        y = torch.cat([a, b], dim=1)[:, self.inv_perm]
-        return y, -(s1.sum(dim=1) + s2.sum(dim=1))
+        return torch.cat([a, b], dim=1), -(s1.sum(dim=1) + s2.sum(dim=1))

@@ -91,9 +91,9 @@ class SANFFlow(nn.Module):
             tokens = None
         log_det = y.new_zeros(y.shape[0])
         for layer in self.layers:
-            y, ld = layer(y, tokens)
+            tokens = layer.permute_tokens(tokens)  # once per layer, kept for the next one
+            y, ld = layer.couple(y.index_select(1, layer.perm), tokens)
             log_det = log_det + ld
-            tokens = layer.permute_tokens(tokens)
         return y, log_det
 
     def inverse(self, z: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +109,14 @@ class SANFFlow(nn.Module):
         self._check(z, tokens)
         if not self.config.use_caff:
             tokens = None
-        per_layer = []
+        per_layer = []  # the patch tokens in each layer's permuted order
         for layer in self.layers:
-            per_layer.append(tokens)
             tokens = layer.permute_tokens(tokens)
+            per_layer.append(tokens)
         log_det = z.new_zeros(z.shape[0])
         for layer, layer_tokens in zip(reversed(self.layers), reversed(per_layer)):
-            z, ld = layer.inverse(z, layer_tokens)
+            z, ld = layer.uncouple(z, layer_tokens)
+            z = z.index_select(1, layer.inv_perm)
             log_det = log_det + ld
         return z, log_det
 
@@ -162,7 +163,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_flops(config: FlowConfig, num_patches: int) -> int:
+def count_flops(config: FlowConfig, num_patches: int, as_written: bool = False) -> int:
     """Floating-point operations of one forward pass for one sample (``torch.utils.flop_counter``).
 
     Counts matrix products and attention (a multiply-add counts as 2 FLOPs), as the paper's Table 6.
@@ -170,13 +171,21 @@ def count_flops(config: FlowConfig, num_patches: int) -> int:
     Args:
         config: the architecture.
         num_patches: P, patch tokens per sample.
+        as_written: count the class attention as eq. 6-10 print it (keys and values of all 1 + P tokens,
+            :meth:`~flow.coupling.ClassAttention.forward_as_written`, the form the paper's count refers to)
+            instead of the equivalent query-side form this implementation computes.
 
     Returns:
         FLOPs per sample.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .coupling import ClassAttention
+
     model = SANFFlow(config).eval()
+    for module in model.modules():
+        if isinstance(module, ClassAttention):
+            module.as_written = as_written
     tokens = torch.zeros(1, num_patches, config.dim) if config.use_caff else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, config.dim), tokens)

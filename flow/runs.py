@@ -194,9 +194,11 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         n_params = parameter_count(config)
         check_training_memory(n_params)
         flops = count_flops(config, int(fc.attrs["num_patches"]))
+        flops_written = count_flops(config, int(fc.attrs["num_patches"]), as_written=True)
         log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
-            f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward)")
+            f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward; "
+            f"{flops_written / 1e9:.3f} with the class attention as eq. 6-10 print it)")
         names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting)
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
@@ -235,6 +237,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "num_val": int(val_idx.numel()),
                 "num_parameters": n_params,
                 "gflops_per_sample": round(flops / 1e9, 6),
+                "gflops_per_sample_as_written": round(flops_written / 1e9, 6),
                 "wall_time_s": round(result.wall_time_s, 3),
                 "device": str(dev),
                 **_record_tail(cache, fingerprint),

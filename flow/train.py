@@ -77,6 +77,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def make_optimizer(model: torch.nn.Module, train_config: TrainConfig) -> torch.optim.Adam:
+    """Adam with the settings of ``train_config`` over the model's parameters, as torch's fused kernel.
+
+    ``fused=True`` updates each parameter tensor in one pass instead of a chain of elementwise ops over
+    the 50 M parameters (the same update up to float rounding; about 5x less time per step on a CPU,
+    see ``bench/bench.py`` section 3). Source: ``torch.optim.Adam`` (fused on CPU since torch 2.4).
+    """
+    return torch.optim.Adam(model.parameters(), lr=train_config.lr, betas=train_config.betas,
+                            eps=train_config.eps, weight_decay=train_config.weight_decay, fused=True)
+
+
 def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowConfig,
              train_config: TrainConfig, seed: int = 0, device: str | torch.device = "cpu",
              progress: bool = True, val_cls: torch.Tensor | None = None,
@@ -113,8 +124,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
     device = torch.device(device) if isinstance(device, str) else device
     torch.manual_seed(seed)
     model = SANFFlow(flow_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, betas=train_config.betas,
-                                 eps=train_config.eps, weight_decay=train_config.weight_decay)
+    optimizer = make_optimizer(model, train_config)
     generator = torch.Generator().manual_seed(seed)
     use_tokens = flow_config.use_caff and patches is not None
     result = TrainResult(num_samples=n)
@@ -178,4 +188,5 @@ def score_batches(model: SANFFlow, cls: torch.Tensor, patches: torch.Tensor | No
     return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in out.items()}
 
 
-__all__ = ["FlowTrainingError", "TrainConfig", "TrainResult", "fit_flow", "resolve_device", "score_batches"]
+__all__ = ["FlowTrainingError", "TrainConfig", "TrainResult", "fit_flow", "make_optimizer", "resolve_device",
+           "score_batches"]

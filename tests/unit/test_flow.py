@@ -10,6 +10,7 @@ import torch
 
 from flow import (
     CAFFSubnet,
+    ClassAttention,
     FlowConfig,
     FlowLayer,
     FlowTrainingError,
@@ -122,9 +123,55 @@ def test_gradients_reach_every_parameter(kwargs):
     y, tokens = inputs(kwargs["dim"], batch=4)
     z, log_det = model(y.float(), tokens.float())
     flow_loss(z, log_det).backward()
+    inert = 0
     for name, param in model.named_parameters():
         assert param.grad is not None, name
-        assert param.grad.abs().sum().item() > 0, name
+        grad = param.grad
+        if name.endswith("attn.kv.bias"):  # b_k (first half) cancels in the softmax: exactly no gradient
+            attn_dim = grad.shape[0] // 2
+            assert (grad[:attn_dim] == 0).all(), name
+            grad, inert = grad[attn_dim:], inert + 1
+        assert grad.abs().sum().item() > 0, name
+    assert inert == (2 * model.config.num_blocks if kwargs["use_caff"] else 0)
+
+
+@pytest.mark.parametrize("shape", [(5, 13, 20, 4, 7), (3, 8, 16, 1, 1), (2, 6, 9, 3, 64)],
+                         ids=["d13-heads4", "one-head", "many-tokens"])
+def test_class_attention_computes_eq_6_to_10_as_written(shape):
+    """The query-side form equals eq. 6-10 computed literally (float64), also for d not a multiple of heads."""
+    batch, d, hidden, heads, P = shape
+    torch.manual_seed(0)
+    attn = ClassAttention(d, hidden, heads).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.7)  # larger than the default init, so the softmax is far from uniform
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(batch, d, generator=g, dtype=torch.float64)
+    tokens = torch.randn(batch, P, d, generator=g, dtype=torch.float64)
+    expected = attn.forward_as_written(v, tokens)
+    torch.testing.assert_close(attn(v, tokens), expected, rtol=1e-12, atol=1e-12)
+    attn.as_written = True
+    assert torch.equal(attn(v, tokens), expected)
+    # the key bias b_k cancels in the softmax, in the paper's form too
+    attn.as_written = False
+    with torch.no_grad():
+        attn.kv.bias[: attn.attn_dim].add_(5.0)
+    torch.testing.assert_close(attn.forward_as_written(v, tokens), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attn(v, tokens), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_flow_scores_agree_with_the_as_written_attention():
+    """The whole flow, trained form vs eq. 6-10 literally: same latents and log-dets in float64."""
+    model = make_flow(dim=8, use_caff=True)
+    y, tokens = inputs(8, num_patches=5)
+    with torch.no_grad():
+        z, ld = model(y, tokens)
+        for module in model.modules():
+            if isinstance(module, ClassAttention):
+                module.as_written = True
+        z_ref, ld_ref = model(y, tokens)
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
 
 
 def test_patch_tokens_stay_aligned_with_the_permuted_channels():
@@ -311,12 +358,17 @@ def test_subnet_output_shapes_for_unequal_halves():
 
 
 def test_flop_count_matches_the_hand_count_of_the_matrix_products():
-    """ViT-L shapes (D = 1024, P = 64): 2 FLOPs per multiply-add of every Linear layer.
+    """ViT-L shapes (D = 1024, P = 64): 2 FLOPs per multiply-add of every matrix product.
 
-    torch's counter leaves out the two attention products over the 1 + P tokens on CPU (0.2 % here).
+    As written (eq. 6-10, keys and values of all 1 + P tokens; torch's counter leaves out the two attention
+    products over the 1 + P tokens on CPU, 0.2 % here) and as computed (the query-side form of
+    ClassAttention: W_k^T q, the logits and the weighted token sum per head, W_v on that sum).
     """
     from flow import count_flops
 
-    d, H, P, da = 512, 1024, 64, 512
-    macs = d * H + 2 * H * H + d * da + (1 + P) * d * 2 * da + da * H + 2 * H * 2 * d
-    assert count_flops(FlowConfig(dim=1024), P) == 8 * 2 * macs == 633_339_904
+    d, H, P, da, heads = 512, 1024, 64, 512, 4
+    common = d * H + 2 * H * H + d * da + da * H + 2 * H * 2 * d  # MLP, W_q, W_o, FC
+    as_written = common + (1 + P) * d * 2 * da
+    computed = common + da * d + 2 * heads * (1 + P) * d + da * d
+    assert count_flops(FlowConfig(dim=1024), P, as_written=True) == 8 * 2 * as_written == 633_339_904
+    assert count_flops(FlowConfig(dim=1024), P) == 8 * 2 * computed == 100_728_832
