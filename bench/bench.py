@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -209,7 +210,12 @@ def section_extraction(args, work: Path) -> list[Row]:
     tree = cifar_tree(work / "s1", {"train": n // 20, "test": n // 20})
     model, encoder, transform, loaded = load_backbone(args)
     batches, decode_s, count = decoded_batches(tree, transform, args.batch_size)
-    bare = forward_rate(model.forward_features, batches, args.dev, args.precision, repeats=2)
+    # the bare forward in the layout the encoder uses (channels-last), and in the plain NCHW layout for comparison
+    channels_last = lambda b: model.forward_features(b.contiguous(memory_format=torch.channels_last))  # noqa: E731
+    bare = forward_rate(channels_last, batches, args.dev, args.precision, repeats=2)
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    bare_nchw = forward_rate(nchw.forward_features, batches, args.dev, args.precision, repeats=2)
+    del nchw
     with_pool = forward_rate(encoder, batches, args.dev, args.precision, repeats=2)
     spent = {"commit": 0.0, "assemble": 0.0, "backbone": 0.0, "dataset": 0.0}
     path, wall = _timed_extract(args, tree, work / "s1cache", spent)
@@ -230,7 +236,10 @@ def section_extraction(args, work: Path) -> list[Row]:
     return [
         Row("1 extraction", "images", count, "", note=f"{data_kind()}, {args.backbone}, {args.precision}, "
                                                      f"batch {args.batch_size}, {args.num_workers} workers"),
-        Row("1 extraction", "bare backbone forward (forward_features)", bare, "images/s"),
+        Row("1 extraction", "bare backbone forward (forward_features)", bare, "images/s",
+            note="channels-last weights and input, as the encoder runs it"),
+        Row("1 extraction", "bare forward, NCHW layout (before)", bare_nchw, "images/s"),
+        Row("1 extraction", "channels-last / NCHW forward", bare / bare_nchw, "ratio"),
         Row("1 extraction", "encoder forward (+ token pooling)", with_pool, "images/s"),
         Row("1 extraction", "extract, whole command (wall)", extract_rate, "images/s"),
         Row("1 extraction", "extract / bare forward (wall)", extract_rate / bare, "ratio", target,

@@ -239,7 +239,10 @@ class TokenEncoder(nn.Module):
         super().__init__()
         if patch_grid < 0:
             raise ValueError(f"patch_grid must be >= 0, got {patch_grid}")
-        self.model = model
+        # NHWC activations, the layout oneDNN's and cuDNN's fastest convolutions use (same values up to float
+        # rounding; 1.5x for EfficientNet-Lite0 on a CPU, see bench/bench.py section 1; for a ViT only the
+        # patch embedding is a convolution). Module.to(memory_format=...) changes only 4-D weights.
+        self.model = model.to(memory_format=torch.channels_last)
         self.patch_grid = patch_grid
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.has_class_token = getattr(model, "cls_token", None) is not None
@@ -269,12 +272,12 @@ class TokenEncoder(nn.Module):
         """Encode a batch.
 
         Args:
-            images: (B, 3, H, W) preprocessed images.
+            images: (B, 3, H, W) preprocessed images (any memory layout; computed in channels-last).
 
         Returns:
             ``cls`` (B, D) and ``patches`` (B, P, D), P = g_h * g_w after pooling, in row-major order.
         """
-        feats = self.model.forward_features(images)
+        feats = self.model.forward_features(images.contiguous(memory_format=torch.channels_last))
         if feats.dim() == 3:  # NLC tokens
             B, N, D = feats.shape
             tokens = feats[:, self.num_prefix_tokens:]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import extract
@@ -177,6 +178,32 @@ def test_cnn_spatial_mean_and_positions(name, dim):
         _, pooled = TokenEncoder(model, patch_grid=1)(x)
     assert pooled.shape == (2, 1, dim)
     torch.testing.assert_close(pooled[:, 0], cls, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, kwargs", [("test_efficientnet", {}),
+                                          ("vit_tiny_patch16_224", dict(img_size=64))])
+def test_channels_last_encoding_equals_the_nchw_forward(name, kwargs):
+    """The encoder computes in channels-last (faster convolutions); the values are the NCHW model's."""
+    import copy
+
+    model = _random_model(name, **kwargs)
+    reference = copy.deepcopy(model)
+    encoder = TokenEncoder(model, patch_grid=2)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = _images(3, 64)
+    with torch.no_grad():
+        cls, patches = encoder(x)
+        feats = reference.forward_features(x)  # NCHW weights, NCHW input
+    if feats.dim() == 3:  # ViT: class token, then the 4 x 4 patch tokens
+        cls_ref = feats[:, 0]
+        fmap = feats[:, 1:].transpose(1, 2).reshape(3, -1, 4, 4)
+    else:
+        fmap = feats
+        cls_ref = fmap.mean(dim=(2, 3))
+    patches_ref = F.adaptive_avg_pool2d(fmap, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(cls, cls_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(patches, patches_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_negative_patch_grid_is_refused(vit_tiny_64):
