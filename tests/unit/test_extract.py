@@ -192,9 +192,14 @@ def test_channels_last_encoding_equals_the_nchw_forward(name, kwargs):
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     x = _images(3, 64)
+    seen = []  # the memory layout of the input reaching the first convolution
+    hook = convs[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     with torch.no_grad():
         cls, patches = encoder(x)
+        hook.remove()
         feats = reference.forward_features(x)  # NCHW weights, NCHW input
+    assert seen == [True]
     if feats.dim() == 3:  # ViT: class token, then the 4 x 4 patch tokens
         cls_ref = feats[:, 0]
         fmap = feats[:, 1:].transpose(1, 2).reshape(3, -1, 4, 4)

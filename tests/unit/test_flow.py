@@ -157,7 +157,25 @@ def test_class_attention_computes_eq_6_to_10_as_written(shape):
     with torch.no_grad():
         attn.kv.bias[: attn.attn_dim].add_(5.0)
     torch.testing.assert_close(attn.forward_as_written(v, tokens), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(attn(v, tokens), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_class_attention_forms_have_the_same_gradients():
+    torch.manual_seed(0)
+    attn = ClassAttention(13, 20, 4).double()
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(4, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(4, 6, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 20, generator=g, dtype=torch.float64)
+    grads = []
+    for form in (attn.forward, attn.forward_as_written):
+        attn.zero_grad()
+        out = (form(v, tokens) * weights).sum()
+        inputs_grad = torch.autograd.grad(out, [v, tokens] + list(attn.parameters()), allow_unused=True)
+        grads.append([torch.zeros(1) if g_ is None else g_ for g_ in inputs_grad])
+    for (name, _), a, b in zip([("v", 0), ("tokens", 0)] + list(attn.named_parameters()), *grads):
+        if name == "kv.bias":  # b_k: exactly 0 in one form, float noise in the other
+            a, b = a[attn.attn_dim:], b[attn.attn_dim:]
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_flow_scores_agree_with_the_as_written_attention():
@@ -172,6 +190,36 @@ def test_flow_scores_agree_with_the_as_written_attention():
         z_ref, ld_ref = model(y, tokens)
     torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        y_back, ld_inv = model.inverse(z, tokens)  # the inverse through the as-written form
+    torch.testing.assert_close(y_back, y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ld_inv, -ld, rtol=1e-9, atol=1e-9)
+
+
+def test_make_optimizer_is_fused_adam_with_the_train_config():
+    from flow.train import make_optimizer
+
+    config = TrainConfig(lr=1e-3, betas=(0.7, 0.9), eps=1e-6, weight_decay=1e-3)
+    params = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3).double()
+        optimizer = make_optimizer(model, config) if fused else torch.optim.Adam(
+            model.parameters(), lr=1e-3, betas=(0.7, 0.9), eps=1e-6, weight_decay=1e-3)
+        if fused:
+            assert optimizer.defaults["fused"] is True
+            assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["eps"],
+                    optimizer.defaults["weight_decay"]) == (1e-3, (0.7, 0.9), 1e-6, 1e-3)
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for p in torch.nn.Linear(5, 3).double().parameters()])
+    assert (params[0] - initial).abs().min() > 1e-4  # every parameter moved
+    torch.testing.assert_close(params[0], params[1], rtol=1e-12, atol=1e-12)
 
 
 def test_patch_tokens_stay_aligned_with_the_permuted_channels():
