@@ -388,39 +388,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return best
 
 
-def _flow_for_bench(config, as_written: bool):
-    from flow.coupling import ClassAttention
-    from flow.model import SANFFlow
-
-    model = SANFFlow(config)
-    for module in model.modules():
-        if isinstance(module, ClassAttention):
-            module.as_written = as_written
-    return model
-
-
 def _flow_equivalence(config, y, tokens, dev, steps: int = 5) -> list[Row]:
     """Do the speed-ups change results? Query-side vs as-written attention, fused vs for-loop Adam (fp32).
 
     ``fused=False`` on a CPU is torch's default there, the per-tensor for-loop (foreach is the default on CUDA).
     """
-    from flow.model import flow_loss
+    from flow.model import SANFFlow, flow_loss
+    from flow.train import TrainConfig, make_optimizer
 
     torch.manual_seed(0)
-    model = _flow_for_bench(config, False).to(dev).eval()
+    model = SANFFlow(config).to(dev).eval()
     with torch.no_grad():
         _, ld = model(y, tokens)
-        for module in model.modules():
-            if hasattr(module, "as_written"):
-                module.as_written = True
-        _, ld_written = model(y, tokens)
+        _, ld_written = model.set_attention_form(True)(y, tokens)
     rel_ld = float((ld - ld_written).abs().max() / ld_written.abs().max().clamp_min(1e-12))
     params = []
     for fused in (True, False):
         torch.manual_seed(0)
-        model = _flow_for_bench(config, False).to(dev).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5,
-                                     fused=fused)
+        model = SANFFlow(config).to(dev).train()
+        optimizer = make_optimizer(model, TrainConfig(), fused=fused)
         for _ in range(steps):
             z, log_det = model(y, tokens)
             optimizer.zero_grad(set_to_none=True)
@@ -437,6 +423,7 @@ def _flow_equivalence(config, y, tokens, dev, steps: int = 5) -> list[Row]:
 def section_flow(args, work: Path) -> list[Row]:
     from flow.model import FlowConfig, SANFFlow, count_flops
     from flow.coupling import CAFFSubnet
+    from flow.train import TrainConfig, make_optimizer
 
     D, P, batch = 768, 64, 32
     config = FlowConfig(dim=D, num_blocks=4, hidden=1024)
@@ -482,9 +469,8 @@ def section_flow(args, work: Path) -> list[Row]:
     rates = {}
     for label, precision, compiled, as_written, fused in variants:
         torch.manual_seed(0)
-        model = _flow_for_bench(config, as_written).to(dev).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.8, 0.8), eps=1e-4, weight_decay=1e-5,
-                                     fused=fused)
+        model = SANFFlow(config).set_attention_form(as_written).to(dev).train()
+        optimizer = make_optimizer(model, TrainConfig(), fused=fused)  # the paper's optimiser settings
         runner = torch.compile(model) if compiled else model
         start = time.perf_counter()
         try:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .coupling import FlowLayer
+from .coupling import ClassAttention, FlowLayer
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,17 @@ class SANFFlow(nn.Module):
             FlowLayer(config.dim, config.hidden, config.num_heads, config.alpha, config.use_caff, seed=k)
             for k in range(config.num_blocks)
         )
+
+    def set_attention_form(self, as_written: bool) -> "SANFFlow":
+        """Compute every class attention as eq. 6-10 print it (True) or in the query-side form (False, default).
+
+        Both forms compute the same function (see :class:`~flow.coupling.ClassAttention`); the literal one is
+        for FLOP counts of the paper's form and for comparisons. Returns the model itself.
+        """
+        for module in self.modules():
+            if isinstance(module, ClassAttention):
+                module.as_written = as_written
+        return self
 
     def _check(self, x: torch.Tensor, tokens: torch.Tensor | None) -> None:
         if x.dim() != 2 or x.shape[1] != self.config.dim:
@@ -180,12 +191,7 @@ def count_flops(config: FlowConfig, num_patches: int, as_written: bool = False) 
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .coupling import ClassAttention
-
-    model = SANFFlow(config).eval()
-    for module in model.modules():
-        if isinstance(module, ClassAttention):
-            module.as_written = as_written
+    model = SANFFlow(config).eval().set_attention_form(as_written)
     tokens = torch.zeros(1, num_patches, config.dim) if config.use_caff else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, config.dim), tokens)

@@ -77,15 +77,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def make_optimizer(model: torch.nn.Module, train_config: TrainConfig) -> torch.optim.Adam:
-    """Adam with the settings of ``train_config`` over the model's parameters, as torch's fused kernel.
+def make_optimizer(model: torch.nn.Module, train_config: TrainConfig, fused: bool = True) -> torch.optim.Adam:
+    """Adam with the settings of ``train_config`` over the model's parameters, by default as torch's fused kernel.
 
     ``fused=True`` updates each parameter tensor in one pass instead of a chain of elementwise ops over
-    the 50 M parameters (the same update up to float rounding; about 5x less time per step on a CPU,
-    see ``bench/bench.py`` section 3). Source: ``torch.optim.Adam`` (fused on CPU since torch 2.4).
+    the 50 M parameters (the same update up to float rounding; about 5x less time per optimizer step on a
+    CPU, see ``bench/bench.py`` section 3); ``fused=False`` is torch's default implementation (for
+    comparisons). Source: ``torch.optim.Adam`` (fused on CPU since torch 2.4).
     """
     return torch.optim.Adam(model.parameters(), lr=train_config.lr, betas=train_config.betas,
-                            eps=train_config.eps, weight_decay=train_config.weight_decay, fused=True)
+                            eps=train_config.eps, weight_decay=train_config.weight_decay, fused=fused)
 
 
 def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowConfig,

@@ -184,10 +184,8 @@ def test_flow_scores_agree_with_the_as_written_attention():
     y, tokens = inputs(8, num_patches=5)
     with torch.no_grad():
         z, ld = model(y, tokens)
-        for module in model.modules():
-            if isinstance(module, ClassAttention):
-                module.as_written = True
-        z_ref, ld_ref = model(y, tokens)
+        z_ref, ld_ref = model.set_attention_form(True)(y, tokens)
+    assert all(m.as_written for m in model.modules() if isinstance(m, ClassAttention))
     torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
