@@ -69,12 +69,13 @@ def user_errors(fn):
         from cache import CacheError
         from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
         from flow import FlowTrainingError, MetricError
-        from flow.runs import RunError
+        from flow.export import ExportError
+        from flow.store import RunError
 
         try:
             return fn(*args, **kwargs)
         except (CacheError, DatasetError, BackboneError, ImageReadError, ExtractionError, RunError, MetricError,
-                FlowTrainingError, ValueError, OSError) as err:  # OSError: an output path that cannot be written
+                FlowTrainingError, ExportError, ValueError, OSError) as err:  # OSError: an output path that cannot be written
             raise InputError(_one_line(err)) from None
         except RuntimeError as err:
             if "ImageReadError" in str(err):
@@ -87,6 +88,12 @@ def user_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def cli() -> None:
     """SANF-AD: semantics-aware normalizing flow anomaly detection (Ma, Lan et al., ICME 2023)."""
+
+
+def _alpha_option(fn):
+    return click.option("--alpha", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
+                        help="Significance level of calibrated runs: an image is anomalous when its conformal "
+                             "p-value is <= alpha, so at most this share of normal images is flagged.")(fn)
 
 
 def _device_option(fn):
@@ -229,8 +236,9 @@ def _fit_options(fn):
                           "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),
         _knn_k_option,
         click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
-                     help="Hold out this fraction of the normal class's train rows and log the loss on "
-                          "them per epoch (to choose --epochs without the test split)."),
+                     help="Hold out this fraction of the normal class's train rows (chosen by --seed): their "
+                          "scores calibrate the run's p-values and decisions (predict, score), and the flows "
+                          "log their loss per epoch (to choose --epochs without the test split)."),
         _device_option,
     ]
     for option in reversed(options):
@@ -262,16 +270,70 @@ def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1,
               help="Folder of fitted runs; receives auroc.csv.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Samples per forward pass.")
 @_device_option
+@_alpha_option
 @user_errors
-def score(runs_dir: str, batch_size: int, device: str) -> None:
+def score(runs_dir: str, batch_size: int, device: str, alpha: float) -> None:
     """Score the test split with every fitted run; write per-sample scores, <runs-dir>/auroc.csv and
-    <runs-dir>/auroc_by_anomaly.csv (normal against each anomalous class, e.g. each MVTec AD defect type)."""
-    from flow.runs import auroc_table, score_runs
+    <runs-dir>/auroc_by_anomaly.csv (normal against each anomalous class, e.g. each MVTec AD defect type).
 
-    rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo)
+    For runs fitted with --val-fraction (calibrated), scores.csv also holds the conformal p-value and the
+    decision at --alpha, and auroc.csv the realised false-alarm and detection rates on the test split."""
+    from flow.report import auroc_table
+    from flow.runs import score_runs
+
+    rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo, alpha=alpha)
     click.echo(auroc_table(rows))
     click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'} and {Path(runs_dir) / 'auroc_by_anomaly.csv'} (per anomalous "
                "class)")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=NonEmptyPath(file_okay=False, exists=True, path_type=str))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=NonEmptyPath(path_type=str))
+@click.option("--out", type=NonEmptyPath(dir_okay=False, path_type=str), default=None,
+              help="CSV to write; default: RUN/predictions.csv.")
+@_alpha_option
+@click.option("--onnx", "onnx_model", type=NonEmptyPath(dir_okay=False, exists=True, path_type=str), default=None,
+              help="Run the prediction through this ONNX graph (from 'export' of RUN) with onnxruntime.")
+@click.option("--weights", default=None, type=NonEmptyPath(dir_okay=False, path_type=str),
+              help="The backbone's weights file, if it moved since extraction (its sha256 must match).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding images.")
+@_device_option
+@user_errors
+def predict(run_dir, paths, out, alpha, onnx_model, weights, batch_size, num_workers, device) -> None:
+    """Score new images with the fitted run RUN: one CSV row per image file (folders are searched recursively).
+
+    Columns: path, score (the method's primary score: nll for the flows, cosine for knn, mahalanobis for
+    gaussian), every score of the method, p_value and anomalous (runs fitted with --val-fraction: conformal
+    p-value, and p_value <= --alpha), error (why a file could not be scored)."""
+    from flow.predict import predict as predict_images
+
+    summary = predict_images(run_dir, list(paths), out=out, alpha=alpha, batch_size=batch_size,
+                             num_workers=num_workers, device=device, onnx=onnx_model, weights=weights, log=click.echo)
+    click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=NonEmptyPath(file_okay=False, exists=True, path_type=str))
+@click.option("--out", type=NonEmptyPath(dir_okay=False, path_type=str), required=True, help="The .onnx file to write.")
+@_alpha_option
+@click.option("--opset", type=click.IntRange(14, 21), default=17, help="ONNX opset version.")
+@click.option("--check-images", multiple=True, type=NonEmptyPath(exists=True, path_type=str),
+              help="Images (files or folders; up to 8 files used) to check onnxruntime against PyTorch on; "
+                   "default: scikit-learn's two sample photographs. Repeatable.")
+@click.option("--weights", default=None, type=NonEmptyPath(dir_okay=False, path_type=str),
+              help="The backbone's weights file, if it moved since extraction (its sha256 must match).")
+@user_errors
+def export(run_dir, out, alpha, opset, check_images, weights) -> None:
+    """Write the fitted run RUN as one ONNX graph: float32 images (B, 3, H, W) in [0, 1], resized and cropped to
+    the run's input size -> every score, and p_value / anomalous for a calibrated run. Checked with onnxruntime
+    against PyTorch right after export."""
+    from flow.export import export_onnx
+
+    export_onnx(run_dir, out, alpha=alpha, opset=opset, check_images=list(check_images) or None, weights=weights,
+                log=click.echo)
+    click.echo(f"wrote {out}")
 
 
 def _comma_list(kind):
@@ -340,7 +402,8 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
 
     from extract.run import extract_categories
     from flow.report import write_plots, write_report, write_summary_csv
-    from flow.runs import FLOW_METHODS, auroc_table, fit_cache, flow_setting, read_run_record, score_runs
+    from flow.report import auroc_table
+    from flow.runs import FLOW_METHODS, fit_cache, flow_setting, read_run_record, score_runs
 
     caches = extract_categories(download=not no_download, skip_existing=True, log=click.echo, **options)
     times: dict[str, float] = {}
@@ -394,7 +457,8 @@ def demo(cache_dir: str, runs_dir: str, epochs: int, device: str) -> None:
     prints the AUROC table. Needs no download.
     """
     from extract import extract_features
-    from flow.runs import auroc_table, fit_cache, score_runs
+    from flow.report import auroc_table
+    from flow.runs import fit_cache, score_runs
 
     cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,
                              device=device, num_workers=0, skip_existing=True, log=click.echo)

@@ -15,7 +15,9 @@ Sections (``--sections``, default all):
      (full mode) against the bytes of the rows they need;
   5. scaling of extract and fit time with 1x, 2x, 4x the images / train rows;
   6. backbone forward passes of the full CIFAR-10 protocol: this pipeline vs re-encoding per normal class, computed
-     and confirmed by counting forwards in a small run.
+     and confirmed by counting forwards in a small run;
+  7. a run exported to ONNX: ONNX Runtime vs PyTorch images/s on the CPU (backbone + flow + p-value, the same graph
+     on the same decoded batches), and the largest relative difference of the flow's nll.
 
 Real data from ../shared/data (CIFAR-10 JPEGs) when present, generated images otherwise. Writes
 ``<out>/bench.csv`` and ``<out>/bench.md``. This is not a test: timings are never asserted.
@@ -675,14 +677,63 @@ def section_forwards(args, work: Path) -> list[Row]:
     ]
 
 
+def section_onnx(args, work: Path) -> list[Row]:
+    """ONNX Runtime vs PyTorch images/s (CPU) for one exported run: backbone + flow on the same decoded batches."""
+    import onnxruntime as ort
+
+    from flow.export import ScoringGraph, detector_graph, export_onnx
+    from flow.predict import run_features
+    from flow.runs import fit_cache
+    from flow.store import load_run, primary_score, read_calibration, read_run_record, score_names
+    from flow.train import TrainConfig
+    from extract.encode import preprocessing_only, rebuild_encoder
+
+    per = args.sizes["onnx_images"]
+    tree = cifar_tree(work / "s7", {"train": per // 10, "test": per // 10})
+    path, _ = run_extract(args, tree, work / "s7cache", "fp32")
+    (outcome,) = fit_cache(path, normal="0", runs_dir=work / "s7runs", train_config=TrainConfig(epochs=1),
+                           val_fraction=0.25, device="cpu", log=lambda s: None, progress=False)
+    model_path = work / "s7.onnx"
+    diffs = export_onnx(outcome.path, model_path, log=lambda s: None)
+    record = read_run_record(outcome.path)
+    features = run_features(outcome.path, record)
+    encoder = rebuild_encoder(features, torch.device("cpu"), log=lambda s: None)
+    detector, _ = load_run(outcome.path)
+    cal = read_calibration(outcome.path, record)[primary_score(record)]
+    graph = ScoringGraph(encoder.encoder, detector_graph(detector, record), features, score_names(record),
+                         primary_score(record), cal, 0.05).eval()
+    transform = preprocessing_only(features).transform(normalise=False)
+    batches, _, n = decoded_batches(tree, transform, args.batch_size)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    torch_rate = forward_rate(graph, batches, torch.device("cpu"), "fp32", repeats=2)
+    session.run(None, {"images": batches[0].numpy()})
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        for batch in batches:
+            session.run(None, {"images": batch.numpy()})
+        best = max(best, n / (time.perf_counter() - start))
+    note = (f"{args.backbone} + sanf (K=4, H=1024), {n} CIFAR-10 images decoded beforehand, batch {args.batch_size}, "
+            f"fp32, {torch.get_num_threads()} threads, onnxruntime {ort.__version__}")
+    return [
+        Row("7 onnx", "PyTorch (images -> scores, p-value)", torch_rate, "images/s", note=note),
+        Row("7 onnx", "ONNX Runtime, same graph", best, "images/s", note=note),
+        Row("7 onnx", "ONNX Runtime / PyTorch", best / torch_rate, "ratio"),
+        Row("7 onnx", "largest relative difference of nll (2 photographs)", diffs["nll"], "", "<= 1e-4",
+            "yes" if diffs["nll"] <= 1e-4 else "no"),
+    ]
+
+
 SECTIONS = {"1": section_extraction, "2": section_precision, "3": section_flow, "4": section_memory,
-            "5": section_scaling, "6": section_forwards}
+            "5": section_scaling, "6": section_forwards, "7": section_onnx}
 
 SIZES = {
     "quick": {"extract_images": 320, "auroc_train": 100, "auroc_test": 400, "flow_steps": 5, "big_rows": 4000,
-              "scale_images": 80, "scale_rows": 128, "count_images": 4},
+              "scale_images": 80, "scale_rows": 128, "count_images": 4,
+              "onnx_images": 160},
     "full": {"extract_images": 2000, "auroc_train": 1000, "auroc_test": 2000, "flow_steps": 30, "big_rows": 82000,
-             "scale_images": 400, "scale_rows": 1024, "count_images": 20},
+             "scale_images": 400, "scale_rows": 1024, "count_images": 20,
+             "onnx_images": 640},
 }
 
 
@@ -703,7 +754,7 @@ def machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
-    parser.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated section numbers")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (default: the packaged "
                         "ImageNet EfficientNet-Lite0, which needs no download)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (ViTs on the GPU machine)")

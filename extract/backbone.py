@@ -253,6 +253,9 @@ class TokenEncoder(nn.Module):
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.has_class_token = getattr(model, "cls_token", None) is not None
         self.token_grid: tuple[int, int] | None = None
+        #: pool with :func:`pooling_matrix` where the grid does not divide (ONNX cannot export adaptive pooling to
+        #: a size that is not a factor of the input); the default adaptive_avg_pool2d otherwise
+        self.pool_as_matmul = False
 
     @property
     def semantic_vector(self) -> str:
@@ -300,7 +303,20 @@ class TokenEncoder(nn.Module):
             raise ValueError(f"unsupported forward_features output of shape {tuple(feats.shape)}")
         self.token_grid = (h, w)
         gh, gw = self.pooled_grid(h, w)
-        if (gh, gw) != (h, w):
-            grid = F.adaptive_avg_pool2d(grid, (gh, gw))
-        patches = grid.flatten(2).transpose(1, 2)
+        if (gh, gw) == (h, w):
+            patches = grid.flatten(2).transpose(1, 2)
+        elif self.pool_as_matmul and (h % gh or w % gw):
+            patches = pooling_matrix(h, w, gh, gw, grid.dtype, grid.device).T @ grid.flatten(2).transpose(1, 2)
+        else:
+            patches = F.adaptive_avg_pool2d(grid, (gh, gw)).flatten(2).transpose(1, 2)
         return cls, patches
+
+
+def pooling_matrix(h: int, w: int, gh: int, gw: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The (h * w, gh * gw) matrix M with ``tokens (B, h*w, D)`` -> ``M.T @ tokens`` equal to
+    ``adaptive_avg_pool2d`` of the h x w grid to gh x gw (row-major), up to float rounding: each output cell the
+    mean of its window (PyTorch's windows: rows floor(i h / gh) .. ceil((i + 1) h / gh)). Built by pooling the
+    identity, so the windows are PyTorch's own."""
+    eye = torch.eye(h * w, dtype=dtype, device=device).view(h * w, 1, h, w)
+    return F.adaptive_avg_pool2d(eye, (gh, gw)).view(h * w, gh * gw)

@@ -19,10 +19,9 @@ from torchvision import transforms
 
 from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
-from flow.train import resolve_device
-
 from .backbone import TokenEncoder, create_backbone
 from .datasets import ToRGB, build_dataset
+from .device import resolve_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

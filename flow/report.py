@@ -1,4 +1,4 @@
-"""Summaries of scored runs: the paper's Table 2 shape (one row per method and score, one column per normal class,
+"""Summaries of scored runs: the console AUROC table, the paper's Table 2 shape (one row per method and score, one column per normal class,
 mean +- std over seeds) as CSV and as a markdown report."""
 
 from __future__ import annotations
@@ -226,3 +226,45 @@ def _save(fig, path: Path) -> Path:
 
 
 __all__ = ["markdown_table", "read_scores", "summarize", "write_plots", "write_report", "write_summary_csv"]
+
+
+def _label(row: dict) -> str:
+    """``sanf`` or, for a sweep's non-default setting, ``sanf[K2-H1024]``."""
+    return f"{row['method']}[{row['setting']}]" if row.get("setting") else row["method"]
+
+
+def auroc_table(rows: list[dict]) -> str:
+    """A plain-text table: one line per normal class, one column per (method, score), and the mean.
+
+    AUROCs of several seeds of the same run settings are averaged. One table per (dataset, backbone).
+    """
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["backbone"]), []).append(row)
+    for (dataset, backbone), group in groups.items():
+        columns = sorted({(_label(r), r["score"]) for r in group})
+        classes = sorted({(r["normal_class"], r["normal_name"]) for r in group})
+        cell: dict[tuple, list[float]] = {}
+        for r in group:
+            cell.setdefault((r["normal_class"], _label(r), r["score"]), []).append(r["auroc"])
+        names = [f"{m}/{s}" for m, s in columns]
+        width = max(12, *(len(n) for n in names))
+        first = max(14, *(len(f"{k} {n}") for k, n in classes))
+        out.append(f"AUROC  dataset={dataset}  backbone={backbone}")
+        out.append("normal class".ljust(first) + "".join(n.rjust(width + 2) for n in names))
+        means = {c: [] for c in columns}
+        for k, name in classes:
+            line = f"{k} {name}".ljust(first)
+            for c in columns:
+                values = cell.get((k, *c))
+                if values:
+                    v = float(np.mean(values))
+                    means[c].append(v)
+                    line += f"{v:.4f}".rjust(width + 2)
+                else:
+                    line += "-".rjust(width + 2)
+            out.append(line)
+        out.append("mean".ljust(first) + "".join(
+            (f"{np.mean(means[c]):.4f}" if means[c] else "-").rjust(width + 2) for c in columns))
+    return "\n".join(out)

@@ -1,20 +1,18 @@
-"""Fitting flows on a cache, saving them as runs, and scoring every run: the library behind ``fit`` and ``score``.
+"""Fitting detectors on a cache and scoring the test split with every run: the protocols behind ``fit`` and
+``score``.
 
-A run is a folder ``<runs_dir>/<name>/`` holding ``model.safetensors`` (the flow's state dict),
-``run.json`` (every setting, the cache and its fingerprint, the train loss per epoch, wall time) and,
-after scoring, ``scores.csv``. ``<runs_dir>/auroc.csv`` collects one row per (run, score type).
+Runs are stored by :mod:`flow.store`; ``<runs_dir>/auroc.csv`` collects one row per (run, score type). A run
+fitted with held-out normal train rows (``val_fraction > 0``) is calibrated: the held-out rows' scores are
+stored with it, and ``score`` adds the conformal p-values (:mod:`flow.conformal`) and the realised
+false-alarm rate on the test split's normal images.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import errno
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,28 +21,27 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from cache import PARTIAL_SUFFIX, FeatureCache
+from extract.encode import provenance
 
 from .baselines import BASELINES
+from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
-from .model import FlowConfig, SANFFlow, count_flops, parameter_count
-from .train import FlowTrainingError, TrainConfig, fit_flow, resolve_device, score_batches
+from .model import FlowConfig, count_flops, parameter_count
+from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION, RunError,
+                    calibration_text,
+                    check_writable_dir, list_runs, load_run, method_name, primary_score, read_calibration,
+                    read_run_record, run_name, save_run, score_names, write_csv)
+from .train import TrainConfig, fit_flow, resolve_device, score_batches
 
-RUN_FORMAT = "sanf-ad-run"
-RUN_VERSION = 1
-SCORE_TYPES = ("nll", "z2")
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
-                 "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting")
+                 "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting", "alpha", "n_calibration",
+                 "false_alarm_rate", "detection_rate")
 #: Columns of ``auroc_by_anomaly.csv``: the metrics of each run and score on the normal test images against the
 #: test images of one anomalous class (MVTec AD: one defect type) at a time.
 BY_ANOMALY_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "anomaly_class",
                       "anomaly_name", "auroc", "n_normal", "n_anomalous", "run", "cache", "aupr", "fpr95", "setting")
-
-
-class RunError(Exception):
-    """A run folder or its cache is missing, changed or unreadable."""
 
 
 def resolve_normal(spec: str | int, class_names: Sequence[str]) -> list[int]:
@@ -94,35 +91,6 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
         raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache")
     raise ValueError(f"--cache-dir {cache_dir} holds {len(found)} caches; pass --cache with one of: "
                      + ", ".join(str(p) for p in found))
-
-
-FLOW_METHODS = ("sanf", "sanf-nocaff")
-#: Every method of ``fit --method``: the flow, its ablation and the baselines.
-METHODS = FLOW_METHODS + tuple(BASELINES)
-
-
-def method_name(use_caff: bool) -> str:
-    """``"sanf"`` for the CAFF flow, ``"sanf-nocaff"`` for the MLP-only ablation."""
-    return "sanf" if use_caff else "sanf-nocaff"
-
-
-def _umask_mode(mode: int) -> int:
-    """``mode`` with the process umask applied (tempfile creates 0600 files and 0700 folders)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -181,7 +149,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in BASELINES:
-        return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing)
+        return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,
+                             val_fraction)
     if "use_caff" in flow_config and method_name(flow_config["use_caff"]) != method:
         raise ValueError(f"--method {method} contradicts --no-caff={not flow_config['use_caff']}")
     flow_config["use_caff"] = method == "sanf"
@@ -222,6 +191,10 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 log(f"replacing the existing run {runs_dir / name}")
             model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
                                      progress=progress, val_cls=val_cls, val_patches=val_patches)
+            files, calibration = {}, {}
+            if val_cls is not None:
+                held_out = score_batches(model, val_cls, val_patches)
+                files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, val_fraction, seed)
             record = {
                 **_record_head(fc, method, k, seed),
                 "setting": setting,
@@ -241,9 +214,11 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "gflops_per_sample_computed": round(flops / 1e9, 6),
                 "wall_time_s": round(result.wall_time_s, 3),
                 "device": str(dev),
-                **_record_tail(cache, fingerprint),
+                "primary_score": PRIMARY_SCORES[method],
+                **calibration,
+                **_record_tail(fc, cache, fingerprint),
             }
-            path = save_run(runs_dir, name, model.state_dict(), record)
+            path = save_run(runs_dir, name, model.state_dict(), record, files)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
             epochs = f"{train_config.epochs} epoch{'s' if train_config.epochs != 1 else ''}"
             log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows, {epochs}, "
@@ -289,9 +264,11 @@ def _record_head(fc: FeatureCache, method: str, k: int, seed: int) -> dict:
             "backbone": fc.attrs["backbone"], "normal_class": k, "normal_name": fc.class_names[k], "seed": seed}
 
 
-def _record_tail(cache, fingerprint: str) -> dict:
-    return {"cache": str(Path(cache).resolve()), "cache_fingerprint": fingerprint, "torch_version": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def _record_tail(fc: FeatureCache, cache, fingerprint: str) -> dict:
+    """The end of every run.json: how the features were computed (the cache's provenance, so the run can be used
+    on new images without its cache), the cache and its fingerprint, versions and time."""
+    return {"features": provenance(fc.attrs), "cache": str(Path(cache).resolve()), "cache_fingerprint": fingerprint,
+            "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutcome | None:
@@ -309,9 +286,10 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
 
 
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
-                  log: Callable[[str], None], keep_existing: bool = False) -> list[FitOutcome]:
-    """:func:`fit_cache` for the baselines of :mod:`flow.baselines` (class tokens only; ``seed`` is recorded
-    and names the run, but the baselines are deterministic)."""
+                  log: Callable[[str], None], keep_existing: bool = False, val_fraction: float = 0.0
+                  ) -> list[FitOutcome]:
+    """:func:`fit_cache` for the baselines of :mod:`flow.baselines` (class tokens only; ``seed`` is recorded,
+    names the run and chooses the held-out rows, but the baselines are deterministic)."""
     runs_dir = Path(runs_dir)
     outcomes = []
     with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
@@ -320,23 +298,42 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
                 "method": method, "normal_class": k, "seed": seed, "setting": "",
-                "params": BASELINES[method](**params).params(), "cache_fingerprint": fingerprint}, log)
+                "params": BASELINES[method](**params).params(), "val_fraction": val_fraction,
+                "cache_fingerprint": fingerprint}, log)
             if kept:
                 outcomes.append(kept)
                 continue
-            cls_np, _ = train.read(train.rows_of_class(k))
+            rows = train.rows_of_class(k)
+            cls_np, _ = train.read(rows)
+            fit_idx, val_idx = (i.numpy() for i in split_holdout(rows.size, val_fraction, seed))
             start = time.perf_counter()
-            detector = BASELINES[method](**params).fit(cls_np)
+            detector = BASELINES[method](**params).fit(cls_np[fit_idx])
             elapsed = time.perf_counter() - start
+            files, calibration = {}, {}
+            if val_idx.size:
+                files, calibration = _calibration(train, rows[val_idx], detector.scores(cls_np[val_idx]),
+                                                  val_fraction, seed)
             record = {**_record_head(fc, method, k, seed), "params": detector.params(),
-                      "scores": list(detector.score_names), "num_train": int(len(cls_np)),
-                      "wall_time_s": round(elapsed, 3), **_record_tail(cache, fingerprint)}
+                      "scores": list(detector.score_names), "num_train": int(fit_idx.size),
+                      "val_fraction": val_fraction, "num_val": int(val_idx.size), "wall_time_s": round(elapsed, 3),
+                      "primary_score": PRIMARY_SCORES[method], **calibration, **_record_tail(fc, cache, fingerprint)}
             state = {key: torch.from_numpy(np.array(value)) for key, value in detector.state().items()}
-            path = save_run(runs_dir, names[k], state, record)
-            log(f"fitted {method} for normal class {k} ({fc.class_names[k]}): {len(cls_np)} train rows, "
-                f"{elapsed:.1f} s -> {path}")
+            path = save_run(runs_dir, names[k], state, record, files)
+            log(f"fitted {method} for normal class {k} ({fc.class_names[k]}): {fit_idx.size} train rows"
+                f"{f', {val_idx.size} held out for calibration' if val_idx.size else ''}, {elapsed:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
+
+
+def _calibration(train, rows: np.ndarray, scores: dict[str, np.ndarray], val_fraction: float,
+                 seed: int) -> tuple[dict[str, str], dict]:
+    """The calibration file of a run and its entry in run.json, from the scores of its held-out normal train rows
+    (``rows``: indices into the cache's train split)."""
+    ids = train.sample_ids
+    text = calibration_text(rows, [ids[r] for r in rows], scores)
+    entry = {"file": CALIBRATION_FILE, "num_rows": int(len(rows)),
+             "source": f"normal train rows held out of fitting (val_fraction {val_fraction}, chosen by seed {seed})"}
+    return {CALIBRATION_FILE: text}, {"calibration": entry}
 
 
 def check_training_memory(num_parameters: int) -> None:
@@ -361,14 +358,6 @@ def flow_setting(num_blocks: int, hidden: int) -> str:
     return f"K{num_blocks}-H{hidden}"
 
 
-def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, seed: int, setting: str = "") -> str:
-    """``<cache>__<method>[-<setting>]__normal<k>-<name>__seed<s>``, with characters other than letters, digits,
-    ``.``, ``_`` and ``-`` in the class name replaced by ``-`` (Fashion-MNIST has ``T-shirt/top``)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", normal_name)
-    label = f"{method}-{setting}" if setting else method
-    return f"{cache_stem}__{label}__normal{normal_class}-{safe}__seed{seed}"
-
-
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``range(n)`` into (fit, held-out) index tensors; ``round(fraction * n)`` held out, chosen by ``seed``.
 
@@ -384,204 +373,16 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def check_writable_dir(folder: Path, option: str) -> None:
-    """Create ``folder`` if needed and check that files can be written in it.
-
-    Raises:
-        ValueError: it cannot be created or written (the message names the option and the path).
-    """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ValueError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
-
-
-def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: dict) -> Path:
-    """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name.
-
-    Raises:
-        FlowTrainingError: the weights hold NaN or infinite values (nothing is written).
-        RunError: something other than a run folder is in the way.
-    """
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FlowTrainingError(f"run {name}: {len(bad)} weight tensors hold NaN or infinite values after "
-                                "training (check --lr and --weight-decay); nothing saved")
-    final = runs_dir / name
-    if final.exists() and not (final / "run.json").is_file():
-        raise RunError(f"{final} exists and is not a run folder; move it away")
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, _umask_mode(0o777))
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
-    """Rename ``folder`` to ``final``, replacing an existing ``final`` whole.
-
-    On Linux an existing run is swapped with the new one atomically (``renameat2(RENAME_EXCHANGE)``), so
-    readers and a process killed at any moment see either the old run or the new one, never neither.
-    Elsewhere the old run is renamed aside first (a window of two renames). A concurrent writer of the
-    same run makes this retry instead of failing.
-    """
-    for _ in range(attempts):
-        if final.exists() and _exchange(folder, final):
-            shutil.rmtree(folder, ignore_errors=True)  # now holds the old run
-            return
-        aside = None
-        if final.exists():
-            aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old")) / "run"
-            try:
-                os.replace(final, aside)
-            except FileNotFoundError:  # another writer moved it first
-                pass
-        try:
-            os.replace(folder, final)
-        except OSError as err:
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            continue  # another writer put its run in place meanwhile: replace that one
-        finally:
-            if aside is not None:
-                shutil.rmtree(aside.parent, ignore_errors=True)
-        return
-    raise RunError(f"could not put the run {final} in place: other processes keep writing it")
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2(..., RENAME_EXCHANGE)``; False where unsupported."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):  # no libc, or glibc older than 2.28
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):  # unsupported here, or b vanished
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-#: Keys every run.json holds, with their types; flows add ``flow`` (dict), baselines ``params`` (dict) and
-#: ``scores`` (list of score names).
-RECORD_TYPES = {"method": str, "dataset": str, "backbone": str, "normal_class": int, "normal_name": str, "seed": int,
-                "cache": str, "cache_fingerprint": str}
-
-
-def read_run_record(path: str | os.PathLike) -> dict:
-    """Read and check a run folder's ``run.json``.
-
-    Raises:
-        RunError: unreadable, not JSON, of another format or version, or lacking a required key; the
-            message names the run folder.
-    """
-    path = Path(path)
-    try:
-        record = json.loads((path / "run.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunError(f"run {path}: cannot read run.json ({err})") from None
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT \
-            or record.get("format_version") != RUN_VERSION:
-        raise RunError(f"run {path}: run.json is not a {RUN_FORMAT} v{RUN_VERSION} record")
-    types = dict(RECORD_TYPES)
-    types.update({"flow": dict} if record.get("method") in FLOW_METHODS else {"params": dict, "scores": list})
-    missing = [key for key in types if key not in record]
-    if missing:
-        raise RunError(f"run {path}: run.json lacks {missing}")
-    wrong = [key for key, kind in types.items() if not isinstance(record[key], kind) or isinstance(record[key], bool)]
-    if wrong:
-        raise RunError(f"run {path}: run.json has values of the wrong type for {wrong}")
-    if record["method"] not in METHODS:
-        raise RunError(f"run {path}: unknown method {record['method']!r} (this build has {', '.join(METHODS)})")
-    if record["method"] in BASELINES and list(record["scores"]) != list(BASELINES[record["method"]].score_names):
-        raise RunError(f"run {path}: run.json lists scores {record['scores']} for {record['method']}")
-    return record
-
-
-def score_names(record: dict) -> tuple[str, ...]:
-    """The scores a run's method gives: ``nll``, ``z2`` for the flows; the baseline's own otherwise."""
-    return SCORE_TYPES if record["method"] in FLOW_METHODS else tuple(BASELINES[record["method"]].score_names)
-
-
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
-    """Load a run folder's model (eval mode) and record.
-
-    Raises:
-        RunError: ``run.json`` or ``model.safetensors`` is missing, damaged, of another format, or the
-            weights do not fit the recorded architecture; the message names the run folder.
-    """
-    path = Path(path)
-    record = read_run_record(path)
-    if record["method"] in BASELINES:
-        return _load_baseline(path, record), record
-    try:
-        config = FlowConfig(**record["flow"])
-        expected = parameter_count(config)
-    except Exception as err:  # TypeError, ValueError, or torch's errors on impossible sizes
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
-        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
-    stored = sum(v.numel() for k, v in state.items() if "perm" not in k)
-    if stored != expected:  # checked before building the model, which run.json could make of any size
-        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json "
-                       f"({stored:,} weights stored, {expected:,} expected)")
-    model = SANFFlow(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json") from None
-    return model.to(device).eval(), record
-
-
-def _load_baseline(path: Path, record: dict):
-    try:
-        state = {key: value.numpy() for key, value in load_file(str(path / "model.safetensors")).items()}
-    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
-        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
-    try:
-        return BASELINES[record["method"]].from_state(record["params"], state)
-    except (TypeError, ValueError, KeyError) as err:
-        raise RunError(f"run {path}: model.safetensors or run.json does not describe a {record['method']} "
-                       f"detector ({err})") from None
-
-
-def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
-    """Run folders (those holding a ``run.json``) directly under ``runs_dir``, sorted by name."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    return sorted(p for p in runs_dir.iterdir() if not p.name.startswith(".") and (p / "run.json").is_file())
-
-
 def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, device: str = "auto",
-               block_rows: int = 2048, log: Callable[[str], None] = print) -> list[dict]:
+               block_rows: int = 2048, log: Callable[[str], None] = print, alpha: float = DEFAULT_ALPHA) -> list[dict]:
     """Score the test split of its cache with every run under ``runs_dir``; write scores and AUROCs.
 
     The test split is read once per cache in blocks of ``block_rows`` rows and every run on that cache
     scores each block, so memory stays bounded by a block whatever the cache's size.
 
-    Writes ``<run>/scores.csv`` (sample_id, label, is_anomaly, nll in nats, z2) per run,
+    Writes ``<run>/scores.csv`` (sample_id, label, is_anomaly, then the method's scores: nll in nats and z2
+    for the flows; for a calibrated run also ``p_value``, the conformal p-value of the primary score, and
+    ``anomalous``, p_value <= alpha) per run,
     ``<runs_dir>/auroc.csv`` (columns ``AUROC_COLUMNS``: one row per run and score type; the protocol's
     numbers) and ``<runs_dir>/auroc_by_anomaly.csv`` (columns ``BY_ANOMALY_COLUMNS``: normal test images
     against each anomalous class alone, e.g. per MVTec AD defect type).
@@ -592,15 +393,19 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
         device: ``auto``, ``cpu`` or ``cuda``.
         block_rows: test rows read from the cache at once.
         log: where to print progress lines.
+        alpha: significance level of the calibrated runs' decisions: their AUROC rows also hold the realised
+            false-alarm rate (normal test images with p <= alpha, each score with its own calibration) and
+            detection rate (anomalous ones), which the guarantee of :mod:`flow.conformal` bounds by alpha.
 
     Returns:
-        The AUROC rows (dicts keyed by ``AUROC_COLUMNS``).
+        The AUROC rows (dicts keyed by ``AUROC_COLUMNS``; the calibration columns empty for other runs).
 
     Raises:
         RunError: no runs, a run's cache is missing or its fingerprint changed.
         CacheError: a cache is invalid.
         MetricError: non-finite scores, or a test split without normal or anomalous samples.
     """
+    alpha = check_alpha(alpha)
     dev = resolve_device(device)
     runs = list_runs(runs_dir)
     if not runs:
@@ -623,16 +428,16 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                     raise RunError(f"the cache {cache_path} changed since run {run.name} was fitted "
                                    f"(fingerprint {fingerprint[:12]} != {record['cache_fingerprint'][:12]}); "
                                    "fit again")
-                loaded.append((run, model, record))
+                loaded.append((run, model, record, read_calibration(run, record)))
             test = fc.split("test")
             if test.num_rows == 0:
                 raise RunError(f"the test split of {cache_path} is empty: nothing to score")
-            scores = {run: {key: [] for key in score_names(record)} for run, _, record in loaded}
+            scores = {run: {key: [] for key in score_names(record)} for run, _, record, _ in loaded}
             start = time.perf_counter()
             for _, cls_np, patches_np in test.iter_blocks(block_rows):
                 cls_t = torch.from_numpy(cls_np)
                 patches_t = torch.from_numpy(patches_np)
-                for run, model, record in loaded:
+                for run, model, record, _ in loaded:
                     if record["method"] in FLOW_METHODS:
                         block = score_batches(model, cls_t, patches_t, batch_size)
                     else:
@@ -643,12 +448,26 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             labels = test.labels
             sample_ids = test.sample_ids
             class_names = fc.class_names
-            for run, _, record in loaded:
+            for run, _, record, calibration in loaded:
                 per_run = {key: np.concatenate(parts) for key, parts in scores[run].items()}
                 normal_rows = labels == record["normal_class"]
                 is_anomaly = (~normal_rows).astype(np.int64)
                 anomaly_classes = np.unique(labels[~normal_rows]).tolist()
-                pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, per_run))
+                columns = dict(per_run)
+                decisions = {}
+                if calibration is not None:
+                    p_values = {key: conformal_p_values(calibration[key], per_run[key]) for key in per_run}
+                    columns["p_value"] = p_values[primary_score(record)]
+                    columns["anomalous"] = (columns["p_value"] <= alpha).astype(np.int64)
+                    decisions = {key: _decision_rates(p <= alpha, normal_rows, alpha, len(calibration[key]))
+                                 for key, p in p_values.items()}
+                    rate = decisions[primary_score(record)]
+                    log(f"run {run.name}: at alpha {alpha}, {rate['false_alarm_rate']:.4f} of the "
+                        f"{int(normal_rows.sum())} normal test images flagged (false-alarm rate; at most {alpha} "
+                        f"expected, 95 % binomial band up to {false_alarm_band(int(normal_rows.sum()), alpha):.4f}), "
+                        f"{rate['detection_rate']:.4f} of the anomalous ones ({primary_score(record)}, "
+                        f"{len(calibration[primary_score(record)])} held-out normal rows)")
+                pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, columns))
                 for key in score_names(record):
                     try:
                         metrics = _metrics(is_anomaly, per_run[key])
@@ -659,7 +478,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                             "method": record["method"], "setting": record.get("setting", ""), "score": key,
                             "seed": record["seed"], "n_normal": int(normal_rows.sum()), "run": run.name,
                             "cache": cache_path}
-                    rows.append({**head, **metrics, "n_anomalous": int(is_anomaly.sum())})
+                    rows.append({**head, **metrics, "n_anomalous": int(is_anomaly.sum()), **decisions.get(key, {})})
                     for c in anomaly_classes:  # one anomalous class at a time
                         subset = normal_rows | (labels == c)
                         by_anomaly.append({**head, "anomaly_class": c, "anomaly_name": class_names[c],
@@ -680,8 +499,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                              r["score"]))
     by_anomaly.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["setting"], r["normal_class"],
                                    r["seed"], r["score"], r["anomaly_class"]))
-    _write_csv(Path(runs_dir) / "auroc_by_anomaly.csv", BY_ANOMALY_COLUMNS, by_anomaly)
-    _write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
+    write_csv(Path(runs_dir) / "auroc_by_anomaly.csv", BY_ANOMALY_COLUMNS, by_anomaly)
+    write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
     return rows
 
 
@@ -690,62 +509,20 @@ def _metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return {name: fn(is_anomaly, scores) for name, fn in (("auroc", auroc), ("aupr", aupr), ("fpr95", fpr_at_tpr))}
 
 
+def _decision_rates(flagged: np.ndarray, normal_rows: np.ndarray, alpha: float, n_calibration: int) -> dict:
+    """The calibration columns of an AUROC row: the share of normal test images flagged (false alarms) and of
+    anomalous ones (detections), at ``alpha`` with ``n_calibration`` held-out rows."""
+    return {"alpha": alpha, "n_calibration": n_calibration,
+            "false_alarm_rate": float(flagged[normal_rows].mean()) if normal_rows.any() else float("nan"),
+            "detection_rate": float(flagged[~normal_rows].mean()) if (~normal_rows).any() else float("nan")}
+
+
 def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anomaly: np.ndarray,
                   scores: dict[str, np.ndarray]) -> None:
     rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a)} for s, l, a in zip(sample_ids, labels, is_anomaly)]
     for key, values in scores.items():
         for row, value in zip(rows, values):
-            row[key] = repr(float(value))
-    _write_csv(path, ("sample_id", "label", "is_anomaly", *scores), rows)
+            row[key] = int(value) if key == "anomalous" else repr(float(value))
+    write_csv(path, ("sample_id", "label", "is_anomaly", *scores), rows)
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write_text(path, buffer.getvalue())
-
-
-def _label(row: dict) -> str:
-    """``sanf`` or, for a sweep's non-default setting, ``sanf[K2-H1024]``."""
-    return f"{row['method']}[{row['setting']}]" if row.get("setting") else row["method"]
-
-
-def auroc_table(rows: list[dict]) -> str:
-    """A plain-text table: one line per normal class, one column per (method, score), and the mean.
-
-    AUROCs of several seeds of the same run settings are averaged. One table per (dataset, backbone).
-    """
-    out = []
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["dataset"], row["backbone"]), []).append(row)
-    for (dataset, backbone), group in groups.items():
-        columns = sorted({(_label(r), r["score"]) for r in group})
-        classes = sorted({(r["normal_class"], r["normal_name"]) for r in group})
-        cell: dict[tuple, list[float]] = {}
-        for r in group:
-            cell.setdefault((r["normal_class"], _label(r), r["score"]), []).append(r["auroc"])
-        names = [f"{m}/{s}" for m, s in columns]
-        width = max(12, *(len(n) for n in names))
-        first = max(14, *(len(f"{k} {n}") for k, n in classes))
-        out.append(f"AUROC  dataset={dataset}  backbone={backbone}")
-        out.append("normal class".ljust(first) + "".join(n.rjust(width + 2) for n in names))
-        means = {c: [] for c in columns}
-        for k, name in classes:
-            line = f"{k} {name}".ljust(first)
-            for c in columns:
-                values = cell.get((k, *c))
-                if values:
-                    v = float(np.mean(values))
-                    means[c].append(v)
-                    line += f"{v:.4f}".rjust(width + 2)
-                else:
-                    line += "-".rjust(width + 2)
-            out.append(line)
-        out.append("mean".ljust(first) + "".join(
-            (f"{np.mean(means[c]):.4f}" if means[c] else "-").rjust(width + 2) for c in columns))
-    return "\n".join(out)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from extract.device import resolve_device  # re-exported: the flow stage runs on the same devices
+
 from .model import FlowConfig, SANFFlow, flow_loss
 
 
@@ -60,21 +62,6 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         return self.epoch_losses[-1] if self.epoch_losses else float("nan")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available else CPU; ``"cpu"``/``"cuda"`` as given.
-
-    Raises:
-        ValueError: ``"cuda"`` asked for but not available, or an unknown value.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
-    return torch.device(device)
 
 
 def make_optimizer(model: torch.nn.Module, train_config: TrainConfig, fused: bool = True) -> torch.optim.Adam:

@@ -24,7 +24,8 @@ from sklearn.metrics import roc_auc_score
 from cache import FeatureCache
 from conftest import ROOT, make_image_tree
 from extract.datasets import CIFAR10_CLASSES
-from flow.runs import AUROC_COLUMNS, load_run
+from flow.runs import AUROC_COLUMNS
+from flow.store import load_run
 from pipeline import cli
 
 REQUIRED_AUROC_COLUMNS = ["dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
@@ -479,7 +480,7 @@ def test_unwritable_runs_dir_is_refused_before_training(pipeline_run, tmp_path):
 
 
 def test_a_file_in_the_place_of_a_run_folder_is_refused(pipeline_run, tmp_path):
-    from flow.runs import run_name
+    from flow.store import run_name
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, gaussian_splits, write_cache
-from flow.runs import list_runs, load_run
+from flow.store import list_runs, load_run
 
 
 def _fit(cache, runs, normal: str) -> subprocess.Popen:

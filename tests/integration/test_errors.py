@@ -178,7 +178,7 @@ def test_empty_folder_paths_are_refused(small_cache, tmp_path, option, monkeypat
 
 
 def test_fit_all_checks_every_run_slot_before_training(small_cache, tmp_path):
-    from flow.runs import run_name
+    from flow.store import run_name
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -230,7 +230,7 @@ def test_a_flow_too_large_for_this_machine_is_refused_before_allocating(small_ca
 
 
 def test_dangling_link_in_a_run_slot_is_refused_before_training(small_cache, tmp_path):
-    from flow.runs import run_name
+    from flow.store import run_name
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -772,3 +772,13 @@ def test_weights_that_are_a_folder(tmp_path):
 
     with pytest.raises(BackboneError, match="is a folder; expected a state-dict file"):
         create_backbone("test_vit", weights=str(tmp_path))
+
+
+@pytest.mark.parametrize("h, w, gh, gw", [(14, 14, 8, 8), (3, 5, 2, 3), (7, 7, 7, 2), (6, 6, 3, 3)])
+def test_pooling_matrix_equals_adaptive_average_pooling(h, w, gh, gw):
+    from extract.backbone import pooling_matrix
+
+    grid = torch.randn(2, 5, h, w, dtype=torch.float64)
+    expected = F.adaptive_avg_pool2d(grid, (gh, gw)).flatten(2).transpose(1, 2)
+    got = pooling_matrix(h, w, gh, gw, torch.float64).T @ grid.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

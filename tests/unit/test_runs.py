@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 
 from flow import MetricError, TrainConfig, auroc
-from flow.runs import (
-    AUROC_COLUMNS,
-    RunError,
-    auroc_table,
-    find_cache,
-    fit_cache,
-    load_run,
-    resolve_normal,
-    score_runs,
-    split_holdout,
-)
+from flow.report import auroc_table
+from flow.runs import AUROC_COLUMNS, find_cache, fit_cache, resolve_normal, score_runs, split_holdout
+from flow.store import RunError, load_run
 
 from conftest import gaussian_splits, write_cache
 
@@ -183,7 +175,7 @@ def test_auroc_table_mean_is_the_mean_of_its_rows():
 
 
 def test_run_names_are_single_path_components():
-    from flow.runs import run_name
+    from flow.store import run_name
 
     assert run_name("c", "sanf", 0, "T-shirt/top", 2) == "c__sanf__normal0-T-shirt-top__seed2"
     assert run_name("c", "sanf-nocaff", 3, "cat", 0) == "c__sanf-nocaff__normal3-cat__seed0"
@@ -208,7 +200,7 @@ def test_run_files_follow_the_umask(gaussian_cache, tmp_path):
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_replacing_a_run_leaves_no_window_and_no_leftovers(tmp_path, monkeypatch, exchange):
-    import flow.runs as runs_module
+    import flow.store as runs_module
 
     if not exchange:  # the portable path: rename the old run aside, then the new one in
         monkeypatch.setattr(runs_module, "_exchange", lambda a, b: False)
@@ -227,7 +219,7 @@ def test_replacing_a_run_leaves_no_window_and_no_leftovers(tmp_path, monkeypatch
 def test_exchange_swaps_two_folders_atomically_on_linux(tmp_path):
     import sys
 
-    from flow.runs import _exchange
+    from flow.store import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

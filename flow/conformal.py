@@ -1,0 +1,76 @@
+"""Split-conformal p-values: decisions calibrated on normal images only.
+
+A run fitted with held-out normal train rows (``fit --val-fraction F``) keeps their scores s_1..s_n. A new
+image with score s (higher = more anomalous) gets the conformal p-value
+
+    p(s) = (1 + #{i : s_i >= s}) / (n + 1),
+
+and is flagged anomalous when p(s) <= alpha. If the new normal images are exchangeable with the held-out ones
+(drawn from the same distribution, independently of how the held-out rows were chosen), then
+P(p <= alpha) <= alpha for each of them: the false-alarm rate is at most alpha, whatever the detector.
+Reference: S. Bates, E. Candes, L. Lei, Y. Romano, M. Sesia, "Testing for outliers with conformal p-values",
+Annals of Statistics 51(1), 2023 (the marginal p-value of their eq. (2)). The guarantee is marginal (over the
+draw of the held-out rows too); for the realised rate on a test set, see :func:`false_alarm_band`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: The default significance level of ``predict`` and ``score``: at most 5 % of normal images flagged.
+DEFAULT_ALPHA = 0.05
+
+
+def conformal_p_values(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """p(s) = (1 + #{calibration >= s}) / (n + 1) for every score.
+
+    Args:
+        calibration: (n,) scores of held-out normal rows, n >= 1, finite.
+        scores: (m,) scores of new images (higher = more anomalous); NaN gives NaN.
+
+    Returns:
+        (m,) float64 p-values in [1 / (n + 1), 1].
+
+    Raises:
+        ValueError: ``calibration`` empty, not 1-D, or non-finite.
+    """
+    calibration = np.asarray(calibration, dtype=np.float64)
+    if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
+        raise ValueError(f"calibration scores must be a non-empty 1-D array of finite values; got shape "
+                         f"{calibration.shape}")
+    scores = np.asarray(scores, dtype=np.float64)
+    ordered = np.sort(calibration)
+    at_least = ordered.size - np.searchsorted(ordered, scores, side="left")  # #{s_i >= s}
+    p = (1.0 + at_least) / (ordered.size + 1.0)
+    return np.where(np.isnan(scores), np.nan, p)
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it lies in (0, 1).
+
+    Raises:
+        ValueError: otherwise (the message names ``--alpha``).
+    """
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"--alpha must be in (0, 1); got {alpha}")
+    return float(alpha)
+
+
+def smallest_p_value(num_calibration: int) -> float:
+    """1 / (n + 1): no image can be flagged at an alpha below this."""
+    return 1.0 / (num_calibration + 1.0)
+
+
+def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95) -> float:
+    """The upper end of the central ``level`` band of the false-alarm rate of ``num_normal`` independent normal
+    images each flagged with probability alpha: the binomial (n, alpha) quantile at (1 + level) / 2, over n.
+
+    A realised rate above it is unlikely (probability about (1 - level) / 2) if the guarantee holds with
+    equality; it ignores the extra spread from the draw of the held-out rows (source: scipy.stats.binom).
+    """
+    from scipy.stats import binom
+
+    return float(binom.ppf((1.0 + level) / 2.0, num_normal, alpha)) / num_normal
+
+
+__all__ = ["DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "false_alarm_band", "smallest_p_value"]

@@ -1,0 +1,326 @@
+"""Export a fitted run as one ONNX graph, from images to scores and decisions: ``pipeline.py export``.
+
+The graph (``torch.onnx.export``, TorchScript-based exporter, opset :data:`OPSET`, dynamic batch axis):
+
+- input ``images``: float32 (B, 3, H, W), values in [0, 1], already resized and centre-cropped to the run's
+  input size as its preprocessing records (the model's metadata says how: ``sanf_ad.preprocessing``);
+- inside: the normalisation (mean/std), the backbone and patch pooling, the round trip through the cache's
+  storage dtype (float16 by default, as the features the run was fitted on), then the detector: the flow's
+  ``nll``/``z2``; for ``knn`` the normal train class tokens are a graph constant (L2 and cosine distances, float64);
+  for ``gaussian`` the mean and precision matrix are (squared Mahalanobis distance, float64);
+- outputs: every score of the method (float64, (B,)), and for a calibrated run ``p_value`` (the conformal
+  p-value of the primary score, the held-out scores being a constant) and ``anomalous`` (bool, p_value <= the
+  alpha given at export, recorded as ``sanf_ad.alpha``).
+
+The backbone runs in float32 whatever precision the cache was extracted with (a bf16/fp16 cache's features
+then differ by that precision's rounding). Right after export the graph is run with onnxruntime on a few real
+images against the PyTorch path of ``predict`` and the largest relative difference of each output is reported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract.backbone import TokenEncoder
+from extract.encode import CacheEncoder, preprocessing_only, rebuild_encoder
+
+from .baselines import GaussianDetector, KNNDetector
+from .conformal import DEFAULT_ALPHA, check_alpha
+from .model import SANFFlow
+from .store import FLOW_METHODS, RunError, load_run, primary_score, read_calibration, read_run_record, score_names
+
+#: ONNX opset of the exported graphs (LayerNormalization is a single op from 17 on).
+OPSET = 17
+#: Largest relative difference between onnxruntime and PyTorch accepted by the check after export.
+CHECK_TOLERANCE = 1e-3
+METADATA_PREFIX = "sanf_ad."
+
+
+class ExportError(RuntimeError):
+    """The graph could not be exported, or onnxruntime disagrees with PyTorch beyond :data:`CHECK_TOLERANCE`."""
+
+
+class KNNGraph(nn.Module):
+    """:class:`~flow.baselines.KNNDetector` as tensor operations: mean L2 and cosine distance to the k nearest
+    normal train vectors (a float64 constant (N, D)), computed in float64."""
+
+    def __init__(self, detector: KNNDetector) -> None:
+        super().__init__()
+        bank = torch.from_numpy(np.asarray(detector._train, dtype=np.float64))
+        self.k = detector.k
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_sq", bank.pow(2).sum(dim=1))
+        self.register_buffer("bank_unit", bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-300))
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        q = cls.double()
+        sq = (q.pow(2).sum(dim=1, keepdim=True) - 2.0 * q @ self.bank.T + self.bank_sq).clamp_min(0.0)
+        l2 = sq.sqrt().topk(self.k, dim=1, largest=False).values.mean(dim=1)
+        unit = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        cosine = (1.0 - unit @ self.bank_unit.T).clamp(0.0, 2.0).topk(self.k, dim=1, largest=False).values.mean(dim=1)
+        return {"l2": l2, "cosine": cosine}
+
+
+class GaussianGraph(nn.Module):
+    """:class:`~flow.baselines.GaussianDetector` as tensor operations: ``(y - mu)^T P (y - mu)`` in float64."""
+
+    def __init__(self, detector: GaussianDetector) -> None:
+        super().__init__()
+        self.register_buffer("location", torch.from_numpy(np.asarray(detector.location, dtype=np.float64)))
+        self.register_buffer("precision", torch.from_numpy(np.asarray(detector.precision, dtype=np.float64)))
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        centred = cls.double() - self.location
+        return {"mahalanobis": ((centred @ self.precision) * centred).sum(dim=1)}
+
+
+class FlowGraph(nn.Module):
+    """A fitted :class:`~flow.model.SANFFlow`'s ``nll`` (nats) and ``z2``, in float32, returned as float64."""
+
+    def __init__(self, flow: SANFFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: value.double() for key, value in self.flow.scores(cls, patches).items()}
+
+
+def detector_graph(detector, record: dict) -> nn.Module:
+    """The tensor form of a run's detector."""
+    if record["method"] in FLOW_METHODS:
+        return FlowGraph(detector)
+    return {"knn": KNNGraph, "gaussian": GaussianGraph}[record["method"]](detector)
+
+
+class ScoringGraph(nn.Module):
+    """Images in [0, 1] -> the run's scores (and p-value and decision when calibrated).
+
+    Args:
+        encoder: the backbone rebuilt from the run's provenance.
+        detector: :func:`detector_graph` of the run.
+        features: the run's provenance (mean, std, storage dtype).
+        names: the method's score names, in output order.
+        primary: the score the p-value is of.
+        calibration: (n,) held-out normal scores of ``primary``, or None.
+        alpha: the decision's significance level.
+    """
+
+    def __init__(self, encoder: TokenEncoder, detector: nn.Module, features: dict, names: tuple[str, ...],
+                 primary: str, calibration: np.ndarray | None, alpha: float) -> None:
+        super().__init__()
+        encoder.pool_as_matmul = True  # the same pooling in a form ONNX can export for any grid
+        self.encoder = encoder
+        self.detector = detector
+        self.names = tuple(names)
+        self.primary = primary
+        self.storage = torch.float16 if features["dtype"] == "float16" else torch.float32
+        self.register_buffer("mean", torch.tensor(features["mean"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(features["std"], dtype=torch.float32).view(1, 3, 1, 1))
+        self.calibrated = calibration is not None
+        if calibration is not None:
+            self.register_buffer("calibration", torch.from_numpy(np.asarray(calibration, dtype=np.float64)))
+        self.alpha = alpha
+
+    @property
+    def output_names(self) -> list[str]:
+        return [*self.names, *(["p_value", "anomalous"] if self.calibrated else [])]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cls, patches = self.encoder((images - self.mean) / self.std)
+        cls = cls.to(self.storage).float()  # the cache's storage rounding
+        patches = patches.to(self.storage).float()
+        scores = self.detector(cls, patches)
+        out = [scores[name] for name in self.names]
+        if self.calibrated:
+            s = scores[self.primary]
+            at_least = (self.calibration.unsqueeze(0) >= s.unsqueeze(1)).sum(dim=1).double()
+            p_value = (1.0 + at_least) / (self.calibration.numel() + 1.0)
+            out += [p_value, p_value <= self.alpha]
+        return tuple(out)
+
+
+def sample_images() -> list:
+    """Two real photographs bundled with scikit-learn (``sklearn.datasets.load_sample_images``: china.jpg,
+    flower.jpg), the default inputs of the check after export."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    return [Image.fromarray(image) for image in load_sample_images().images]
+
+
+def _load_images(paths: list[str] | None) -> list:
+    from extract.datasets import load_image
+
+    if not paths:
+        return sample_images()
+    from extract.encode import list_images
+
+    files = list_images(list(paths)).files
+    if not files:
+        raise ValueError(f"--check-images {', '.join(paths)}: no image files")
+    return [load_image(f) for f in files[:8]]
+
+
+def _session(path: str | os.PathLike):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("onnxruntime is not installed: pip install -e '.[export]'") from None
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
+        raise RunError(f"--onnx {path}: onnxruntime cannot load it ({str(err).splitlines()[0][:300]})") from None
+
+
+def _reference(encoder: CacheEncoder, detector, record: dict, images01: torch.Tensor) -> dict[str, np.ndarray]:
+    """The PyTorch path of ``predict`` on [0, 1] images: normalise, encode, the run's own detector."""
+    from .train import score_batches
+
+    mean = torch.tensor(encoder.features["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.features["std"]).view(1, 3, 1, 1)
+    cls, patches = encoder.encode((images01 - mean) / std)
+    if record["method"] in FLOW_METHODS:
+        return score_batches(detector, torch.from_numpy(cls), torch.from_numpy(patches))
+    return detector.scores(cls)
+
+
+def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = DEFAULT_ALPHA, opset: int = OPSET,
+                check_images: list[str] | None = None, weights: str | None = None,
+                log: Callable[[str], None] = print) -> dict[str, float]:
+    """Write a run as an ONNX graph (see the module docstring) and check it against PyTorch with onnxruntime.
+
+    The file is written under a temporary name and renamed to ``out`` only when the check passes.
+
+    Args:
+        run: a run folder (any method).
+        out: the ``.onnx`` file to write.
+        alpha: the decision's significance level (calibrated runs).
+        opset: ONNX opset version.
+        check_images: image files or folders for the check (up to 8 files); default: :func:`sample_images`.
+        weights: the backbone's weights file, when it moved since extraction (sha256 checked).
+        log: where to print status lines.
+
+    Returns:
+        The largest relative difference per score between onnxruntime and PyTorch on the check images.
+
+    Raises:
+        RunError, BackboneError: the run or its backbone cannot be loaded.
+        ExportError: torch.onnx.export failed, or onnxruntime disagrees beyond :data:`CHECK_TOLERANCE`.
+    """
+    import onnx
+
+    from .predict import run_features
+
+    alpha = check_alpha(alpha)
+    run, out = Path(run), Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name (MODEL.onnx)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = read_run_record(run)
+    features = run_features(run, record)
+    calibration = read_calibration(run, record)
+    primary = primary_score(record)
+    device = torch.device("cpu")
+    encoder = rebuild_encoder(features, device, weights=weights, log=log)
+    detector, _ = load_run(run, device)
+    if features["precision"] != "fp32":
+        log(f"note: the features were extracted with a {features['precision']} forward; the graph computes the "
+            "backbone in float32")
+    graph = ScoringGraph(encoder.encoder, detector_graph(detector, record), features, score_names(record), primary,
+                         None if calibration is None else calibration[primary], alpha).eval()
+    names = graph.output_names
+    prep = preprocessing_only(features)
+    transform = prep.transform(normalise=False)
+    images = torch.stack([transform(image) for image in _load_images(check_images)])
+    tmp = out.with_name(f".{out.name}.tmp")
+    options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(graph, (images[:1],), str(tmp), input_names=["images"], output_names=names,
+                              dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
+                              opset_version=opset, do_constant_folding=True, **options)
+        model = onnx.load(str(tmp))
+        h, w = prep.size
+        meta = {"run": run.name, "method": record["method"], "scores": ",".join(score_names(record)),
+                "primary_score": primary, "calibrated": str(calibration is not None), "alpha": repr(alpha),
+                "cache_fingerprint": record["cache_fingerprint"], "run_created": record.get("created", ""),
+                "backbone": features["backbone"], "weights": features["weights_source"],
+                "preprocessing": (f"float32 NCHW in [0, 1]: resize and centre crop to {h}x{w} px "
+                                  f"({features['interpolation']}, crop_pct {features['crop_pct']}); normalisation "
+                                  f"(mean {features['mean']}, std {features['std']}) is in the graph"),
+                "opset": str(opset)}
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = METADATA_PREFIX + key, value
+        onnx.save(model, str(tmp))
+        session = _session(tmp)
+        got = dict(zip(names, session.run(names, {"images": images.numpy()})))
+        expected = _reference(encoder, detector, record, images)
+        diffs = {name: float(np.max(np.abs(got[name] - expected[name]) / np.maximum(np.abs(expected[name]), 1e-12)))
+                 for name in score_names(record)}
+        log("onnxruntime vs PyTorch on " + (f"{len(images)} check images" if check_images else
+                                            f"{len(images)} real photographs (scikit-learn's sample images)")
+            + ": largest relative difference " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        bad = {k: v for k, v in diffs.items() if not v <= CHECK_TOLERANCE}
+        if bad:
+            raise ExportError(f"onnxruntime and PyTorch disagree on {', '.join(bad)} (relative difference "
+                              f"{max(bad.values()):.2e} > {CHECK_TOLERANCE}); nothing written")
+        os.replace(tmp, out)
+    except (ExportError, RunError):
+        raise
+    except Exception as err:  # torch.onnx.export and onnx raise many types for graphs they cannot write
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ExportError(f"exporting {features['backbone']} / {record['method']} to ONNX failed: {first}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diffs
+
+
+def read_metadata(session) -> dict[str, str]:
+    """The ``sanf_ad.*`` metadata of an exported graph, without the prefix."""
+    props = session.get_modelmeta().custom_metadata_map
+    return {k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+
+
+def score_with_onnx(onnx_path: str | os.PathLike, record: dict, prep: CacheEncoder, files: list[str],
+                    batch_size: int, num_workers: int, progress: bool,
+                    log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read.
+
+    Raises:
+        RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
+    """
+    session = _session(onnx_path)
+    meta = read_metadata(session)
+    if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
+            "created", "") or meta.get("method") != record["method"]:
+        raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
+                       "export this run, or pass the run it came from")
+    names = list(score_names(record))
+    log(f"onnxruntime {onnx_path}: {meta.get('backbone')} + {record['method']}, opset {meta.get('opset')}")
+    scores = {name: np.full(len(files), np.nan) for name in names}
+    errors = [""] * len(files)
+    for indices, images, batch_errors in prep.batches(files, batch_size, num_workers, normalise=False,
+                                                      progress=progress):
+        for j, e in zip(indices, batch_errors):
+            errors[j] = e
+        ok = [j for j, e in enumerate(batch_errors) if not e]
+        if not ok:
+            continue
+        outputs = session.run(names, {"images": images[ok].numpy()})
+        for name, values in zip(names, outputs):
+            scores[name][[indices[j] for j in ok]] = values
+    return scores, errors
+
+
+__all__ = ["CHECK_TOLERANCE", "ExportError", "FlowGraph", "GaussianGraph", "KNNGraph", "OPSET", "ScoringGraph",
+           "export_onnx", "read_metadata", "sample_images", "score_with_onnx"]

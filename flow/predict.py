@@ -1,0 +1,222 @@
+"""Use a fitted run on new images: ``pipeline.py predict``.
+
+The run's backbone and preprocessing are rebuilt from the provenance it records (:mod:`extract.encode`), each
+image is encoded as the cached images were (storage rounding included), scored by the run's detector and, for a
+calibrated run, given its conformal p-value (:mod:`flow.conformal`) and a decision at ``alpha``. The same
+prediction runs through an exported ONNX graph (:mod:`flow.export`) with ``onnx=MODEL.onnx``.
+
+Output: one CSV row per input file, in order: ``path``, ``score`` (the run's primary score), every score of the
+method, ``p_value``, ``anomalous`` (0/1) and ``error`` (why a file could not be scored; its scores are then
+empty). Nothing is dropped: a file that cannot be read keeps its row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cache import FeatureCache
+from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
+
+from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
+from .store import (FLOW_METHODS, RunError, check_writable_dir, load_run, primary_score, read_calibration,
+                    read_run_record, score_names, write_csv)
+from .train import resolve_device, score_batches
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+@dataclass
+class PredictionSummary:
+    """What :func:`predict` did.
+
+    Attributes:
+        out: the CSV written.
+        num_files: rows written (one per input file).
+        num_scored: rows with scores.
+        num_errors: rows with an error instead of scores.
+        num_flagged: rows with ``anomalous = 1`` (None for a run without calibration).
+        skipped: files inside the folders given that are not images by extension (not in the CSV).
+        alpha: the significance level of the decisions.
+        calibrated: whether the run has held-out normal scores (p-values and decisions).
+    """
+
+    out: Path
+    num_files: int
+    num_scored: int
+    num_errors: int
+    num_flagged: int | None
+    skipped: list[str]
+    alpha: float
+    calibrated: bool
+
+    def line(self) -> str:
+        """The one summary line printed at the end."""
+        errors = f", {self.num_errors} could not be read (reason in the error column)" if self.num_errors else ""
+        n, skipped = len(self.skipped), ""
+        if n:
+            skipped = ("; 1 file in the folders given is not an image and was skipped" if n == 1 else
+                       f"; {n} files in the folders given are not images and were skipped")
+        if self.calibrated:
+            flagged = f"{self.num_flagged} flagged anomalous at alpha {self.alpha}"
+        else:
+            flagged = ("no decisions: the run has no held-out normal scores (fit it with --val-fraction, e.g. 0.2, "
+                       "for p-values and decisions)")
+        return f"scored {self.num_scored} of {self.num_files} images{errors}; {flagged}{skipped} -> {self.out}"
+
+
+def run_features(run: Path, record: dict) -> dict:
+    """How the run's features were computed: ``record["features"]``, or (runs fitted before it was recorded) the
+    provenance attributes of its cache.
+
+    Raises:
+        RunError: neither is there.
+    """
+    if isinstance(record.get("features"), dict):
+        return record["features"]
+    if not Path(record["cache"]).is_file():
+        raise RunError(f"run {run}: run.json does not record how its features were computed and its cache "
+                       f"{record['cache']} is missing; fit the run again")
+    with FeatureCache(record["cache"]) as fc:
+        return provenance(fc.attrs)
+
+
+def prediction_columns(record: dict) -> list[str]:
+    """``path, score, <every score of the method>, p_value, anomalous, error``."""
+    return ["path", "score", *score_names(record), "p_value", "anomalous", "error"]
+
+
+def _rows(files: list[str], scores: dict[str, np.ndarray], errors: list[str], record: dict,
+          calibration: dict[str, np.ndarray] | None, alpha: float) -> tuple[list[dict], int | None]:
+    """CSV rows and the number flagged, from per-file scores (NaN where a file has an error)."""
+    primary = primary_score(record)
+    p_values = conformal_p_values(calibration[primary], scores[primary]) if calibration is not None else None
+    rows, flagged = [], 0
+    for i, path in enumerate(files):
+        row = {"path": path, "error": errors[i]}
+        if not errors[i]:
+            row["score"] = repr(float(scores[primary][i]))
+            row.update({name: repr(float(scores[name][i])) for name in score_names(record)})
+            if p_values is not None:
+                row["p_value"] = repr(float(p_values[i]))
+                row["anomalous"] = int(p_values[i] <= alpha)
+                flagged += row["anomalous"]
+        rows.append(row)
+    return rows, (flagged if p_values is not None else None)
+
+
+def _score_torch(detector, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int, num_workers: int,
+                 progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every score of every file with the run's own detector (the code ``score`` uses); NaN for unreadable files."""
+    names = score_names(record)
+    scores = {name: np.full(len(files), np.nan) for name in names}
+    errors = [""] * len(files)
+    for indices, images, batch_errors in encoder.batches(files, batch_size, num_workers, progress=progress):
+        ok = [j for j, e in enumerate(batch_errors) if not e]
+        for j, e in zip(indices, batch_errors):
+            errors[j] = e
+        if not ok:
+            continue
+        cls, patches = encoder.encode(images[ok])
+        _check_finite(cls, patches, [indices[j] for j in ok], errors, files)
+        if record["method"] in FLOW_METHODS:
+            block = score_batches(detector, torch.from_numpy(cls), torch.from_numpy(patches), batch_size)
+        else:
+            block = detector.scores(cls)
+        for name in names:
+            scores[name][[indices[j] for j in ok]] = block[name]
+    _drop_errors(scores, errors)
+    return scores, errors
+
+
+def _check_finite(cls: np.ndarray, patches: np.ndarray, indices: list[int], errors: list[str],
+                  files: list[str]) -> None:
+    bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+    for j in np.flatnonzero(bad):
+        errors[indices[j]] = f"the backbone gave non-finite features for {files[indices[j]]}"
+
+
+def _drop_errors(scores: dict[str, np.ndarray], errors: list[str]) -> None:
+    """NaN for the rows with an error; an error for rows whose scores are not finite."""
+    for name, values in scores.items():
+        for i in np.flatnonzero(~np.isfinite(values)):
+            if not errors[i]:
+                errors[i] = f"non-finite {name} score"
+    for i, e in enumerate(errors):
+        if e:
+            for values in scores.values():
+                values[i] = np.nan
+
+
+def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | None = None,
+            alpha: float = DEFAULT_ALPHA, batch_size: int = 64, num_workers: int = 2, device: str = "auto",
+            onnx: str | os.PathLike | None = None, weights: str | None = None, progress: bool = True,
+            log: Callable[[str], None] = print) -> PredictionSummary:
+    """Score new image files with a fitted run and write one CSV row per file.
+
+    Args:
+        run: a run folder (any method).
+        paths: image files and folders (searched recursively; see :func:`extract.encode.list_images`).
+        out: the CSV to write; default ``<run>/predictions.csv``. Written atomically.
+        alpha: significance level: a calibrated run flags an image when its p-value is <= alpha.
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes decoding images.
+        device: ``auto``, ``cpu`` or ``cuda`` (the PyTorch path).
+        onnx: an ONNX graph exported from this run (``pipeline.py export``): run the prediction through
+            onnxruntime instead of PyTorch; the CSV has the same columns.
+        weights: the backbone's weights file, when it moved since extraction (its sha256 must match).
+        progress: show a progress bar.
+        log: where to print status lines.
+
+    Returns:
+        A :class:`PredictionSummary`.
+
+    Raises:
+        RunError: the run is unreadable, or its calibration is damaged.
+        BackboneError: the backbone or its weights cannot be rebuilt as recorded.
+        ValueError: no paths, a bad ``alpha``, or an output that cannot be written.
+    """
+    alpha = check_alpha(alpha)
+    if not paths:
+        raise ValueError("predict needs at least one PATH (image files or folders)")
+    run = Path(run)
+    record = read_run_record(run)
+    calibration = read_calibration(run, record)
+    out = Path(out) if out is not None else run / PREDICTIONS_FILE
+    check_writable_dir(out.parent, "--out")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    listed = list_images(list(paths))
+    if not listed.files:
+        n = len(listed.skipped)
+        raise ValueError(f"no image files under {', '.join(paths)}"
+                         + (f" ({n} file{'' if n == 1 else 's'} that {'is' if n == 1 else 'are'} not an image"
+                            f"{'' if n == 1 else 's'})" if n else ""))
+    if calibration is not None and smallest_p_value(len(calibration[primary_score(record)])) > alpha:
+        log(f"note: with {len(calibration[primary_score(record)])} held-out rows no p-value can be <= alpha "
+            f"{alpha}, so nothing will be flagged; hold out more rows (--val-fraction) or raise --alpha")
+    features = run_features(run, record)
+    if onnx is None:
+        dev = resolve_device(device)
+        encoder = rebuild_encoder(features, dev, weights=weights, log=log)
+        detector, _ = load_run(run, dev)
+        scores, errors = _score_torch(detector, record, encoder, listed.files, batch_size, num_workers, progress)
+    else:
+        from .export import score_with_onnx
+
+        scores, errors = score_with_onnx(onnx, record, preprocessing_only(features), listed.files, batch_size,
+                                         num_workers, progress, log)
+        _drop_errors(scores, errors)
+    rows, flagged = _rows(listed.files, scores, errors, record, calibration, alpha)
+    write_csv(out, prediction_columns(record), rows)
+    num_errors = sum(1 for e in errors if e)
+    return PredictionSummary(out, len(rows), len(rows) - num_errors, num_errors, flagged, listed.skipped, alpha,
+                             calibration is not None)
+
+
+__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "predict", "prediction_columns", "run_features"]

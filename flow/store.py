@@ -1,0 +1,342 @@
+"""Run storage: the folder of one fitted detector, written atomically and read back with checks.
+
+A run is a folder ``<runs_dir>/<name>/`` holding ``model.safetensors`` (the flow's state dict, or the baseline's
+arrays), ``run.json`` (every setting, the cache and its fingerprint, the train loss per epoch, wall time) and,
+when it was fitted with held-out normal rows (``fit --val-fraction``), ``calibration.csv`` (their scores, for the
+conformal p-values of :mod:`flow.conformal`). ``score`` adds ``scores.csv``.
+
+This module knows files and formats only: nothing here fits or scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .baselines import BASELINES
+from .model import FlowConfig, SANFFlow, parameter_count
+from .train import FlowTrainingError
+
+RUN_FORMAT = "sanf-ad-run"
+RUN_VERSION = 1
+SCORE_TYPES = ("nll", "z2")
+#: The file of a calibrated run holding the scores of its held-out normal train rows.
+CALIBRATION_FILE = "calibration.csv"
+
+
+class RunError(Exception):
+    """A run folder or its cache is missing, changed or unreadable."""
+
+
+FLOW_METHODS = ("sanf", "sanf-nocaff")
+#: Every method of ``fit --method``: the flow, its ablation and the baselines.
+METHODS = FLOW_METHODS + tuple(BASELINES)
+
+
+def method_name(use_caff: bool) -> str:
+    """``"sanf"`` for the CAFF flow, ``"sanf-nocaff"`` for the MLP-only ablation."""
+    return "sanf" if use_caff else "sanf-nocaff"
+
+
+def _umask_mode(mode: int) -> int:
+    """``mode`` with the process umask applied (tempfile creates 0600 files and 0700 folders)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, seed: int, setting: str = "") -> str:
+    """``<cache>__<method>[-<setting>]__normal<k>-<name>__seed<s>``, with characters other than letters, digits,
+    ``.``, ``_`` and ``-`` in the class name replaced by ``-`` (Fashion-MNIST has ``T-shirt/top``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", normal_name)
+    label = f"{method}-{setting}" if setting else method
+    return f"{cache_stem}__{label}__normal{normal_class}-{safe}__seed{seed}"
+
+
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises:
+        ValueError: it cannot be created or written (the message names the option and the path).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
+
+
+#: The primary score of each method: the one ``predict`` decides on and writes as ``score``. The flows: the
+#: negative log-likelihood (eq. 13 of SPEC.md, the paper's score); k-NN: the cosine distance, ahead of L2 on every
+#: dataset measured in docs/results.md; the Gaussian: its only score.
+PRIMARY_SCORES = {"sanf": "nll", "sanf-nocaff": "nll", "knn": "cosine", "gaussian": "mahalanobis"}
+
+
+def primary_score(record: dict) -> str:
+    """The run's primary score: ``record["primary_score"]`` (written since calibration was added), else the
+    method's entry of :data:`PRIMARY_SCORES`."""
+    return record.get("primary_score") or PRIMARY_SCORES[record["method"]]
+
+
+def calibration_text(rows: Sequence[int], sample_ids: Sequence[str], scores: dict[str, np.ndarray]) -> str:
+    """``calibration.csv``: one line per held-out normal train row: ``row`` (index in the cache's train split),
+    ``sample_id``, then every score (float64, written with ``repr``, so they read back exactly)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["row", "sample_id", *scores])
+    for i, (row, sample_id) in enumerate(zip(rows, sample_ids)):
+        writer.writerow([int(row), sample_id, *(repr(float(values[i])) for values in scores.values())])
+    return buffer.getvalue()
+
+
+def read_calibration(path: str | os.PathLike, record: dict) -> dict[str, np.ndarray] | None:
+    """The held-out normal scores of a calibrated run, ``{score name: (n,) float64}``; None for a run fitted
+    without held-out rows (``record["calibration"]`` absent).
+
+    Raises:
+        RunError: the file is missing or damaged, lacks one of the method's scores, holds non-finite values, or its
+            row count differs from ``record["calibration"]["num_rows"]``.
+    """
+    info = record.get("calibration")
+    if not info:
+        return None
+    path = Path(path)
+    file = path / CALIBRATION_FILE
+    try:
+        with open(file, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise RunError(f"run {path}: cannot read {CALIBRATION_FILE} ({err})") from None
+    missing = [name for name in score_names(record) if name not in columns]
+    if missing:
+        raise RunError(f"run {path}: {CALIBRATION_FILE} lacks the score columns {missing}")
+    try:
+        out = {name: np.array([float(r[name]) for r in rows], dtype=np.float64) for name in score_names(record)}
+    except (TypeError, ValueError):
+        raise RunError(f"run {path}: {CALIBRATION_FILE} holds a value that is not a number") from None
+    if len(rows) != info.get("num_rows") or not rows:
+        raise RunError(f"run {path}: {CALIBRATION_FILE} holds {len(rows)} rows, run.json says "
+                       f"{info.get('num_rows')}")
+    if not all(np.isfinite(v).all() for v in out.values()):
+        raise RunError(f"run {path}: {CALIBRATION_FILE} holds non-finite scores")
+    return out
+
+
+def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: dict,
+             files: dict[str, str] | None = None) -> Path:
+    """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name.
+
+    ``files`` maps further file names of the run (``calibration.csv``) to their text, written in the same folder
+    before it is put in place, so a run is never seen without them.
+
+    Raises:
+        FlowTrainingError: the weights hold NaN or infinite values (nothing is written).
+        RunError: something other than a run folder is in the way.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FlowTrainingError(f"run {name}: {len(bad)} weight tensors hold NaN or infinite values after "
+                                "training (check --lr and --weight-decay); nothing saved")
+    final = runs_dir / name
+    if final.exists() and not (final / "run.json").is_file():
+        raise RunError(f"{final} exists and is not a run folder; move it away")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, _umask_mode(0o777))
+        save_file(state, str(tmp / "model.safetensors"))
+        for file_name, text in (files or {}).items():
+            (tmp / file_name).write_text(text)
+        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
+    """Rename ``folder`` to ``final``, replacing an existing ``final`` whole.
+
+    On Linux an existing run is swapped with the new one atomically (``renameat2(RENAME_EXCHANGE)``), so
+    readers and a process killed at any moment see either the old run or the new one, never neither.
+    Elsewhere the old run is renamed aside first (a window of two renames). A concurrent writer of the
+    same run makes this retry instead of failing.
+    """
+    for _ in range(attempts):
+        if final.exists() and _exchange(folder, final):
+            shutil.rmtree(folder, ignore_errors=True)  # now holds the old run
+            return
+        aside = None
+        if final.exists():
+            aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old")) / "run"
+            try:
+                os.replace(final, aside)
+            except FileNotFoundError:  # another writer moved it first
+                pass
+        try:
+            os.replace(folder, final)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue  # another writer put its run in place meanwhile: replace that one
+        finally:
+            if aside is not None:
+                shutil.rmtree(aside.parent, ignore_errors=True)
+        return
+    raise RunError(f"could not put the run {final} in place: other processes keep writing it")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(..., RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no libc, or glibc older than 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):  # unsupported here, or b vanished
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+#: Keys every run.json holds, with their types; flows add ``flow`` (dict), baselines ``params`` (dict) and
+#: ``scores`` (list of score names).
+RECORD_TYPES = {"method": str, "dataset": str, "backbone": str, "normal_class": int, "normal_name": str, "seed": int,
+                "cache": str, "cache_fingerprint": str}
+
+
+def read_run_record(path: str | os.PathLike) -> dict:
+    """Read and check a run folder's ``run.json``.
+
+    Raises:
+        RunError: unreadable, not JSON, of another format or version, or lacking a required key; the
+            message names the run folder.
+    """
+    path = Path(path)
+    try:
+        record = json.loads((path / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"run {path}: cannot read run.json ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT \
+            or record.get("format_version") != RUN_VERSION:
+        raise RunError(f"run {path}: run.json is not a {RUN_FORMAT} v{RUN_VERSION} record")
+    types = dict(RECORD_TYPES)
+    types.update({"flow": dict} if record.get("method") in FLOW_METHODS else {"params": dict, "scores": list})
+    missing = [key for key in types if key not in record]
+    if missing:
+        raise RunError(f"run {path}: run.json lacks {missing}")
+    wrong = [key for key, kind in types.items() if not isinstance(record[key], kind) or isinstance(record[key], bool)]
+    if wrong:
+        raise RunError(f"run {path}: run.json has values of the wrong type for {wrong}")
+    if record["method"] not in METHODS:
+        raise RunError(f"run {path}: unknown method {record['method']!r} (this build has {', '.join(METHODS)})")
+    if record["method"] in BASELINES and list(record["scores"]) != list(BASELINES[record["method"]].score_names):
+        raise RunError(f"run {path}: run.json lists scores {record['scores']} for {record['method']}")
+    return record
+
+
+def score_names(record: dict) -> tuple[str, ...]:
+    """The scores a run's method gives: ``nll``, ``z2`` for the flows; the baseline's own otherwise."""
+    return SCORE_TYPES if record["method"] in FLOW_METHODS else tuple(BASELINES[record["method"]].score_names)
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
+    """Load a run folder's model (eval mode) and record.
+
+    Raises:
+        RunError: ``run.json`` or ``model.safetensors`` is missing, damaged, of another format, or the
+            weights do not fit the recorded architecture; the message names the run folder.
+    """
+    path = Path(path)
+    record = read_run_record(path)
+    if record["method"] in BASELINES:
+        return _load_baseline(path, record), record
+    try:
+        config = FlowConfig(**record["flow"])
+        expected = parameter_count(config)
+    except Exception as err:  # TypeError, ValueError, or torch's errors on impossible sizes
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
+        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
+    stored = sum(v.numel() for k, v in state.items() if "perm" not in k)
+    if stored != expected:  # checked before building the model, which run.json could make of any size
+        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json "
+                       f"({stored:,} weights stored, {expected:,} expected)")
+    model = SANFFlow(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json") from None
+    return model.to(device).eval(), record
+
+
+def _load_baseline(path: Path, record: dict):
+    try:
+        state = {key: value.numpy() for key, value in load_file(str(path / "model.safetensors")).items()}
+    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
+        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
+    try:
+        return BASELINES[record["method"]].from_state(record["params"], state)
+    except (TypeError, ValueError, KeyError) as err:
+        raise RunError(f"run {path}: model.safetensors or run.json does not describe a {record['method']} "
+                       f"detector ({err})") from None
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """Run folders (those holding a ``run.json``) directly under ``runs_dir``, sorted by name."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return sorted(p for p in runs_dir.iterdir() if not p.name.startswith(".") and (p / "run.json").is_file())
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    """Write ``rows`` (dicts keyed by ``columns``) as a CSV file, atomically (a temporary file renamed)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+

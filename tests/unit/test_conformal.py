@@ -1,0 +1,62 @@
+"""Split-conformal p-values (flow/conformal.py) on hand-made scores: exact values, ties, bounds, the guarantee."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flow.conformal import check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
+
+
+def test_p_values_exact_on_hand_made_scores():
+    calibration = np.array([1.0, 2.0, 3.0, 4.0])  # n = 4: p = (1 + #{s_i >= s}) / 5
+    p = conformal_p_values(calibration, np.array([0.5, 1.0, 2.5, 4.0, 4.5]))
+    assert p.tolist() == [5 / 5, 5 / 5, 3 / 5, 2 / 5, 1 / 5]
+
+
+def test_ties_count_as_at_least_as_anomalous():
+    calibration = np.array([2.0, 2.0, 2.0, 7.0])
+    assert conformal_p_values(calibration, np.array([2.0]))[0] == pytest.approx(5 / 5)
+    assert conformal_p_values(calibration, np.array([2.0000001]))[0] == pytest.approx(2 / 5)
+    assert conformal_p_values(calibration, np.array([7.0]))[0] == pytest.approx(2 / 5)
+
+
+def test_order_of_calibration_scores_does_not_matter_and_nan_stays_nan():
+    rng = np.random.default_rng(0)
+    calibration = rng.normal(size=50)
+    scores = np.array([np.nan, -10.0, 0.0, 10.0])
+    a = conformal_p_values(calibration, scores)
+    b = conformal_p_values(rng.permutation(calibration), scores)
+    np.testing.assert_array_equal(a, b)
+    assert np.isnan(a[0])
+    assert a[1] == 1.0 and a[3] == smallest_p_value(50) == 1 / 51
+
+
+def test_false_alarm_rate_is_at_most_alpha_on_exchangeable_scores():
+    # the guarantee, checked by simulation: new normal scores from the calibration's distribution
+    rng = np.random.default_rng(1)
+    rates = []
+    for _ in range(200):
+        calibration, new = rng.normal(size=99), rng.normal(size=100)
+        rates.append(np.mean(conformal_p_values(calibration, new) <= 0.1))
+    assert np.mean(rates) <= 0.1 + 3 * np.std(rates) / np.sqrt(len(rates))
+    assert np.mean(rates) > 0.08  # and not a trivially conservative test
+
+
+@pytest.mark.parametrize("bad", [np.array([]), np.array([1.0, np.inf]), np.array([[1.0]])])
+def test_bad_calibration_is_refused(bad):
+    with pytest.raises(ValueError, match="calibration scores"):
+        conformal_p_values(bad, np.array([1.0]))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 2.0])
+def test_alpha_outside_the_open_interval_is_refused(alpha):
+    with pytest.raises(ValueError, match="--alpha must be in"):
+        check_alpha(alpha)
+
+
+def test_false_alarm_band_is_the_binomial_quantile():
+    from scipy.stats import binom
+
+    assert false_alarm_band(1000, 0.05) == binom.ppf(0.975, 1000, 0.05) / 1000
+    assert 0.05 < false_alarm_band(1000, 0.05) < 0.07
