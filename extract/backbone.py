@@ -316,7 +316,19 @@ def pooling_matrix(h: int, w: int, gh: int, gw: int, dtype: torch.dtype = torch.
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """The (h * w, gh * gw) matrix M with ``tokens (B, h*w, D)`` -> ``M.T @ tokens`` equal to
     ``adaptive_avg_pool2d`` of the h x w grid to gh x gw (row-major), up to float rounding: each output cell the
-    mean of its window (PyTorch's windows: rows floor(i h / gh) .. ceil((i + 1) h / gh)). Built by pooling the
-    identity, so the windows are PyTorch's own."""
-    eye = torch.eye(h * w, dtype=dtype, device=device).view(h * w, 1, h, w)
-    return F.adaptive_avg_pool2d(eye, (gh, gw)).view(h * w, gh * gw)
+    mean of its window, PyTorch's windows (rows floor(i h / gh) to ceil((i + 1) h / gh), columns alike).
+
+    Built with numpy, so that under tracing (ONNX export) it is a constant, not a chain of traced ops.
+    """
+    import numpy as np
+
+    def windows(n: int, g: int) -> np.ndarray:  # (n, g): 1 where input position j lies in output window i
+        out = np.zeros((n, g))
+        for i in range(g):
+            out[(i * n) // g:-(-((i + 1) * n) // g), i] = 1.0
+        return out
+
+    rows, cols = windows(h, gh), windows(w, gw)
+    weights = np.einsum("ai,bj->abij", rows, cols).reshape(h * w, gh * gw)
+    weights /= weights.sum(axis=0, keepdims=True)
+    return torch.from_numpy(weights).to(dtype=dtype, device=device)

@@ -61,16 +61,30 @@ def smallest_p_value(num_calibration: int) -> float:
     return 1.0 / (num_calibration + 1.0)
 
 
-def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95) -> float:
-    """The upper end of the central ``level`` band of the false-alarm rate of ``num_normal`` independent normal
-    images each flagged with probability alpha: the binomial (n, alpha) quantile at (1 + level) / 2, over n.
+def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95, num_calibration: int | None = None) -> float:
+    """The upper end of the central ``level`` band of the false-alarm rate realised on ``num_normal`` new normal
+    images, as a share.
 
-    A realised rate above it is unlikely (probability about (1 - level) / 2) if the guarantee holds with
-    equality; it ignores the extra spread from the draw of the held-out rows (source: scipy.stats.binom).
+    Without ``num_calibration``: the binomial (num_normal, alpha) quantile at (1 + level) / 2, over num_normal:
+    the spread of num_normal independent images each flagged with probability alpha; it leaves out the spread
+    that the draw of the held-out rows adds when one calibration serves every image.
+
+    With ``num_calibration`` = n: the exact band of split conformal for continuous scores. Given the held-out
+    scores, each new normal image is flagged with the same probability, which is Beta(l, n + 1 - l) distributed
+    with l = floor((n + 1) alpha) (its mean l / (n + 1) <= alpha), so the count is beta-binomial (V. Vovk,
+    "Conditional validity of inductive conformal predictors", ACML 2012; A. Angelopoulos, S. Bates, "A gentle
+    introduction to conformal prediction", 2021, section 3). Source of the quantiles: scipy.stats.
     """
-    from scipy.stats import binom
+    import math
 
-    return float(binom.ppf((1.0 + level) / 2.0, num_normal, alpha)) / num_normal
+    from scipy.stats import betabinom, binom
+
+    if num_calibration is None:
+        return float(binom.ppf((1.0 + level) / 2.0, num_normal, alpha)) / num_normal
+    allowed = math.floor((num_calibration + 1) * alpha)
+    if allowed == 0:
+        return 0.0
+    return float(betabinom.ppf((1.0 + level) / 2.0, num_normal, allowed, num_calibration + 1 - allowed)) / num_normal
 
 
 __all__ = ["DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "false_alarm_band", "smallest_p_value"]

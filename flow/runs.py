@@ -30,9 +30,8 @@ from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_ala
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
 from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION, RunError,
-                    calibration_text,
-                    check_writable_dir, list_runs, load_run, method_name, primary_score, read_calibration,
-                    read_run_record, run_name, save_run, score_names, write_csv)
+                    calibration_text, check_writable_dir, list_runs, load_run, method_name, primary_score,
+                    read_calibration, read_run_record, run_name, save_run, score_names, write_csv)
 from .train import TrainConfig, fit_flow, resolve_device, score_batches
 
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
@@ -461,12 +460,14 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                     columns["anomalous"] = (columns["p_value"] <= alpha).astype(np.int64)
                     decisions = {key: _decision_rates(p <= alpha, normal_rows, alpha, len(calibration[key]))
                                  for key, p in p_values.items()}
-                    rate = decisions[primary_score(record)]
-                    log(f"run {run.name}: at alpha {alpha}, {rate['false_alarm_rate']:.4f} of the "
-                        f"{int(normal_rows.sum())} normal test images flagged (false-alarm rate; at most {alpha} "
-                        f"expected, 95 % binomial band up to {false_alarm_band(int(normal_rows.sum()), alpha):.4f}), "
-                        f"{rate['detection_rate']:.4f} of the anomalous ones ({primary_score(record)}, "
-                        f"{len(calibration[primary_score(record)])} held-out normal rows)")
+                    rate, n_cal, n_normal = (decisions[primary_score(record)], len(calibration[primary_score(
+                        record)]), int(normal_rows.sum()))
+                    log(f"run {run.name}: at alpha {alpha}, {rate['false_alarm_rate']:.4f} of the {n_normal} normal "
+                        f"test images flagged (false-alarm rate: at most {alpha} expected if they are exchangeable "
+                        f"with the {n_cal} held-out normal rows; 95 % band up to "
+                        f"{false_alarm_band(n_normal, alpha, num_calibration=n_cal):.4f}, binomial "
+                        f"{false_alarm_band(n_normal, alpha):.4f}), {rate['detection_rate']:.4f} of the anomalous "
+                        f"ones ({primary_score(record)})")
                 pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, columns))
                 for key in score_names(record):
                     try:

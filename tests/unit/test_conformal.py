@@ -60,3 +60,21 @@ def test_false_alarm_band_is_the_binomial_quantile():
 
     assert false_alarm_band(1000, 0.05) == binom.ppf(0.975, 1000, 0.05) / 1000
     assert 0.05 < false_alarm_band(1000, 0.05) < 0.07
+
+
+def test_false_alarm_band_with_calibration_is_the_beta_binomial_quantile():
+    from scipy.stats import betabinom
+
+    # n = 799 held-out rows, alpha 0.05: l = floor(800 * 0.05) = 40 rows may lie at or above a flagged score
+    assert false_alarm_band(1000, 0.05, num_calibration=799) == betabinom.ppf(0.975, 1000, 40, 760) / 1000
+    assert false_alarm_band(1000, 0.05, num_calibration=799) > false_alarm_band(1000, 0.05)  # wider: one draw
+    assert false_alarm_band(1000, 0.01, num_calibration=50) == 0.0  # alpha < 1 / (n + 1): nothing is flagged
+
+
+def test_beta_binomial_band_holds_in_simulation():
+    rng = np.random.default_rng(2)
+    n, m, alpha = 99, 200, 0.1
+    hi = false_alarm_band(m, alpha, num_calibration=n)
+    rates = np.array([np.mean(conformal_p_values(rng.normal(size=n), rng.normal(size=m)) <= alpha)
+                      for _ in range(400)])
+    assert 0.01 < np.mean(rates > hi) < 0.05  # about 2.5 % above the upper end of a central 95 % band
