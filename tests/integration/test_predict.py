@@ -352,3 +352,17 @@ def test_onnx_with_a_patch_grid_that_does_not_divide_the_token_grid(tmp_path):
     run = run_of(tmp_path / "runs", "sanf")
     assert read_run_record(run)["features"]["token_grid"] == [3, 3]
     assert_ok(invoke("export", str(run), "--out", str(tmp_path / "m.onnx"), "--check-images", str(tree / "test")))
+
+
+def test_export_refuses_when_onnxruntime_disagrees(calibrated, tmp_path, monkeypatch):
+    import flow.export
+
+    real = flow.export._reference
+
+    def off_by_a_percent(*args):
+        return {k: v * 1.01 for k, v in real(*args).items()}
+
+    monkeypatch.setattr(flow.export, "_reference", off_by_a_percent)
+    result = invoke("export", str(run_of(calibrated["runs_dir"], "gaussian")), "--out", str(tmp_path / "m.onnx"))
+    assert_input_error(result, "onnxruntime and PyTorch disagree on mahalanobis", "nothing written")
+    assert list(tmp_path.iterdir()) == []
