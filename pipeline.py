@@ -289,7 +289,7 @@ def score(runs_dir: str, batch_size: int, device: str, alpha: float) -> None:
 
 @cli.command()
 @click.argument("run_dir", metavar="RUN", type=NonEmptyPath(file_okay=False, exists=True, path_type=str))
-@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=NonEmptyPath(path_type=str))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=NonEmptyPath(exists=True, path_type=str))
 @click.option("--out", type=NonEmptyPath(dir_okay=False, path_type=str), default=None,
               help="CSV to write; default: RUN/predictions.csv.")
 @_alpha_option

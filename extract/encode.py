@@ -134,6 +134,22 @@ class CacheEncoder:
                   "std": tuple(f["std"]) if normalise else (1.0, 1.0, 1.0)}
         return build_transform(config)
 
+    def describe(self) -> str:
+        """The preprocessing in words, from timm's transform itself: e.g. ``resize (shorter side 256 px, bicubic,
+        antialias), centre crop 224 x 224 px``."""
+        from torchvision import transforms
+
+        steps = []
+        for step in self.transform().transforms[1].transforms:
+            if isinstance(step, transforms.Resize):
+                size = step.size if isinstance(step.size, int) else "x".join(map(str, step.size))
+                side = "shorter side " if isinstance(step.size, int) or len(step.size) == 1 else ""
+                steps.append(f"resize ({side}{size} px, {step.interpolation.value}"
+                             f"{', antialias' if step.antialias else ''})")
+            elif isinstance(step, transforms.CenterCrop):
+                steps.append(f"centre crop {step.size[0]} x {step.size[1]} px")
+        return ", ".join(steps) or "as timm's eval transform"
+
     def autocast(self):
         """The recorded forward precision (``precision``: autocast for bf16/fp16)."""
         dtype = PRECISIONS[self.features["precision"]]

@@ -255,9 +255,10 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
                 "primary_score": primary, "calibrated": str(calibration is not None), "alpha": repr(alpha),
                 "cache_fingerprint": record["cache_fingerprint"], "run_created": record.get("created", ""),
                 "backbone": features["backbone"], "weights": features["weights_source"],
-                "preprocessing": (f"float32 NCHW in [0, 1]: resize and centre crop to {h}x{w} px "
-                                  f"({features['interpolation']}, crop_pct {features['crop_pct']}); normalisation "
-                                  f"(mean {features['mean']}, std {features['std']}) is in the graph"),
+                "preprocessing": (f"float32 NCHW in [0, 1] (RGB, 8-bit values / 255) after {prep.describe()}, "
+                                  f"as timm's eval transform (interpolation {features['interpolation']}, crop_pct "
+                                  f"{features['crop_pct']}); the normalisation (mean {features['mean']}, std "
+                                  f"{features['std']}) is in the graph"),
                 "opset": str(opset)}
         for key, value in meta.items():
             entry = model.metadata_props.add()

@@ -184,6 +184,9 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     alpha = check_alpha(alpha)
     if not paths:
         raise ValueError("predict needs at least one PATH (image files or folders)")
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:  # a mistyped folder is an error, not an empty prediction
+        raise ValueError(f"PATH {missing[0]} does not exist")
     run = Path(run)
     record = read_run_record(run)
     calibration = read_calibration(run, record)

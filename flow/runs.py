@@ -26,7 +26,7 @@ from cache import PARTIAL_SUFFIX, FeatureCache
 from extract.encode import provenance
 
 from .baselines import BASELINES
-from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band
+from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
 from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION, RunError,
@@ -193,7 +193,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             files, calibration = {}, {}
             if val_cls is not None:
                 held_out = score_batches(model, val_cls, val_patches)
-                files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, val_fraction, seed)
+                files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, val_fraction, seed, log)
             record = {
                 **_record_head(fc, method, k, seed),
                 "setting": setting,
@@ -311,7 +311,7 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
             files, calibration = {}, {}
             if val_idx.size:
                 files, calibration = _calibration(train, rows[val_idx], detector.scores(cls_np[val_idx]),
-                                                  val_fraction, seed)
+                                                  val_fraction, seed, log)
             record = {**_record_head(fc, method, k, seed), "params": detector.params(),
                       "scores": list(detector.score_names), "num_train": int(fit_idx.size),
                       "val_fraction": val_fraction, "num_val": int(val_idx.size), "wall_time_s": round(elapsed, 3),
@@ -325,9 +325,13 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
 
 
 def _calibration(train, rows: np.ndarray, scores: dict[str, np.ndarray], val_fraction: float,
-                 seed: int) -> tuple[dict[str, str], dict]:
+                 seed: int, log: Callable[[str], None] = print) -> tuple[dict[str, str], dict]:
     """The calibration file of a run and its entry in run.json, from the scores of its held-out normal train rows
     (``rows``: indices into the cache's train split)."""
+    if smallest_p_value(len(rows)) > DEFAULT_ALPHA:
+        log(f"note: {len(rows)} held-out row{'s' if len(rows) != 1 else ''}: no p-value can be <= {DEFAULT_ALPHA} "
+            f"(the smallest is 1/{len(rows) + 1}); hold out at least {round(1 / DEFAULT_ALPHA) - 1} rows to flag "
+            f"anything at alpha {DEFAULT_ALPHA}")
     ids = train.sample_ids
     text = calibration_text(rows, [ids[r] for r in rows], scores)
     entry = {"file": CALIBRATION_FILE, "num_rows": int(len(rows)),
@@ -460,14 +464,9 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                     columns["anomalous"] = (columns["p_value"] <= alpha).astype(np.int64)
                     decisions = {key: _decision_rates(p <= alpha, normal_rows, alpha, len(calibration[key]))
                                  for key, p in p_values.items()}
-                    rate, n_cal, n_normal = (decisions[primary_score(record)], len(calibration[primary_score(
-                        record)]), int(normal_rows.sum()))
-                    log(f"run {run.name}: at alpha {alpha}, {rate['false_alarm_rate']:.4f} of the {n_normal} normal "
-                        f"test images flagged (false-alarm rate: at most {alpha} expected if they are exchangeable "
-                        f"with the {n_cal} held-out normal rows; 95 % band up to "
-                        f"{false_alarm_band(n_normal, alpha, num_calibration=n_cal):.4f}, binomial "
-                        f"{false_alarm_band(n_normal, alpha):.4f}), {rate['detection_rate']:.4f} of the anomalous "
-                        f"ones ({primary_score(record)})")
+                    primary = primary_score(record)
+                    log(_calibration_line(run.name, primary, decisions[primary], alpha, len(calibration[primary]),
+                                          int(normal_rows.sum()), int((~normal_rows).sum())))
                 pending_writes.append((run / "scores.csv", sample_ids, labels, is_anomaly, columns))
                 for key in score_names(record):
                     try:
@@ -508,6 +507,21 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
 def _metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """auroc, aupr and fpr95 of scores (N,) against 0/1 labels (N,) (anomalous positive; :mod:`flow.metrics`)."""
     return {name: fn(is_anomaly, scores) for name, fn in (("auroc", auroc), ("aupr", aupr), ("fpr95", fpr_at_tpr))}
+
+
+def _calibration_line(name: str, score: str, rates: dict, alpha: float, n_cal: int, n_normal: int,
+                      n_anomalous: int) -> str:
+    """What ``score`` prints for a calibrated run: the realised false-alarm rate against its expected band."""
+    flagged = round(rates["false_alarm_rate"] * n_normal)
+    if smallest_p_value(n_cal) > alpha:
+        return (f"run {name}: with {n_cal} held-out normal row{'s' if n_cal != 1 else ''} no p-value can be <= alpha "
+                f"{alpha} (the smallest is 1/{n_cal + 1}), so nothing is flagged; hold out more rows")
+    return (f"run {name} ({score}): false-alarm rate {rates['false_alarm_rate']:.4f} at alpha {alpha} ({flagged} of "
+            f"{n_normal} normal test images flagged; at most alpha expected when they are exchangeable with the "
+            f"{n_cal} held-out normal rows, 95 % beta-binomial band up to "
+            f"{false_alarm_band(n_normal, alpha, num_calibration=n_cal):.4f}, binomial "
+            f"{false_alarm_band(n_normal, alpha):.4f}); detection rate {rates['detection_rate']:.4f} "
+            f"({round(rates['detection_rate'] * n_anomalous)} of {n_anomalous} anomalous)")
 
 
 def _decision_rates(flagged: np.ndarray, normal_rows: np.ndarray, alpha: float, n_calibration: int) -> dict:

@@ -176,6 +176,8 @@ def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: 
         for file_name, text in (files or {}).items():
             (tmp / file_name).write_text(text)
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        for file in tmp.iterdir():  # safetensors writes 0600 files; a run is shared like any other output
+            os.chmod(file, _umask_mode(0o666))
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

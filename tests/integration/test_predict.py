@@ -107,24 +107,23 @@ def test_predict_odd_files_one_row_each(calibrated, odd_tree):
     run = run_of(calibrated["runs_dir"], "sanf")
     out = calibrated["work"] / "odd.csv"
     explicit = odd_tree / "notes.txt"  # a file named explicitly gets a row even when it is not an image
-    result = invoke("predict", str(run), str(odd_tree), str(explicit), str(odd_tree / "gone.png"), "--out", str(out),
+    result = invoke("predict", str(run), str(odd_tree), str(explicit), "--out", str(out),
                     "--num-workers", "0", "--device", "cpu", "--alpha", "0.5")
     assert_ok(result)
     columns, rows = read_csv(out)
     assert columns == ["path", "score", "nll", "z2", "p_value", "anomalous", "error"]
     paths = [Path(r["path"]) for r in rows]
-    assert paths == [odd_tree / p for p in ODD_IMAGES] + [explicit, odd_tree / "gone.png"]
+    assert paths == [odd_tree / p for p in ODD_IMAGES] + [explicit]
     by_name = {p.name: r for p, r in zip(paths, rows)}
     for name in ("rgb.png", "gray.png", "rgba.png", "palette.png", "sixteen.png"):
         row = by_name[name]
         assert row["error"] == "" and np.isfinite(float(row["nll"])) and row["score"] == row["nll"], name
         assert 0 < float(row["p_value"]) <= 1 and row["anomalous"] == str(int(float(row["p_value"]) <= 0.5))
-    for name, fragment in (("broken.png", "cannot read image"), ("notes.txt", "cannot read image"),
-                           ("gone.png", "no such file")):
+    for name, fragment in (("broken.png", "cannot read image"), ("notes.txt", "cannot read image")):
         row = by_name[name]
         assert fragment in row["error"] and row["score"] == row["nll"] == row["p_value"] == row["anomalous"] == ""
     summary = result.stdout.strip().splitlines()[-1]
-    assert "scored 5 of 8 images, 3 could not be read" in summary
+    assert "scored 5 of 7 images, 2 could not be read" in summary
     assert "1 file in the folders given is not an image and was skipped" in summary and str(out) in summary
     flagged = sum(r["anomalous"] == "1" for r in rows)
     assert f"{flagged} flagged anomalous at alpha 0.5" in summary
@@ -155,7 +154,8 @@ def test_uncalibrated_run_predicts_scores_only(calibrated, tmp_path, odd_tree):
 
 
 def test_score_reports_the_realised_false_alarm_rate(calibrated):
-    assert "false-alarm rate" in calibrated["score"].output
+    assert "(nll): false-alarm rate" in calibrated["score"].output
+    assert "95 % beta-binomial band up to" in calibrated["score"].output
     columns, rows = read_csv(calibrated["runs_dir"] / "auroc.csv")
     for c in ("alpha", "n_calibration", "false_alarm_rate", "detection_rate"):
         assert c in columns
@@ -263,6 +263,28 @@ def test_a_backbone_that_cannot_be_rebuilt_is_refused(calibrated, tmp_path, chan
 def test_bad_alpha_is_refused(calibrated, args, fragment):
     result = invoke("predict", str(run_of(calibrated["runs_dir"], "knn")), str(calibrated["tree"]), *args)
     assert result.exit_code == 2 and fragment in result.output
+
+
+def test_a_path_that_does_not_exist_is_refused(calibrated, tmp_path):
+    run = run_of(calibrated["runs_dir"], "knn")
+    result = invoke("predict", str(run), str(calibrated["tree"] / "test"), str(tmp_path / "typo"), "--out",
+                    str(tmp_path / "p.csv"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    from flow.predict import predict
+
+    with pytest.raises(ValueError, match="does not exist"):
+        predict(run, [str(tmp_path / "typo")], out=tmp_path / "p.csv", log=lambda s: None)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_run_files_are_readable_by_others_under_the_umask(calibrated):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in run_of(calibrated["runs_dir"], "sanf").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
 def test_a_folder_without_images_is_refused(calibrated, tmp_path):
