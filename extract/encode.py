@@ -95,6 +95,8 @@ class ImageFiles(Dataset):
         try:
             if not os.path.exists(path):
                 raise ImageReadError(f"no such file: {path}")
+            if not os.path.isfile(path):  # a folder, a FIFO or a device: reading it could block or mean nothing
+                raise ImageReadError(f"not a regular file: {path}")
             return self.transform(load_image(path)), ""
         except ImageReadError as err:
             return torch.zeros(3, *self.size), str(err)
@@ -221,8 +223,31 @@ def _weights_for(features: dict, weights: str | None) -> tuple[dict, str]:
     raise BackboneError(f"the run's features record weights {source!r}, which this build cannot rebuild")
 
 
+def check_provenance(features: dict) -> None:
+    """Refuse a provenance record that lacks a key of :data:`PROVENANCE_KEYS` or holds values this build cannot use.
+
+    Raises:
+        BackboneError: names the key.
+    """
+    from cache.schema import STORAGE_DTYPES
+
+    missing = [key for key in PROVENANCE_KEYS if key not in features]
+    if missing:
+        raise BackboneError(f"the run's features record lacks {missing}; fit the run again")
+    if features["precision"] not in PRECISIONS or features["dtype"] not in STORAGE_DTYPES:
+        raise BackboneError(f"the run's features record precision {features['precision']!r} / dtype "
+                            f"{features['dtype']!r}; this build knows {', '.join(PRECISIONS)} / float32, float16")
+    size, grid = features["input_size"], features["patch_grid"]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)) \
+            or not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)) \
+            or not isinstance(features["weights_source"], str) or not isinstance(features["interpolation"], str):
+        raise BackboneError("the run's features record a malformed input_size, patch_grid, weights_source or "
+                            "interpolation; fit the run again")
+
+
 def preprocessing_only(features: dict) -> CacheEncoder:
     """The recorded preprocessing without the backbone (for an ONNX graph that holds the backbone itself)."""
+    check_provenance(features)
     return CacheEncoder(None, dict(features), torch.device("cpu"), "in the ONNX graph")
 
 
@@ -243,6 +268,7 @@ def rebuild_encoder(features: dict, device: torch.device, weights: str | None = 
         BackboneError: the backbone or its weights cannot be had (offline hub, missing or changed file, another
             sha256), or the rebuilt model does not give the recorded features.
     """
+    check_provenance(features)
     kwargs, note = _weights_for(features, weights)
     size = int(features["input_size"][-1])
     try:

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.backbone import TokenEncoder
+from extract.backbone import TokenEncoder, file_sha256
 from extract.encode import CacheEncoder, preprocessing_only, rebuild_encoder
 
 from .baselines import GaussianDetector, KNNDetector
 from .conformal import DEFAULT_ALPHA, check_alpha
 from .model import SANFFlow
-from .store import FLOW_METHODS, RunError, load_run, primary_score, read_calibration, read_run_record, score_names
+from .store import (FLOW_METHODS, RunError, check_not_a_run_file, load_run, primary_score, read_calibration,
+                    read_run_record, score_names)
 
 #: ONNX opset of the exported graphs (LayerNormalization is a single op from 17 on).
 OPSET = 17
@@ -224,6 +225,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     run, out = Path(run), Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name (MODEL.onnx)")
+    check_not_a_run_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = read_run_record(run)
     features = run_features(run, record)
@@ -241,7 +243,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     prep = preprocessing_only(features)
     transform = prep.transform(normalise=False)
     images = torch.stack([transform(image) for image in _load_images(check_images)])
-    tmp = out.with_name(f".{out.name}.tmp")
+    import tempfile
+
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
     options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -254,6 +260,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
         meta = {"run": run.name, "method": record["method"], "scores": ",".join(score_names(record)),
                 "primary_score": primary, "calibrated": str(calibration is not None), "alpha": repr(alpha),
                 "cache_fingerprint": record["cache_fingerprint"], "run_created": record.get("created", ""),
+                "model_sha256": file_sha256(run / "model.safetensors"),
                 "backbone": features["backbone"], "weights": features["weights_source"],
                 "preprocessing": (f"float32 NCHW in [0, 1] (RGB, 8-bit values / 255) after {prep.describe()}, "
                                   f"as timm's eval transform (interpolation {features['interpolation']}, crop_pct "
@@ -266,7 +273,9 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
         onnx.save(model, str(tmp))
         session = _session(tmp)
         got = dict(zip(names, session.run(names, {"images": images.numpy()})))
-        expected = _reference(encoder, detector, record, images)
+        # the graph computes the backbone in float32: compare it with PyTorch in float32 too
+        reference = CacheEncoder(encoder.encoder, {**features, "precision": "fp32"}, device, encoder.weights_note)
+        expected = _reference(reference, detector, record, images)
         diffs, scaled, absolute = {}, {}, {}
         for name in score_names(record):
             delta = np.abs(got[name] - expected[name])
@@ -300,7 +309,7 @@ def read_metadata(session) -> dict[str, str]:
     return {k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
 
 
-def score_with_onnx(onnx_path: str | os.PathLike, record: dict, prep: CacheEncoder, files: list[str],
+def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep: CacheEncoder, files: list[str],
                     batch_size: int, num_workers: int, progress: bool,
                     log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
     """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read.
@@ -311,7 +320,8 @@ def score_with_onnx(onnx_path: str | os.PathLike, record: dict, prep: CacheEncod
     session = _session(onnx_path)
     meta = read_metadata(session)
     if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
-            "created", "") or meta.get("method") != record["method"]:
+            "created", "") or meta.get("method") != record["method"] or meta.get("model_sha256") != file_sha256(
+            Path(run) / "model.safetensors"):
         raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
                        "export this run, or pass the run it came from")
     names = list(score_names(record))

@@ -24,8 +24,8 @@ from cache import FeatureCache
 from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
 
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
-from .store import (FLOW_METHODS, RunError, check_writable_dir, load_run, primary_score, read_calibration,
-                    read_run_record, score_names, write_csv)
+from .store import (FLOW_METHODS, RunError, check_not_a_run_file, check_writable_dir, load_run, primary_score,
+                    read_calibration, read_run_record, score_names, write_csv)
 from .train import resolve_device, score_batches
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -194,7 +194,10 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     check_writable_dir(out.parent, "--out")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name")
+    check_not_a_run_file(out)
     listed = list_images(list(paths))
+    if any(os.path.exists(f) and os.path.samefile(f, out) for f in listed.files if os.path.isfile(out)):
+        raise ValueError(f"--out {out} is one of the input images; choose another name")
     if not listed.files:
         n = len(listed.skipped)
         raise ValueError(f"no image files under {', '.join(paths)}"
@@ -212,7 +215,7 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     else:
         from .export import score_with_onnx
 
-        scores, errors = score_with_onnx(onnx, record, preprocessing_only(features), listed.files, batch_size,
+        scores, errors = score_with_onnx(onnx, run, record, preprocessing_only(features), listed.files, batch_size,
                                          num_workers, progress, log)
         _drop_errors(scores, errors)
     rows, flagged = _rows(listed.files, scores, errors, record, calibration, alpha)

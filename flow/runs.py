@@ -370,6 +370,8 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1); got {fraction}")
     n_val = int(round(fraction * n))
+    if fraction > 0 and n_val == 0:
+        raise ValueError(f"--val-fraction {fraction} holds out 0 of {n} rows; raise it (or pass 0 to hold out none)")
     if n_val >= n:
         raise ValueError(f"--val-fraction {fraction} leaves no training rows of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003))

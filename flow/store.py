@@ -60,7 +60,7 @@ def _umask_mode(mode: int) -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:  # file names
             handle.write(text)
         os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
@@ -75,6 +75,17 @@ def run_name(cache_stem: str, method: str, normal_class: int, normal_name: str, 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", normal_name)
     label = f"{method}-{setting}" if setting else method
     return f"{cache_stem}__{label}__normal{normal_class}-{safe}__seed{seed}"
+
+
+def check_not_a_run_file(out: Path, option: str = "--out") -> None:
+    """Refuse an output path that is one of a run folder's own files (run.json, model.safetensors, ...).
+
+    Raises:
+        ValueError: names the option and the file.
+    """
+    own = ("run.json", "model.safetensors", CALIBRATION_FILE, "scores.csv")
+    if out.name in own and (out.parent / "run.json").is_file():
+        raise ValueError(f"{option} {out} is a file of the run folder {out.parent}; choose another name")
 
 
 def check_writable_dir(folder: Path, option: str) -> None:
@@ -272,6 +283,13 @@ def read_run_record(path: str | os.PathLike) -> dict:
         raise RunError(f"run {path}: unknown method {record['method']!r} (this build has {', '.join(METHODS)})")
     if record["method"] in BASELINES and list(record["scores"]) != list(BASELINES[record["method"]].score_names):
         raise RunError(f"run {path}: run.json lists scores {record['scores']} for {record['method']}")
+    calibration = record.get("calibration")
+    if calibration is not None and not (isinstance(calibration, dict) and isinstance(calibration.get("num_rows"), int)
+                                        and not isinstance(calibration.get("num_rows"), bool)):
+        raise RunError(f"run {path}: run.json's calibration entry is malformed")
+    if "primary_score" in record and record["primary_score"] not in score_names(record):
+        raise RunError(f"run {path}: run.json's primary_score {record['primary_score']!r} is not one of "
+                       f"{', '.join(score_names(record))}")
     return record
 
 

@@ -388,3 +388,50 @@ def test_export_refuses_when_onnxruntime_disagrees(calibrated, tmp_path, monkeyp
     result = invoke("export", str(run_of(calibrated["runs_dir"], "gaussian")), "--out", str(tmp_path / "m.onnx"))
     assert_input_error(result, "onnxruntime and PyTorch disagree on mahalanobis", "nothing written")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_of_a_sibling_run_is_refused(calibrated, tmp_path):
+    """Two runs of one `fit --normal all` share cache, method and creation second: the weights hash tells them
+    apart."""
+    runs = tmp_path / "runs"
+    assert_ok(invoke(*[a if a != "blue" else "all" for a in fit_args(calibrated["cache_dir"], runs, "knn",
+                                                                     "--val-fraction", "0.25")]))
+    blue, red = sorted(p for p in runs.iterdir() if p.is_dir())
+    assert_ok(invoke("export", str(blue), "--out", str(tmp_path / "blue.onnx")))
+    result = invoke("predict", str(red), str(calibrated["tree"] / "test"), "--onnx", str(tmp_path / "blue.onnx"),
+                    "--num-workers", "0", "--out", str(tmp_path / "p.csv"))
+    assert_input_error(result, "was exported from another run")
+
+
+def test_out_may_not_be_an_input_or_a_run_file(calibrated, tmp_path):
+    run = run_of(calibrated["runs_dir"], "knn")
+    image = tmp_path / "a.png"
+    shutil.copy(next((calibrated["tree"] / "test" / "blue").iterdir()), image)
+    before = image.read_bytes()
+    assert_input_error(invoke("predict", str(run), str(image), "--out", str(image)), "is one of the input images")
+    assert image.read_bytes() == before
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert_input_error(invoke("predict", str(copy), str(image), "--out", str(copy / "run.json")), "file of the run")
+    assert_input_error(invoke("export", str(copy), "--out", str(copy / "model.safetensors")), "file of the run")
+    assert read_run_record(copy)
+
+
+def test_a_val_fraction_that_holds_out_no_row_is_refused(calibrated, tmp_path):
+    result = invoke(*fit_args(calibrated["cache_dir"], tmp_path / "runs", "gaussian", "--val-fraction", "0.01"))
+    assert_input_error(result, "--val-fraction 0.01 holds out 0 of 12 rows")
+
+
+def test_a_fifo_gets_an_error_row_instead_of_blocking(calibrated, tmp_path):
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(next((calibrated["tree"] / "test" / "blue").iterdir()), folder / "a.png")
+    os.mkfifo(folder / "pipe.png")
+    out = tmp_path / "p.csv"
+    assert_ok(invoke("predict", str(run_of(calibrated["runs_dir"], "knn")), str(folder), "--out", str(out),
+                     "--num-workers", "0"))
+    _, rows = read_csv(out)
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "pipe.png"]
+    assert rows[0]["error"] == "" and "not a regular file" in rows[1]["error"]
