@@ -290,8 +290,9 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
                                                            for k, v in diffs.items()))
         bad = {k: v for k, v in scaled.items() if not v <= CHECK_TOLERANCE}
         if bad:
-            raise ExportError(f"onnxruntime and PyTorch disagree on {', '.join(bad)} (difference {max(bad.values()):.2e} "
-                              f"of max(|score|, the score's mean magnitude) > {CHECK_TOLERANCE}); nothing written")
+            raise ExportError(f"onnxruntime and PyTorch disagree on {', '.join(bad)} (difference "
+                              f"{max(bad.values()):.2e} of max(|score|, the score's mean magnitude) > "
+                              f"{CHECK_TOLERANCE}); nothing written")
         os.replace(tmp, out)
     except (ExportError, RunError):
         raise
@@ -312,7 +313,8 @@ def read_metadata(session) -> dict[str, str]:
 def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep: CacheEncoder, files: list[str],
                     batch_size: int, num_workers: int, progress: bool,
                     log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read.
+    """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read or whose
+    scores are not finite (:func:`flow.predict.score_files`).
 
     Raises:
         RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
@@ -326,19 +328,13 @@ def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep:
                        "export this run, or pass the run it came from")
     names = list(score_names(record))
     log(f"onnxruntime {onnx_path}: {meta.get('backbone')} + {record['method']}, opset {meta.get('opset')}")
-    scores = {name: np.full(len(files), np.nan) for name in names}
-    errors = [""] * len(files)
-    for indices, images, batch_errors in prep.batches(files, batch_size, num_workers, normalise=False,
-                                                      progress=progress):
-        for j, e in zip(indices, batch_errors):
-            errors[j] = e
-        ok = [j for j, e in enumerate(batch_errors) if not e]
-        if not ok:
-            continue
-        outputs = session.run(names, {"images": images[ok].numpy()})
-        for name, values in zip(names, outputs):
-            scores[name][[indices[j] for j in ok]] = values
-    return scores, errors
+    from .predict import score_files
+
+    def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {"images": images.numpy()})))
+
+    return score_files(prep.batches(files, batch_size, num_workers, normalise=False, progress=progress), len(files),
+                       names, score_block)
 
 
 __all__ = ["CHECK_TOLERANCE", "ExportError", "FlowGraph", "GaussianGraph", "KNNGraph", "OPSET", "ScoringGraph",

@@ -110,28 +110,49 @@ def _rows(files: list[str], scores: dict[str, np.ndarray], errors: list[str], re
     return rows, (flagged if p_values is not None else None)
 
 
+def score_files(batches, num_files: int, names: tuple[str, ...] | list[str], score_block: Callable
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The loop both prediction paths share: every score of every file, NaN and the reason where a file has none.
+
+    Args:
+        batches: ``(indices, images, errors)`` triples (:meth:`extract.encode.CacheEncoder.batches`).
+        num_files: how many files the batches cover.
+        names: the score names.
+        score_block: ``(images (B, 3, H, W) of the readable files, their indices, errors) -> {name: (B,)}``; it may
+            set ``errors[i]`` for a file whose features turn out unusable.
+
+    Returns:
+        ``({name: (num_files,) float64}, errors)``; scores are NaN wherever ``errors`` is not empty.
+    """
+    scores = {name: np.full(num_files, np.nan) for name in names}
+    errors = [""] * num_files
+    for indices, images, batch_errors in batches:
+        for j, e in zip(indices, batch_errors):
+            errors[j] = e
+        ok = [j for j, e in enumerate(batch_errors) if not e]
+        if not ok:
+            continue
+        rows = [indices[j] for j in ok]
+        block = score_block(images[ok], rows, errors)
+        for name in names:
+            scores[name][rows] = block[name]
+    _drop_errors(scores, errors)
+    return scores, errors
+
+
 def _score_torch(detector, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int, num_workers: int,
                  progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     """Every score of every file with the run's own detector (the code ``score`` uses); NaN for unreadable files."""
-    names = score_names(record)
-    scores = {name: np.full(len(files), np.nan) for name in names}
-    errors = [""] * len(files)
-    for indices, images, batch_errors in encoder.batches(files, batch_size, num_workers, progress=progress):
-        ok = [j for j, e in enumerate(batch_errors) if not e]
-        for j, e in zip(indices, batch_errors):
-            errors[j] = e
-        if not ok:
-            continue
-        cls, patches = encoder.encode(images[ok])
-        _check_finite(cls, patches, [indices[j] for j in ok], errors, files)
+
+    def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
+        cls, patches = encoder.encode(images)
+        _check_finite(cls, patches, rows, errors, files)
         if record["method"] in FLOW_METHODS:
-            block = score_batches(detector, torch.from_numpy(cls), torch.from_numpy(patches), batch_size)
-        else:
-            block = detector.scores(cls)
-        for name in names:
-            scores[name][[indices[j] for j in ok]] = block[name]
-    _drop_errors(scores, errors)
-    return scores, errors
+            return score_batches(detector, torch.from_numpy(cls), torch.from_numpy(patches), batch_size)
+        return detector.scores(cls)
+
+    return score_files(encoder.batches(files, batch_size, num_workers, progress=progress), len(files),
+                       score_names(record), score_block)
 
 
 def _check_finite(cls: np.ndarray, patches: np.ndarray, indices: list[int], errors: list[str],
@@ -217,7 +238,6 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
 
         scores, errors = score_with_onnx(onnx, run, record, preprocessing_only(features), listed.files, batch_size,
                                          num_workers, progress, log)
-        _drop_errors(scores, errors)
     rows, flagged = _rows(listed.files, scores, errors, record, calibration, alpha)
     write_csv(out, prediction_columns(record), rows)
     num_errors = sum(1 for e in errors if e)
@@ -225,4 +245,5 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
                              calibration is not None)
 
 
-__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "predict", "prediction_columns", "run_features"]
+__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "predict", "prediction_columns", "run_features",
+           "score_files"]
