@@ -75,7 +75,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (CacheError, DatasetError, BackboneError, ImageReadError, ExtractionError, RunError, MetricError,
-                FlowTrainingError, ExportError, ValueError, OSError) as err:  # OSError: an output path that cannot be written
+                FlowTrainingError, ExportError, ValueError, OSError) as err:  # OSError: an unwritable output path
             raise InputError(_one_line(err)) from None
         except RuntimeError as err:
             if "ImageReadError" in str(err):

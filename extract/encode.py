@@ -282,7 +282,8 @@ def rebuild_encoder(features: dict, device: torch.device, weights: str | None = 
                             "reachable, or fill the local Hugging Face cache first") from None
     if features["weights_sha256"] and loaded.sha256 and loaded.sha256 != features["weights_sha256"]:
         raise BackboneError(f"the weights of {features['backbone']} ({loaded.source}) have sha256 "
-                            f"{loaded.sha256[:12]}..., the run's features were computed with {features['weights_sha256'][:12]}...")
+                            f"{loaded.sha256[:12]}..., the run's features were computed with "
+                            f"{features['weights_sha256'][:12]}...")
     patch_grid = max(int(g) for g in features["patch_grid"])
     encoder = TokenEncoder(model, patch_grid=patch_grid).to(device).eval()
     rebuilt = CacheEncoder(encoder, dict(features), device, note)

@@ -1,5 +1,5 @@
-"""Summaries of scored runs: the console AUROC table, the paper's Table 2 shape (one row per method and score, one column per normal class,
-mean +- std over seeds) as CSV and as a markdown report."""
+"""Summaries of scored runs: the console AUROC table, and the paper's Table 2 shape (one row per method and score,
+one column per normal class, mean +- std over seeds) as CSV and as a markdown report."""
 
 from __future__ import annotations
 
