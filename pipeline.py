@@ -22,6 +22,12 @@ from flow.train import TrainConfig
 #: extract.datasets.DATASETS, repeated here so that --help does not import torch (a test checks they agree)
 DATASET_CHOICES = ["cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
                    "folder"]
+#: flow.features.FEATURE_TRANSFORMS, repeated for the same reason (a test checks they agree)
+FEATURES_CHOICES = ["raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
+DEFAULT_FEATURES = "raw"
+_FEATURES_HELP = ("Feature transform applied to class and patch tokens before the detector: raw (the paper's), l2, "
+                  "ssqrt-l2 (signed square root, then l2), standardize, pca-whiten (statistics from the normal "
+                  "train rows; see docs/results.md for what each does on which features).")
 DEFAULT_CACHE_DIR = "cache"
 DEFAULT_RUNS_DIR = "runs"
 
@@ -125,6 +131,11 @@ EXTRACT_OPTIONS = {
                                 help="Use a randomly initialised backbone (tests only)."),
     "patch-grid": click.option("--patch-grid", type=click.IntRange(min=0), default=8,
                                help="Average-pool the token grid to at most G x G; 0 keeps every token."),
+    "layer": click.option("--layer", default="final",
+                          help="Which layer the tokens come from: final (the model's final features, the paper's), "
+                               "pre-activation (EfficientNets: the final features before their last activation) or "
+                               "block-N (timm's feature_info entry N: a ViT's block N through the final norm, a "
+                               "CNN's stage N)."),
     "img-size": click.option("--img-size", type=click.IntRange(min=1), default=None,
                              help="Input size override (pixels)."),
     "crop-pct": click.option("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=None,
@@ -235,6 +246,7 @@ def _fit_options(fn):
                      help="Detector: the CAFF flow (default), its MLP-only ablation, or a baseline on the class "
                           "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),
         _knn_k_option,
+        click.option("--features", type=click.Choice(FEATURES_CHOICES), default=DEFAULT_FEATURES, help=_FEATURES_HELP),
         click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
                      help="Hold out this fraction of the normal class's train rows (chosen by --seed): their "
                           "scores calibrate the run's p-values and decisions (predict, score), and the flows "
@@ -250,7 +262,7 @@ def _fit_options(fn):
 @_fit_options
 @user_errors
 def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps, weight_decay,
-        blocks, hidden, heads, clamp, no_caff, method, knn_k, device, val_fraction) -> None:
+        blocks, hidden, heads, clamp, no_caff, method, knn_k, features, device, val_fraction) -> None:
     """Train the CAFF flow (or a baseline) on the cached train rows of one normal class (or of each)."""
     from flow.runs import find_cache, fit_cache
 
@@ -262,7 +274,7 @@ def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1,
     method = method or ("sanf-nocaff" if no_caff else "sanf")
     fit_cache(find_cache(cache, cache_dir), normal=normal, runs_dir=runs_dir, seed=seed, flow_config=flow_config,
               train_config=train_config, device=device, val_fraction=val_fraction, log=click.echo, method=method,
-              baseline_params={"k": knn_k} if method == "knn" else {})
+              baseline_params={"k": knn_k} if method == "knn" else {}, features=features)
 
 
 @cli.command()
@@ -362,6 +374,12 @@ def _method(name: str) -> str:
     return name
 
 
+def _features(name: str) -> str:
+    if name not in FEATURES_CHOICES:
+        raise ValueError(f"{name!r} is not one of {', '.join(FEATURES_CHOICES)}")
+    return name
+
+
 def _bounded_int(low: int, high: int):
     def convert(text: str) -> int:
         if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
@@ -385,19 +403,23 @@ def _bounded_int(low: int, high: int):
 @click.option("--hidden", default="1024", callback=_comma_list(_bounded_int(1, 65536)),
               help="H, subnet width; several sweep, each a labelled row.")
 @_knn_k_option
+@click.option("--features", default=DEFAULT_FEATURES, callback=_comma_list(_features),
+              help=_FEATURES_HELP[:-1] + "; several (e.g. raw,ssqrt-l2) sweep, each a labelled row.")
 @click.option("--runs-dir", type=NonEmptyPath(file_okay=False, path_type=str), default=DEFAULT_RUNS_DIR,
               help="Folder receiving the runs, auroc.csv, and <cache>__summary.csv / __report.md.")
 @click.option("--refit", is_flag=True,
               help="Fit every run again; by default a run already fitted with the same cache, method, seed and "
                    "settings is kept, so an interrupted run resumes.")
 @user_errors
-def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs_dir, refit, **options) -> None:
+def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, features, runs_dir, refit,
+        **options) -> None:
     """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
 
     Writes <runs-dir>/<cache>__summary.csv (one row per method and score, one column per normal class,
     mean ± std over seeds), <runs-dir>/<cache>__report.md and <runs-dir>/<cache>__plots/. The flows use the
     paper's architecture and optimiser and this project's default epoch count.
     """
+    import itertools
     import time
 
     from extract.run import extract_categories
@@ -412,15 +434,15 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
         for method in methods:
             start = time.perf_counter()
             sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [(4, 1024)]
-            for seed in (seeds if method in FLOW_METHODS else [0]):
-                for num_blocks, width in sizes:
-                    outcomes = fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
-                                         flow_config={"num_blocks": num_blocks, "hidden": width},
-                                         train_config=TrainConfig(epochs=epochs), device=options["device"],
-                                         log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
-                                         setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "",
-                                         keep_existing=not refit)
-                    fitted.setdefault(cache, set()).update(o.path.name for o in outcomes)
+            for seed, transform, (num_blocks, width) in itertools.product(
+                    seeds if method in FLOW_METHODS else [0], features, sizes):
+                outcomes = fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
+                                     flow_config={"num_blocks": num_blocks, "hidden": width},
+                                     train_config=TrainConfig(epochs=epochs), device=options["device"],
+                                     log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
+                                     setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "",
+                                     keep_existing=not refit, features=transform)
+                fitted.setdefault(cache, set()).update(o.path.name for o in outcomes)
             times[method] = times.get(method, 0.0) + time.perf_counter() - start
     # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits
     all_rows = score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
@@ -453,19 +475,24 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, runs
 def demo(cache_dir: str, runs_dir: str, epochs: int, device: str) -> None:
     """The main job on the embedded default: digits, EfficientNet-Lite0 (packaged ImageNet weights).
 
-    Extracts (unless the cache exists), fits a flow for every digit as normal class, scores, and
-    prints the AUROC table. Needs no download.
+    Extracts (unless the cache exists), fits a flow for every digit as normal class and the k-NN and Gaussian
+    baselines on the same features (seconds), scores, and prints the AUROC table with the mean of each method.
+    Needs no download.
     """
     from extract import extract_features
-    from flow.report import auroc_table
+    from flow.report import auroc_table, method_means
     from flow.runs import fit_cache, score_runs
 
     cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,
                              device=device, num_workers=0, skip_existing=True, log=click.echo)
     fit_cache(cache, normal="all", runs_dir=runs_dir, seed=0, train_config=TrainConfig(epochs=epochs),
               device=device, log=click.echo)  # the paper's flow and optimiser defaults
+    for method in ("knn", "gaussian"):  # the honest comparison: the same cached features, seconds to fit
+        fit_cache(cache, normal="all", runs_dir=runs_dir, method=method, log=click.echo)
     rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
-    click.echo(auroc_table([r for r in rows if r["cache"] == str(Path(cache).resolve())]))
+    mine = [r for r in rows if r["cache"] == str(Path(cache).resolve())]
+    click.echo(auroc_table(mine))
+    click.echo(method_means(mine))
     click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
 
 

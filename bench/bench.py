@@ -684,7 +684,7 @@ def section_onnx(args, work: Path) -> list[Row]:
     from flow.export import ScoringGraph, detector_graph, export_onnx
     from flow.predict import run_features
     from flow.runs import fit_cache
-    from flow.store import load_run, primary_score, read_calibration, read_run_record, score_names
+    from flow.store import load_scorer, primary_score, read_calibration, read_run_record, score_names
     from flow.train import TrainConfig
     from extract.encode import preprocessing_only, rebuild_encoder
 
@@ -698,9 +698,8 @@ def section_onnx(args, work: Path) -> list[Row]:
     record = read_run_record(outcome.path)
     features = run_features(outcome.path, record)
     encoder = rebuild_encoder(features, torch.device("cpu"), log=lambda s: None)
-    detector, _ = load_run(outcome.path)
     cal = read_calibration(outcome.path, record)[primary_score(record)]
-    graph = ScoringGraph(encoder.encoder, detector_graph(detector, record), features, score_names(record),
+    graph = ScoringGraph(encoder.encoder, detector_graph(load_scorer(outcome.path)), features, score_names(record),
                          primary_score(record), cal, 0.05).eval()
     transform = preprocessing_only(features).transform(normalise=False)
     batches, _, n = decoded_batches(tree, transform, args.batch_size)

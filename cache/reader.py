@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from .schema import (
+    DEFAULT_LAYER,
     FORMAT_NAME,
     JSON_ATTRS,
     READABLE_VERSIONS,
@@ -237,7 +238,8 @@ class FeatureCache:
                                    or not all(isinstance(v, str) for v in normal) or not set(normal) <= set(names)):
             raise CacheError(f"{where}: attribute 'normal_classes' must be a non-empty list of class names, got "
                              f"{normal!r}")
-        wrong = [k for k in STRING_ATTRS if not isinstance(attrs[k], str)]
+        attrs.setdefault("layer", DEFAULT_LAYER)  # caches written before extract --layer: the final features
+        wrong = [k for k in STRING_ATTRS + ("layer",) if not isinstance(attrs[k], str)]
         if wrong:
             raise CacheError(f"{where}: attributes {wrong} must be strings")
         num_classes = len(names)

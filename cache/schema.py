@@ -60,6 +60,10 @@ REQUIRED_ROOT_ATTRS = (
 STRING_ATTRS = ("created", "dataset", "data_source", "backbone", "weights_source", "weights_sha256",
                 "semantic_vector", "timm_version", "torch_version", "interpolation", "crop_mode", "precision", "dtype")
 
+#: Optional root attribute ``layer``: which layer of the backbone the tokens come from (``extract --layer``:
+#: ``final``, ``pre-activation`` or ``block-N``); a cache without it holds the final features.
+DEFAULT_LAYER = "final"
+
 #: Attributes stored as JSON strings.
 JSON_ATTRS = ("class_names", "input_size", "mean", "std", "token_grid", "patch_grid", "fine_class_names",
               "skipped_files", "normal_classes")

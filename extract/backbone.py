@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +219,38 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
     return model, loaded
 
 
+#: ``--layer`` values other than ``block-N``.
+NAMED_LAYERS = ("final", "pre-activation")
+DEFAULT_LAYER = "final"
+
+
+def parse_layer(layer: str) -> int | None:
+    """Check a ``--layer`` value: ``final``, ``pre-activation`` or ``block-N`` (N >= 0).
+
+    Returns:
+        N for ``block-N``, else None.
+
+    Raises:
+        BackboneError: any other value (names the allowed ones and the value received).
+    """
+    if layer in NAMED_LAYERS:
+        return None
+    match = re.fullmatch(r"block-(\d+)", layer) if isinstance(layer, str) else None
+    if match is None:
+        raise BackboneError(f"--layer must be final, pre-activation or block-N (N = 0, 1, ...); got {layer!r}")
+    return int(match.group(1))
+
+
+def layer_choices(model: nn.Module) -> list[str]:
+    """The ``block-N`` values a model offers, with what each is (timm's ``feature_info``), for messages."""
+    info = getattr(model, "feature_info", None) or []
+    out = []
+    for i, entry in enumerate(info):
+        entry = entry if isinstance(entry, dict) else {}
+        out.append(f"block-{i} ({entry.get('module', '?')}, {entry.get('num_chs', '?')} channels)")
+    return out
+
+
 class TokenEncoder(nn.Module):
     """Wraps a timm model to return the semantic vector and pooled patch tokens.
 
@@ -230,18 +264,54 @@ class TokenEncoder(nn.Module):
     (``adaptive_avg_pool2d``; for 24 x 24 -> 8 x 8 this is the reference code's 3 x 3 window,
     stride 3). ``patch_grid=0`` keeps every position.
 
+    Which layer the tokens come from (``layer``):
+
+    - ``final`` (default, the paper's): ``forward_features``, the model's final features.
+    - ``pre-activation``: the final features without their last activation, for models whose
+      ``forward_features`` ends in a norm + activation layer ``bn2`` (timm's EfficientNets: the 1x1 head
+      convolution and BatchNorm, before ReLU6 or SiLU). The activation module is replaced by an identity in
+      ``model`` (weights unchanged).
+    - ``block-N``: the output of the N-th entry of timm's ``feature_info`` (``forward_intermediates(indices=[N])``):
+      the N-th transformer block for ViTs, taken through the final norm (``norm=True``) with its class token, so
+      that class tokens of every block live on the same scale; the N-th feature stage for CNNs (EfficientNet-Lite0:
+      block-0 .. block-4 = blocks.0, 1, 2, 4, 6 with 16, 24, 40, 112, 320 channels).
+
     The forward runs in the channels-last layout: the weights of the model's ``Conv2d`` layers are converted
     in place, and the input is made channels-last (same values up to float rounding, faster convolutions).
 
     Args:
         model: a timm model (eval mode).
         patch_grid: G, the largest pooled grid side; 0 = no pooling.
+        layer: ``final``, ``pre-activation`` or ``block-N`` (see above).
+
+    Raises:
+        BackboneError: a ``layer`` the model does not have (the message lists what it has).
     """
 
-    def __init__(self, model: nn.Module, patch_grid: int = 8) -> None:
+    def __init__(self, model: nn.Module, patch_grid: int = 8, layer: str = DEFAULT_LAYER) -> None:
         super().__init__()
         if patch_grid < 0:
             raise ValueError(f"patch_grid must be >= 0, got {patch_grid}")
+        name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+        self.block = parse_layer(layer)
+        self.layer = layer
+        if layer == "pre-activation":
+            act = getattr(getattr(model, "bn2", None), "act", None)
+            if act is None or isinstance(act, nn.Identity):
+                raise BackboneError(f"--layer pre-activation: the final features of {name} do not end in a norm + "
+                                    "activation layer (bn2) to take the activation from (timm EfficientNet-style "
+                                    "models have one); use final or block-N")
+            model.bn2.act = nn.Identity()
+        if self.block is not None:
+            choices = layer_choices(model)
+            if not hasattr(model, "forward_intermediates") or not choices:
+                raise BackboneError(f"--layer {layer}: {name} has no forward_intermediates / feature_info in timm "
+                                    f"{timm.__version__}; use final")
+            if self.block >= len(choices):
+                raise BackboneError(f"--layer {layer}: {name} has block-0 .. block-{len(choices) - 1}: "
+                                    + ", ".join(choices))
+        self._prefix_tokens = self.block is not None and "return_prefix_tokens" in inspect.signature(
+            model.forward_intermediates).parameters
         # NHWC activations, the layout oneDNN's and cuDNN's fastest convolutions use (same values up to float
         # rounding; 1.7x for EfficientNet-Lite0 on a CPU, see bench/bench.py section 1; for a ViT only the
         # patch embedding is a convolution). The 2-D convolutions of `model` are converted in place.
@@ -277,6 +347,19 @@ class TokenEncoder(nn.Module):
             raise ValueError(f"cannot lay {n} patch tokens on a square grid")
         return side, side
 
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """The chosen layer's output: NLC tokens (prefix tokens first) or an NCHW / NHWC map."""
+        if self.block is None:
+            return self.model.forward_features(images)
+        if self._prefix_tokens:  # ViT-style: tokens of block N through the final norm, with their prefix tokens
+            (tokens, prefix), = self.model.forward_intermediates(
+                images, indices=[self.block], norm=True, return_prefix_tokens=True, output_fmt="NLC",
+                intermediates_only=True, stop_early=True)
+            return tokens if prefix is None or prefix.shape[1] == 0 else torch.cat([prefix, tokens], dim=1)
+        (feats,) = self.model.forward_intermediates(images, indices=[self.block], intermediates_only=True,
+                                                    stop_early=True)
+        return feats
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch.
 
@@ -286,7 +369,7 @@ class TokenEncoder(nn.Module):
         Returns:
             ``cls`` (B, D) and ``patches`` (B, P, D), P = g_h * g_w after pooling, in row-major order.
         """
-        feats = self.model.forward_features(images.contiguous(memory_format=torch.channels_last))
+        feats = self._features(images.contiguous(memory_format=torch.channels_last))
         if feats.dim() == 3:  # NLC tokens
             B, N, D = feats.shape
             tokens = feats[:, self.num_prefix_tokens:]
@@ -294,7 +377,7 @@ class TokenEncoder(nn.Module):
             grid = tokens.transpose(1, 2).reshape(B, D, h, w)
             cls = feats[:, 0] if self.has_class_token else tokens.mean(dim=1)
         elif feats.dim() == 4:
-            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            if self.block is None and getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # intermediates: NCHW
                 feats = feats.permute(0, 3, 1, 2)
             grid = feats
             B, D, h, w = grid.shape

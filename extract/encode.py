@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbone import PACKAGED_BACKBONE, BackboneError, TokenEncoder, create_backbone, file_sha256
+from .backbone import (DEFAULT_LAYER, PACKAGED_BACKBONE, BackboneError, TokenEncoder, create_backbone, file_sha256,
+                       parse_layer)
 from .datasets import ImageReadError, load_image
 from .run import PRECISIONS, build_transform
 
@@ -28,12 +29,15 @@ from .run import PRECISIONS, build_transform
 #: images without its cache (``run.json`` key ``features``).
 PROVENANCE_KEYS = ("backbone", "weights_source", "weights_sha256", "input_size", "mean", "std", "interpolation",
                    "crop_pct", "crop_mode", "token_grid", "patch_grid", "feature_dim", "num_patches",
-                   "semantic_vector", "num_prefix_tokens", "precision", "dtype", "timm_version", "torch_version")
+                   "semantic_vector", "num_prefix_tokens", "precision", "dtype", "timm_version", "torch_version",
+                   "layer")
+#: Keys a record may lack, with the value that means (runs fitted before ``extract --layer``).
+PROVENANCE_DEFAULTS = {"layer": DEFAULT_LAYER}
 
 
 def provenance(attrs: dict) -> dict:
-    """The :data:`PROVENANCE_KEYS` of a cache's attributes."""
-    return {key: attrs[key] for key in PROVENANCE_KEYS}
+    """The :data:`PROVENANCE_KEYS` of a cache's attributes (:data:`PROVENANCE_DEFAULTS` for absent ones)."""
+    return {key: attrs[key] if key in attrs else PROVENANCE_DEFAULTS[key] for key in PROVENANCE_KEYS}
 
 
 @dataclass
@@ -231,7 +235,7 @@ def check_provenance(features: dict) -> None:
     """
     from cache.schema import STORAGE_DTYPES
 
-    missing = [key for key in PROVENANCE_KEYS if key not in features]
+    missing = [key for key in PROVENANCE_KEYS if key not in features and key not in PROVENANCE_DEFAULTS]
     if missing:
         raise BackboneError(f"the run's features record lacks {missing}; fit the run again")
     if features["precision"] not in PRECISIONS or features["dtype"] not in STORAGE_DTYPES:
@@ -243,6 +247,11 @@ def check_provenance(features: dict) -> None:
             or not isinstance(features["weights_source"], str) or not isinstance(features["interpolation"], str):
         raise BackboneError("the run's features record a malformed input_size, patch_grid, weights_source or "
                             "interpolation; fit the run again")
+    try:
+        parse_layer(features.get("layer", DEFAULT_LAYER))
+    except BackboneError:
+        raise BackboneError(f"the run's features record layer {features.get('layer')!r}, which this build does not "
+                            "know (final, pre-activation, block-N)") from None
 
 
 def preprocessing_only(features: dict) -> CacheEncoder:
@@ -285,7 +294,8 @@ def rebuild_encoder(features: dict, device: torch.device, weights: str | None = 
                             f"{loaded.sha256[:12]}..., the run's features were computed with "
                             f"{features['weights_sha256'][:12]}...")
     patch_grid = max(int(g) for g in features["patch_grid"])
-    encoder = TokenEncoder(model, patch_grid=patch_grid).to(device).eval()
+    encoder = TokenEncoder(model, patch_grid=patch_grid,
+                           layer=features.get("layer", DEFAULT_LAYER)).to(device).eval()
     rebuilt = CacheEncoder(encoder, dict(features), device, note)
     cls, patches = rebuilt.encode(torch.zeros(1, *features["input_size"]))
     got = {"semantic_vector": encoder.semantic_vector, "num_prefix_tokens": encoder.num_prefix_tokens,
@@ -298,7 +308,8 @@ def rebuild_encoder(features: dict, device: torch.device, weights: str | None = 
         log(f"note: the features were computed with timm {features['timm_version']}, this is timm "
             f"{timm.__version__}; a model definition that changed between them changes the features")
     h, w = rebuilt.size
-    log(f"backbone {features['backbone']}: weights {note}; input {h}x{w} px, {features['interpolation']}, crop_pct "
+    layer = features.get("layer", DEFAULT_LAYER)
+    log(f"backbone {features['backbone']}{'' if layer == DEFAULT_LAYER else ' (layer ' + layer + ')'}: weights {note}; input {h}x{w} px, {features['interpolation']}, crop_pct "
         f"{features['crop_pct']}; {features['precision']} forward, {features['dtype']} rounding, {device}")
     return rebuilt
 

@@ -19,7 +19,7 @@ from torchvision import transforms
 
 from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
-from .backbone import TokenEncoder, create_backbone
+from .backbone import DEFAULT_LAYER, TokenEncoder, create_backbone, parse_layer
 from .datasets import ToRGB, build_dataset
 from .device import resolve_device
 
@@ -55,7 +55,7 @@ def cache_file_name(dataset: str, backbone: str, settings: dict) -> str:
     """``<dataset>__<backbone>__<H>px__g<G>__<hash>.h5``: one file per dataset, backbone, preprocessing and grid.
 
     The 8-hex hash covers every setting that changes the stored features (weights, preprocessing,
-    precision, storage dtype, patch grid), so two different extractions never share a name.
+    precision, storage dtype, patch grid, layer), so two different extractions never share a name.
     """
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     size = settings["input_size"][-1]
@@ -69,7 +69,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      batch_size: int = 64, num_workers: int = 2, device: str = "auto", precision: str = "fp32",
                      dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
                      skip_existing: bool = False, commit_every: int = 16, progress: bool = True,
-                     category: str | None = None, layout: str = "classes",
+                     category: str | None = None, layout: str = "classes", layer: str = DEFAULT_LAYER,
                      log: Callable[[str], None] = print) -> Path:
     """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
 
@@ -96,6 +96,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         progress: show progress bars.
         category: the MVTec AD category (``dataset="mvtec"``; see :func:`extract_categories` for ``all``).
         layout: ``classes`` or ``good-defect`` (``dataset="folder"``).
+        layer: which layer the tokens come from: ``final`` (the paper's), ``pre-activation`` or ``block-N``
+            (see :class:`extract.backbone.TokenEncoder`); recorded as the attribute ``layer`` and in the name's hash.
         log: where to print status lines.
 
     Returns:
@@ -110,11 +112,12 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     dev = resolve_device(device)
+    parse_layer(layer)  # a malformed value before the data is indexed
     source = build_dataset(dataset, data_root, download, transform=None, category=category,
                            layout=layout)  # data errors before the backbone
     dataset = source.name  # mvtec-<category>: one cache per category
     model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
-    encoder = TokenEncoder(model, patch_grid=patch_grid).to(dev)
+    encoder = TokenEncoder(model, patch_grid=patch_grid, layer=layer).to(dev)
     config = resolve_preprocessing(model, img_size, crop_pct)
     source.set_transform(build_transform(config))
     log(f"dataset {dataset}: {source.description}; "
@@ -122,7 +125,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     if source.skipped_files:
         shown = ", ".join(source.skipped_files[:5]) + (", ..." if len(source.skipped_files) > 5 else "")
         log(f"skipped {len(source.skipped_files)} files that are not readable images: {shown}")
-    log(f"backbone {backbone}: weights {loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
+    log(f"backbone {backbone} ({'final features' if layer == DEFAULT_LAYER else 'layer ' + layer}): weights "
+        f"{loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
         f"{config['interpolation']}, crop_pct {config['crop_pct']}; {precision} forward, {dtype} storage, {dev}")
     settings = {
         "weights": loaded.source, "weights_sha256": loaded.sha256, "input_size": list(config["input_size"]),
@@ -130,6 +134,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         "crop_pct": config["crop_pct"], "crop_mode": config.get("crop_mode", "center"),
         "precision": precision, "dtype": dtype, "patch_grid_arg": patch_grid, "data_source": source.description,
     }
+    if layer != DEFAULT_LAYER:  # in the hash only when not the default: caches written before --layer keep their name
+        settings["layer"] = layer
     path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
     if skip_existing and not overwrite and path.exists():
         log(f"using the existing cache {path}")
@@ -214,6 +220,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             "weights_source": loaded.source,
             "weights_sha256": loaded.sha256,
             "semantic_vector": encoder.semantic_vector,
+            "layer": layer,
             "num_prefix_tokens": encoder.num_prefix_tokens,
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,

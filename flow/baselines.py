@@ -107,7 +107,9 @@ class GaussianDetector:
         if self.location is None:
             raise RuntimeError("fit the detector first")
         centred = np.asarray(cls, dtype=np.float64) - self.location
-        return {"mahalanobis": np.einsum("md,de,me->m", centred, self.precision, centred)}
+        # (x - mu)^T P (x - mu) per row, the product through BLAS (an unoptimised three-index einsum took 7 s for
+        # 2,048 rows at D = 1280)
+        return {"mahalanobis": np.sum((centred @ self.precision) * centred, axis=1)}
 
     def state(self) -> dict[str, np.ndarray]:
         return {"location": self.location, "precision": self.precision, "shrinkage": np.float64(self.shrinkage)}

@@ -35,8 +35,9 @@ from extract.encode import CacheEncoder, preprocessing_only, rebuild_encoder
 from .baselines import GaussianDetector, KNNDetector
 from .conformal import DEFAULT_ALPHA, check_alpha
 from .model import SANFFlow
-from .store import (FLOW_METHODS, RunError, check_not_a_run_file, load_run, primary_score, read_calibration,
-                    read_run_record, score_names)
+from .features import FeatureTransform
+from .store import (FLOW_METHODS, RunError, RunScorer, check_not_a_run_file, load_scorer, primary_score,
+                    read_calibration, read_run_record, score_names)
 
 #: ONNX opset of the exported graphs (LayerNormalization is a single op from 17 on).
 OPSET = 17
@@ -95,11 +96,26 @@ class FlowGraph(nn.Module):
         return {key: value.double() for key, value in self.flow.scores(cls, patches).items()}
 
 
-def detector_graph(detector, record: dict) -> nn.Module:
-    """The tensor form of a run's detector."""
+class TransformedGraph(nn.Module):
+    """A run's feature transform (:mod:`flow.features`; fitted statistics as graph constants), then its detector."""
+
+    def __init__(self, transform: FeatureTransform, detector: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+        self.detector = detector
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.detector(self.transform.apply_torch(cls), self.transform.apply_torch(patches))
+
+
+def detector_graph(scorer: RunScorer) -> nn.Module:
+    """The tensor form of a run's feature transform and detector."""
+    record, detector = scorer.record, scorer.detector
     if record["method"] in FLOW_METHODS:
-        return FlowGraph(detector)
-    return {"knn": KNNGraph, "gaussian": GaussianGraph}[record["method"]](detector)
+        graph = FlowGraph(detector)
+    else:
+        graph = {"knn": KNNGraph, "gaussian": GaussianGraph}[record["method"]](detector)
+    return graph if scorer.transform.name == "raw" else TransformedGraph(scorer.transform, graph)
 
 
 class ScoringGraph(nn.Module):
@@ -182,16 +198,11 @@ def _session(path: str | os.PathLike):
         raise RunError(f"--onnx {path}: onnxruntime cannot load it ({str(err).splitlines()[0][:300]})") from None
 
 
-def _reference(encoder: CacheEncoder, detector, record: dict, images01: torch.Tensor) -> dict[str, np.ndarray]:
-    """The PyTorch path of ``predict`` on [0, 1] images: normalise, encode, the run's own detector."""
-    from .train import score_batches
-
+def _reference(encoder: CacheEncoder, scorer: RunScorer, images01: torch.Tensor) -> dict[str, np.ndarray]:
+    """The PyTorch path of ``predict`` on [0, 1] images: normalise, encode, the run's own transform and detector."""
     mean = torch.tensor(encoder.features["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(encoder.features["std"]).view(1, 3, 1, 1)
-    cls, patches = encoder.encode((images01 - mean) / std)
-    if record["method"] in FLOW_METHODS:
-        return score_batches(detector, torch.from_numpy(cls), torch.from_numpy(patches))
-    return detector.scores(cls)
+    return scorer(*encoder.encode((images01 - mean) / std))
 
 
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = DEFAULT_ALPHA, opset: int = OPSET,
@@ -233,11 +244,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     primary = primary_score(record)
     device = torch.device("cpu")
     encoder = rebuild_encoder(features, device, weights=weights, log=log)
-    detector, _ = load_run(run, device)
+    scorer = load_scorer(run, device)
     if features["precision"] != "fp32":
         log(f"note: the features were extracted with a {features['precision']} forward; the graph computes the "
             "backbone in float32")
-    graph = ScoringGraph(encoder.encoder, detector_graph(detector, record), features, score_names(record), primary,
+    graph = ScoringGraph(encoder.encoder, detector_graph(scorer), features, score_names(record), primary,
                          None if calibration is None else calibration[primary], alpha).eval()
     names = graph.output_names
     prep = preprocessing_only(features)
@@ -275,7 +286,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
         got = dict(zip(names, session.run(names, {"images": images.numpy()})))
         # the graph computes the backbone in float32: compare it with PyTorch in float32 too
         reference = CacheEncoder(encoder.encoder, {**features, "precision": "fp32"}, device, encoder.weights_note)
-        expected = _reference(reference, detector, record, images)
+        expected = _reference(reference, scorer, images)
         diffs, scaled, absolute = {}, {}, {}
         for name in score_names(record):
             delta = np.abs(got[name] - expected[name])

@@ -24,9 +24,9 @@ from cache import FeatureCache
 from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
 
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
-from .store import (FLOW_METHODS, RunError, check_not_a_run_file, check_writable_dir, load_run, primary_score,
+from .store import (RunError, RunScorer, check_not_a_run_file, check_writable_dir, load_scorer, primary_score,
                     read_calibration, read_run_record, score_names, write_csv)
-from .train import resolve_device, score_batches
+from .train import resolve_device
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -140,16 +140,15 @@ def score_files(batches, num_files: int, names: tuple[str, ...] | list[str], sco
     return scores, errors
 
 
-def _score_torch(detector, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int, num_workers: int,
-                 progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every score of every file with the run's own detector (the code ``score`` uses); NaN for unreadable files."""
+def _score_torch(scorer: RunScorer, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int,
+                 num_workers: int, progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every score of every file with the run's own transform and detector (the code ``score`` uses); NaN for
+    unreadable files."""
 
     def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
         cls, patches = encoder.encode(images)
         _check_finite(cls, patches, rows, errors, files)
-        if record["method"] in FLOW_METHODS:
-            return score_batches(detector, torch.from_numpy(cls), torch.from_numpy(patches), batch_size)
-        return detector.scores(cls)
+        return scorer(cls, patches, batch_size)
 
     return score_files(encoder.batches(files, batch_size, num_workers, progress=progress), len(files),
                        score_names(record), score_block)
@@ -231,8 +230,7 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     if onnx is None:
         dev = resolve_device(device)
         encoder = rebuild_encoder(features, dev, weights=weights, log=log)
-        detector, _ = load_run(run, dev)
-        scores, errors = _score_torch(detector, record, encoder, listed.files, batch_size, num_workers, progress)
+        scores, errors = _score_torch(load_scorer(run, dev), record, encoder, listed.files, batch_size, num_workers, progress)
     else:
         from .export import score_with_onnx
 

@@ -26,12 +26,14 @@ from cache import PARTIAL_SUFFIX, FeatureCache
 from extract.encode import provenance
 
 from .baselines import BASELINES
+from .features import DEFAULT_FEATURES, FeatureTransform, check_features
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
-from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION, RunError,
-                    calibration_text, check_writable_dir, list_runs, load_run, method_name, primary_score,
-                    read_calibration, read_run_record, run_name, save_run, score_names, write_csv)
+from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION,  # noqa: F401 (re-exported)
+                    TRANSFORM_FILE, RunError, calibration_text, check_writable_dir, list_runs,
+                    load_scorer, method_name, primary_score, read_calibration, read_run_record, run_name, save_run,
+                    score_names, write_csv)
 from .train import TrainConfig, fit_flow, resolve_device, score_batches
 
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
@@ -104,8 +106,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
               seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
               device: str = "auto", val_fraction: float = 0.0, progress: bool = True,
               log: Callable[[str], None] = print, method: str | None = None,
-              baseline_params: dict | None = None, setting: str = "", keep_existing: bool = False
-              ) -> list[FitOutcome]:
+              baseline_params: dict | None = None, setting: str = "", keep_existing: bool = False,
+              features: str = DEFAULT_FEATURES) -> list[FitOutcome]:
     """Fit one detector per normal class on the train split of a cache and save each as a run.
 
     ``method`` is ``sanf`` (the CAFF flow), ``sanf-nocaff`` (MLP-only subnets; also chosen by
@@ -133,6 +135,10 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         keep_existing: keep (do not fit again) a class whose run folder already holds a run of the same
             cache content, method, normal class, seed and settings (what makes an interrupted ``run`` resume);
             any other run in its place is replaced as usual.
+        features: the feature transform of :mod:`flow.features` applied to class and patch tokens before the
+            detector (``raw``: none, the paper's); its statistics are fitted on the rows the detector is fitted
+            on (held-out rows excluded) and stored with the run. A transform other than ``raw`` is part of the
+            run's setting label, so runs of different transforms do not replace each other.
 
     Returns:
         One :class:`FitOutcome` per normal class, in class order.
@@ -143,13 +149,15 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         FlowTrainingError: training diverged.
     """
     flow_config = dict(flow_config or {})
+    check_features(features)
+    setting = run_setting(setting, features)
     if method is None:
         method = method_name(flow_config.get("use_caff", True))
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in BASELINES:
         return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,
-                             val_fraction)
+                             val_fraction, features, setting)
     if "use_caff" in flow_config and method_name(flow_config["use_caff"]) != method:
         raise ValueError(f"--method {method} contradicts --no-caff={not flow_config['use_caff']}")
     flow_config["use_caff"] = method == "sanf"
@@ -171,7 +179,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
                 "method": method, "normal_class": k, "seed": seed, "setting": setting, "flow": config.to_dict(),
-                "train": train_config.to_dict(), "val_fraction": val_fraction, "cache_fingerprint": fingerprint}, log)
+                "train": train_config.to_dict(), "val_fraction": val_fraction, "feature_transform": features,
+                "cache_fingerprint": fingerprint}, log)
             if kept:
                 outcomes.append(kept)
                 continue
@@ -185,6 +194,9 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 val_cls, cls_t = cls_t[val_idx], cls_t[fit_idx]
                 if patches_t is not None:
                     val_patches, patches_t = patches_t[val_idx], patches_t[fit_idx]
+            transform = FeatureTransform(features).fit(cls_t.numpy())  # the fitted rows only, never held-out ones
+            cls_t, patches_t, val_cls, val_patches = (None if t is None else transform(t)
+                                                      for t in (cls_t, patches_t, val_cls, val_patches))
             name = names[k]
             if (runs_dir / name).exists():
                 log(f"replacing the existing run {runs_dir / name}")
@@ -194,9 +206,12 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             if val_cls is not None:
                 held_out = score_batches(model, val_cls, val_patches)
                 files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, val_fraction, seed, log)
+            if transform.state():
+                files[TRANSFORM_FILE] = transform.state()
             record = {
                 **_record_head(fc, method, k, seed),
                 "setting": setting,
+                "feature_transform": features,
                 "flow": config.to_dict(),
                 "train": train_config.to_dict(),
                 "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
@@ -220,7 +235,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             path = save_run(runs_dir, name, model.state_dict(), record, files)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
             epochs = f"{train_config.epochs} epoch{'s' if train_config.epochs != 1 else ''}"
-            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows, {epochs}, "
+            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows{_features_note(features)}, "
+                f"{epochs}, "
                 f"final loss {result.final_loss:.4f} nats/dim{val_note}, {result.wall_time_s:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
@@ -276,7 +292,8 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
         record = read_run_record(path)
     except RunError:
         return None
-    same = all(json.dumps(record.get(key, "" if key == "setting" else None), sort_keys=True)
+    absent = {"setting": "", "feature_transform": DEFAULT_FEATURES}  # records written before these keys
+    same = all(json.dumps(record.get(key, absent.get(key)), sort_keys=True)
                == json.dumps(value, sort_keys=True) for key, value in expected.items())
     if not same or not (path / "model.safetensors").is_file():
         return None
@@ -285,20 +302,20 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
 
 
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
-                  log: Callable[[str], None], keep_existing: bool = False, val_fraction: float = 0.0
-                  ) -> list[FitOutcome]:
+                  log: Callable[[str], None], keep_existing: bool = False, val_fraction: float = 0.0,
+                  features: str = DEFAULT_FEATURES, setting: str = "") -> list[FitOutcome]:
     """:func:`fit_cache` for the baselines of :mod:`flow.baselines` (class tokens only; ``seed`` is recorded,
     names the run and chooses the held-out rows, but the baselines are deterministic)."""
     runs_dir = Path(runs_dir)
     outcomes = []
     with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed)
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting)
         train = fc.split("train")
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
-                "method": method, "normal_class": k, "seed": seed, "setting": "",
+                "method": method, "normal_class": k, "seed": seed, "setting": setting,
                 "params": BASELINES[method](**params).params(), "val_fraction": val_fraction,
-                "cache_fingerprint": fingerprint}, log)
+                "feature_transform": features, "cache_fingerprint": fingerprint}, log)
             if kept:
                 outcomes.append(kept)
                 continue
@@ -306,19 +323,25 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
             cls_np, _ = train.read(rows)
             fit_idx, val_idx = (i.numpy() for i in split_holdout(rows.size, val_fraction, seed))
             start = time.perf_counter()
+            transform = FeatureTransform(features).fit(cls_np[fit_idx])  # the fitted rows only
+            cls_np = transform(cls_np)
             detector = BASELINES[method](**params).fit(cls_np[fit_idx])
             elapsed = time.perf_counter() - start
             files, calibration = {}, {}
             if val_idx.size:
                 files, calibration = _calibration(train, rows[val_idx], detector.scores(cls_np[val_idx]),
                                                   val_fraction, seed, log)
-            record = {**_record_head(fc, method, k, seed), "params": detector.params(),
+            if transform.state():
+                files[TRANSFORM_FILE] = transform.state()
+            record = {**_record_head(fc, method, k, seed), "setting": setting, "feature_transform": features,
+                      "params": detector.params(),
                       "scores": list(detector.score_names), "num_train": int(fit_idx.size),
                       "val_fraction": val_fraction, "num_val": int(val_idx.size), "wall_time_s": round(elapsed, 3),
                       "primary_score": PRIMARY_SCORES[method], **calibration, **_record_tail(fc, cache, fingerprint)}
             state = {key: torch.from_numpy(np.array(value)) for key, value in detector.state().items()}
             path = save_run(runs_dir, names[k], state, record, files)
             log(f"fitted {method} for normal class {k} ({fc.class_names[k]}): {fit_idx.size} train rows"
+                f"{_features_note(features)}"
                 f"{f', {val_idx.size} held out for calibration' if val_idx.size else ''}, {elapsed:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
     return outcomes
@@ -359,6 +382,16 @@ def check_training_memory(num_parameters: int) -> None:
 def flow_setting(num_blocks: int, hidden: int) -> str:
     """``"K<K>-H<H>"``: the label of a sweep's runs and rows."""
     return f"K{num_blocks}-H{hidden}"
+
+
+def run_setting(setting: str, features: str) -> str:
+    """A run's setting label: a sweep's flow setting (:func:`flow_setting`) and, unless ``raw``, the feature
+    transform (``K2-H1024-ssqrt-l2``, ``ssqrt-l2``); empty for the paper's setting."""
+    return "-".join(part for part in (setting, "" if features == "raw" else features) if part)
+
+
+def _features_note(features: str) -> str:
+    return "" if features == "raw" else f" ({features} features)"
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,25 +461,21 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             fingerprint = fc.fingerprint()
             loaded = []
             for run in cache_runs:
-                model, record = load_run(run, dev)
+                scorer = load_scorer(run, dev)
+                record = scorer.record
                 if record["cache_fingerprint"] != fingerprint:
                     raise RunError(f"the cache {cache_path} changed since run {run.name} was fitted "
                                    f"(fingerprint {fingerprint[:12]} != {record['cache_fingerprint'][:12]}); "
                                    "fit again")
-                loaded.append((run, model, record, read_calibration(run, record)))
+                loaded.append((run, scorer, record, read_calibration(run, record)))
             test = fc.split("test")
             if test.num_rows == 0:
                 raise RunError(f"the test split of {cache_path} is empty: nothing to score")
             scores = {run: {key: [] for key in score_names(record)} for run, _, record, _ in loaded}
             start = time.perf_counter()
             for _, cls_np, patches_np in test.iter_blocks(block_rows):
-                cls_t = torch.from_numpy(cls_np)
-                patches_t = torch.from_numpy(patches_np)
-                for run, model, record, _ in loaded:
-                    if record["method"] in FLOW_METHODS:
-                        block = score_batches(model, cls_t, patches_t, batch_size)
-                    else:
-                        block = model.scores(cls_np)
+                for run, scorer, record, _ in loaded:  # each run with its own feature transform
+                    block = scorer(cls_np, patches_np, batch_size)
                     for key in score_names(record):
                         scores[run][key].append(block[key])
             elapsed = time.perf_counter() - start

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .baselines import BASELINES
+from .features import DEFAULT_FEATURES, FEATURE_TRANSFORMS, FeatureTransform
 from .model import FlowConfig, SANFFlow, parameter_count
 from .train import FlowTrainingError
 
@@ -34,6 +36,8 @@ RUN_VERSION = 1
 SCORE_TYPES = ("nll", "z2")
 #: The file of a calibrated run holding the scores of its held-out normal train rows.
 CALIBRATION_FILE = "calibration.csv"
+#: The fitted statistics of a run's feature transform (``standardize``, ``pca-whiten``), safetensors.
+TRANSFORM_FILE = "feature_transform.safetensors"
 
 
 class RunError(Exception):
@@ -161,11 +165,12 @@ def read_calibration(path: str | os.PathLike, record: dict) -> dict[str, np.ndar
 
 
 def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: dict,
-             files: dict[str, str] | None = None) -> Path:
+             files: dict[str, str | dict[str, np.ndarray]] | None = None) -> Path:
     """Write a run folder atomically (a temporary folder renamed into place); replaces a run of that name.
 
-    ``files`` maps further file names of the run (``calibration.csv``) to their text, written in the same folder
-    before it is put in place, so a run is never seen without them.
+    ``files`` maps further file names of the run to their text (``calibration.csv``) or, for a ``.safetensors``
+    name, to a dict of arrays (the feature transform's statistics), written in the same folder before it is put
+    in place, so a run is never seen without them.
 
     Raises:
         FlowTrainingError: the weights hold NaN or infinite values (nothing is written).
@@ -184,8 +189,12 @@ def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: 
     try:
         os.chmod(tmp, _umask_mode(0o777))
         save_file(state, str(tmp / "model.safetensors"))
-        for file_name, text in (files or {}).items():
-            (tmp / file_name).write_text(text)
+        for file_name, content in (files or {}).items():
+            if isinstance(content, dict):
+                save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in content.items()},
+                          str(tmp / file_name))
+            else:
+                (tmp / file_name).write_text(content)
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         for file in tmp.iterdir():  # safetensors writes 0600 files; a run is shared like any other output
             os.chmod(file, _umask_mode(0o666))
@@ -293,6 +302,38 @@ def read_run_record(path: str | os.PathLike) -> dict:
     return record
 
 
+def feature_transform_name(record: dict) -> str:
+    """The run's ``--features`` transform (``raw`` for runs fitted before the option)."""
+    return record.get("feature_transform", DEFAULT_FEATURES)
+
+
+def load_feature_transform(path: str | os.PathLike, record: dict) -> FeatureTransform:
+    """The feature transform a run was fitted with, with its fitted statistics (:data:`TRANSFORM_FILE`).
+
+    Raises:
+        RunError: an unknown transform name, or statistics missing, unreadable or of the wrong width.
+    """
+    name = feature_transform_name(record)
+    if name not in FEATURE_TRANSFORMS:
+        raise RunError(f"run {path}: run.json's feature_transform {name!r} is not one of "
+                       f"{', '.join(FEATURE_TRANSFORMS)}")
+    state = {}
+    file = Path(path) / TRANSFORM_FILE
+    if file.exists():
+        try:
+            state = {key: value.numpy() for key, value in load_file(str(file)).items()}
+        except Exception as err:  # OSError, or safetensors' own error type on a damaged file
+            raise RunError(f"run {path}: cannot read {TRANSFORM_FILE} ({err})") from None
+    try:
+        transform = FeatureTransform.from_state(name, state)
+    except ValueError as err:
+        raise RunError(f"run {path}: {err} ({TRANSFORM_FILE})") from None
+    width = record.get("features", {}).get("feature_dim")
+    if transform.shift is not None and width is not None and transform.shift.shape[0] != width:
+        raise RunError(f"run {path}: {TRANSFORM_FILE} is {transform.shift.shape[0]} wide, the features {width}")
+    return transform
+
+
 def score_names(record: dict) -> tuple[str, ...]:
     """The scores a run's method gives: ``nll``, ``z2`` for the flows; the baseline's own otherwise."""
     return SCORE_TYPES if record["method"] in FLOW_METHODS else tuple(BASELINES[record["method"]].score_names)
@@ -329,6 +370,42 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     except RuntimeError:
         raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json") from None
     return model.to(device).eval(), record
+
+
+@dataclass
+class RunScorer:
+    """A loaded run as a function of cached (or freshly encoded) tokens: its feature transform, then its detector.
+
+    Attributes:
+        detector: the flow (eval mode) or the baseline detector.
+        transform: the run's :class:`~flow.features.FeatureTransform`, fitted statistics loaded.
+        record: the run's ``run.json``.
+    """
+
+    detector: object
+    transform: FeatureTransform
+    record: dict
+
+    def __call__(self, cls: np.ndarray, patches: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Every score of the run (:func:`score_names`) for class tokens (B, D) and patch tokens (B, P, D) as the
+        cache stores them (float32 numpy); (B,) float64 arrays, higher = more anomalous."""
+        from .train import score_batches
+
+        cls = self.transform(cls)
+        if self.record["method"] in FLOW_METHODS:
+            return score_batches(self.detector, torch.from_numpy(cls), torch.from_numpy(self.transform(patches)),
+                                 batch_size)
+        return self.detector.scores(cls)
+
+
+def load_scorer(path: str | os.PathLike, device: str | torch.device = "cpu") -> RunScorer:
+    """:func:`load_run` and :func:`load_feature_transform` together.
+
+    Raises:
+        RunError: as those.
+    """
+    detector, record = load_run(path, device)
+    return RunScorer(detector, load_feature_transform(path, record), record)
 
 
 def _load_baseline(path: Path, record: dict):

@@ -616,3 +616,45 @@ def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):
     assert "sanf[K1-H8]/nll" in result.output
     bad = invoke("run", *extraction, "--blocks", "2,0", "--runs-dir", str(runs))
     assert bad.exit_code == 2 and "'0' is not an integer in 1..256" in bad.output
+
+
+def test_layer_is_recorded_and_names_its_cache(tmp_path):
+    """--layer is a cache attribute and part of the name's hash; the default keeps the name caches had before the
+    option existed (digits__test_vit__32px__g0__1d17e41d.h5 was written by the code without --layer)."""
+    args = ["extract", "--dataset", "digits", "--backbone", "test_vit", "--random-init", "--img-size", "32",
+            "--patch-grid", "0", "--num-workers", "0", "--device", "cpu", "--dtype", "float32",
+            "--cache-dir", str(tmp_path)]
+    assert_ok(invoke(*args))
+    assert_input_error(invoke(*args, "--layer", "final"), "digits__test_vit__32px__g0__1d17e41d.h5 exists already")
+    result = invoke(*args, "--layer", "block-0")
+    assert_ok(result)
+    assert "(layer block-0)" in result.output
+    names = sorted(p.name for p in tmp_path.glob("*.h5"))
+    assert len(names) == 2 and "digits__test_vit__32px__g0__1d17e41d.h5" in names
+    (other,) = [n for n in names if n != "digits__test_vit__32px__g0__1d17e41d.h5"]
+    with FeatureCache(tmp_path / "digits__test_vit__32px__g0__1d17e41d.h5") as final, \
+            FeatureCache(tmp_path / other) as block:
+        assert final.attrs["layer"] == "final" and block.attrs["layer"] == "block-0"
+        assert not np.allclose(final.split("test").read(slice(0, 4))[0], block.split("test").read(slice(0, 4))[0])
+    assert_input_error(invoke(*args, "--layer", "block-99"), "--layer block-99", "has block-0 .. block-")
+
+
+def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
+    """run --features a,b: one run per transform and method, labelled rows; a kept run is kept per transform."""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
+    args = ["run", *extraction, "--methods", "knn,sanf", "--features", "raw,standardize", "--hidden", "8",
+            "--epochs", "1", "--normal", "blue", "--runs-dir", str(runs)]
+    result = invoke(*args)
+    assert_ok(result)
+    (cache,) = cache_dir.glob("*.h5")
+    _, rows = read_csv(runs / f"{cache.stem}__summary.csv")
+    assert sorted((r["method"], r["setting"], r["score"]) for r in rows) == [
+        ("knn", "", "cosine"), ("knn", "", "l2"), ("knn", "standardize", "cosine"), ("knn", "standardize", "l2"),
+        ("sanf", "", "nll"), ("sanf", "", "z2"), ("sanf", "standardize", "nll"), ("sanf", "standardize", "z2")]
+    assert "knn[standardize]/cosine" in result.output and "sanf[standardize]/nll" in result.output
+    again = invoke(*args)
+    assert_ok(again)
+    assert again.output.count("kept ") == 4
+    bad = invoke(*args[:-2], "--features", "raw,whiten", "--runs-dir", str(runs))
+    assert bad.exit_code == 2 and "'whiten' is not one of raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output

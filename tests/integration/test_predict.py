@@ -435,3 +435,39 @@ def test_a_fifo_gets_an_error_row_instead_of_blocking(calibrated, tmp_path):
     _, rows = read_csv(out)
     assert [Path(r["path"]).name for r in rows] == ["a.png", "pipe.png"]
     assert rows[0]["error"] == "" and "not a regular file" in rows[1]["error"]
+
+
+@pytest.mark.parametrize("backbone, layer, features, method", [
+    (SMALL, "block-0", "pca-whiten", "sanf"),
+    ("test_efficientnet", "pre-activation", "ssqrt-l2", "gaussian"),
+    ("test_efficientnet", "block-1", "standardize", "knn"),
+])
+def test_layer_and_transform_carry_to_predict_and_export(tmp_path, backbone, layer, features, method):
+    """A run on a non-default layer with a feature transform: predict rebuilds the layer and applies the transform
+    (the cached images get their scores from `score`), and the ONNX graph holds both."""
+    tree = make_image_tree(tmp_path / "data", per_split={"train": 8, "test": 3})
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    assert_ok(invoke(*extract_args(tree, cache_dir, "--layer", layer, backbone=backbone)))
+    assert_ok(invoke(*fit_args(cache_dir, runs_dir, method, "--val-fraction", "0.25", "--features", features)))
+    assert_ok(invoke("score", "--runs-dir", str(runs_dir), "--device", "cpu", "--alpha", "0.5"))
+    (run,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    record = read_run_record(run)
+    assert record["feature_transform"] == features and record["features"]["layer"] == layer
+    out = tmp_path / "p.csv"
+    assert_ok(invoke("predict", str(run), str(tree / "test"), "--out", str(out), "--num-workers", "0",
+                     "--device", "cpu", "--alpha", "0.5"))
+    _, predicted = read_csv(out)
+    by_id = {r["sample_id"]: r for r in read_csv(run / "scores.csv")[1]}
+    names = score_names(record)
+    for row in predicted:
+        ref = by_id[Path(row["path"]).relative_to(tree).as_posix()]
+        for name in [*names, "p_value"]:
+            assert float(row[name]) == pytest.approx(float(ref[name]), rel=1e-5, abs=1e-6), name
+    model = tmp_path / "m.onnx"
+    assert_ok(invoke("export", str(run), "--out", str(model), "--check-images", str(tree / "test")))
+    onnx_out = tmp_path / "o.csv"
+    assert_ok(invoke("predict", str(run), str(tree / "test"), "--out", str(onnx_out), "--onnx", str(model),
+                     "--num-workers", "0", "--alpha", "0.5"))
+    for a, b in zip(predicted, read_csv(onnx_out)[1]):
+        for name in names:
+            assert float(b[name]) == pytest.approx(float(a[name]), rel=1e-4, abs=1e-5), name

@@ -57,7 +57,8 @@ def test_round_trip_arrays_attributes_ids_and_counts(tmp_path):
         assert fc.attrs["format_version"] == FORMAT_VERSION
         assert fc.attrs["complete"] is True
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", fc.attrs["created"])
-        assert set(fc.attrs) == set(REQUIRED_ROOT_ATTRS)
+        assert set(fc.attrs) == set(REQUIRED_ROOT_ATTRS) | {"layer"}
+        assert fc.attrs["layer"] == "final"  # a cache written without the attribute holds the final features
         assert fc.class_names == ["ant", "bee", "cat"]
 
         for name, (cls, patches, labels) in splits.items():

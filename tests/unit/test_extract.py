@@ -782,3 +782,66 @@ def test_pooling_matrix_equals_adaptive_average_pooling(h, w, gh, gw):
     expected = F.adaptive_avg_pool2d(grid, (gh, gw)).flatten(2).transpose(1, 2)
     got = pooling_matrix(h, w, gh, gw, torch.float64).T @ grid.flatten(2).transpose(1, 2)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --layer: which layer the tokens come from
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_vit_last_block_through_the_final_norm_is_the_final_features(vit_tiny_64):
+    """block-N of a ViT goes through the final norm with its class token: the last block is forward_features."""
+    x = _images(2, 64)
+    depth = len(vit_tiny_64.blocks)
+    with torch.no_grad():
+        final = TokenEncoder(vit_tiny_64, patch_grid=2)(x)
+        last = TokenEncoder(vit_tiny_64, patch_grid=2, layer=f"block-{depth - 1}")(x)
+        first = TokenEncoder(vit_tiny_64, patch_grid=2, layer="block-0")(x)
+        tokens, prefix = vit_tiny_64.forward_intermediates(x, indices=[0], norm=True, return_prefix_tokens=True,
+                                                           output_fmt="NLC", intermediates_only=True)[0]
+    for a, b in zip(final, last):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(first[0], prefix[:, 0], rtol=0, atol=0)  # the class token of block 0, normed
+    grid = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(first[1], F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2))
+    assert not torch.allclose(first[0], final[0])
+
+
+def test_cnn_block_is_the_stage_output():
+    model = _random_model("test_efficientnet")
+    x = _images(2, 64)
+    encoder = TokenEncoder(model, patch_grid=0, layer="block-2")
+    with torch.no_grad():
+        cls, patches = encoder(x)
+        (fmap,) = model.forward_intermediates(x, indices=[2], intermediates_only=True)
+    assert cls.shape == (2, fmap.shape[1]) and encoder.token_grid == tuple(fmap.shape[2:])
+    torch.testing.assert_close(cls, fmap.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patches, fmap.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_pre_activation_is_the_final_features_before_their_activation():
+    """EfficientNet-Lite0's final features are ReLU6 of the pre-activation, position by position."""
+    import copy
+
+    model = _random_model("tf_efficientnet_lite0")
+    reference = copy.deepcopy(model)
+    x = _images(2, 64)
+    with torch.no_grad():
+        _, pre = TokenEncoder(model, patch_grid=0, layer="pre-activation")(x)
+        _, final = TokenEncoder(reference, patch_grid=0)(x)
+    assert (pre < 0).any()  # the activation really was taken away
+    torch.testing.assert_close(pre.clamp(0, 6), final, rtol=1e-5, atol=1e-5)
+    assert not isinstance(reference.bn2.act, torch.nn.Identity)  # the reference model is untouched
+
+
+@pytest.mark.parametrize("name, layer, fragment", [
+    ("vit_tiny_patch16_224", "pre-activation", "do not end in a norm + activation layer"),
+    ("resnet18", "pre-activation", "do not end in a norm + activation layer"),
+    ("test_efficientnet", "block-9", "has block-0 .. block-"),
+    ("test_efficientnet", "block-x", "--layer must be final, pre-activation or block-N"),
+    ("test_efficientnet", "last", "got 'last'"),
+])
+def test_a_layer_the_model_does_not_have_is_refused(name, layer, fragment):
+    kwargs = {"img_size": 64} if name.startswith("vit") else {}
+    with pytest.raises(BackboneError, match=re.escape(fragment)):
+        TokenEncoder(_random_model(name, **kwargs), layer=layer)

@@ -1,0 +1,162 @@
+"""Feature transforms applied to cached tokens before any detector sees them (``fit``/``run --features``).
+
+One transform maps every token the same way, class token and patch tokens alike, so the channels of the patch
+tokens stay aligned with those of the class token (what the class attention of CAFF, eq. 6-10, mixes) and every
+method (flow, k-NN, Gaussian) sees identical vectors. Statistics that need fitting (means, deviations,
+covariances) are computed from the class tokens of the rows the detector is fitted on (the normal class's train
+rows minus any held-out calibration rows), never from the test split.
+
+========================  =====================================================================================
+``raw``                   the cached values (the paper's setting)
+``l2``                    x / ||x||_2 * sqrt(D) per token: unit length, scaled so that each channel has unit
+                          mean square (what the flow's unit-Gaussian base expects)
+``ssqrt-l2``              signed square root sign(x) sqrt(|x|), then as ``l2`` (the power normalisation of
+                          Perronnin et al. 2010, "Improving the Fisher kernel"; tames heavy-tailed, sparse
+                          post-ReLU channels)
+``standardize``           (x - mean) / std per channel, mean and std of the fitted class tokens
+``pca-whiten``            Lambda^-1/2 V^T (x - mean): PCA whitening with the Ledoit-Wolf covariance of the fitted
+                          class tokens (well conditioned when the rows are fewer than D;
+                          :class:`sklearn.covariance.LedoitWolf`), components by decreasing variance
+========================  =====================================================================================
+
+Model code: knows nothing of files. A run stores :meth:`FeatureTransform.state` (see :mod:`flow.store`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+#: ``--features`` values.
+FEATURE_TRANSFORMS = ("raw", "l2", "ssqrt-l2", "standardize", "pca-whiten")
+#: What a run without a ``feature_transform`` entry (fitted before the option) used.
+DEFAULT_FEATURES = "raw"
+#: Transforms whose statistics are fitted on the normal train rows.
+FITTED = ("standardize", "pca-whiten")
+#: Floor of a channel's standard deviation, relative to the mean one (a constant channel would divide by 0).
+STD_FLOOR = 1e-6
+
+
+def check_features(name: str) -> str:
+    """Return ``name`` if it is a known transform.
+
+    Raises:
+        ValueError: names ``--features``, the allowed values and the value received.
+    """
+    if name not in FEATURE_TRANSFORMS:
+        raise ValueError(f"--features must be one of {', '.join(FEATURE_TRANSFORMS)}; got {name!r}")
+    return name
+
+
+class FeatureTransform:
+    """A per-token map x (..., D) -> (..., D), float32, fitted on normal class tokens when it needs statistics.
+
+    Args:
+        name: one of :data:`FEATURE_TRANSFORMS`.
+
+    Raises:
+        ValueError: an unknown ``name``.
+    """
+
+    def __init__(self, name: str = DEFAULT_FEATURES) -> None:
+        self.name = check_features(name)
+        self.shift: np.ndarray | None = None  # (D,) subtracted first
+        self.matrix: np.ndarray | None = None  # (D, D): y = (x - shift) @ matrix; None for standardize
+        self.scale: np.ndarray | None = None  # (D,): y = (x - shift) * scale (standardize)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the statistics it needs are there (always true for the stateless transforms)."""
+        return self.name not in FITTED or self.shift is not None
+
+    def fit(self, cls: np.ndarray) -> "FeatureTransform":
+        """Fit the statistics on (N, D) normal class tokens (no-op for the stateless transforms).
+
+        Raises:
+            ValueError: fewer than 2 rows, or non-finite values.
+        """
+        if self.name not in FITTED:
+            return self
+        x = np.asarray(cls, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
+            raise ValueError(f"--features {self.name} needs at least 2 finite train vectors (N, D); got "
+                             f"{x.shape}")
+        mean = x.mean(axis=0)
+        if self.name == "standardize":
+            std = x.std(axis=0)
+            std = np.maximum(std, STD_FLOOR * max(float(std.mean()), np.finfo(np.float64).tiny))
+            self.shift, self.scale = mean.astype(np.float32), (1.0 / std).astype(np.float32)
+        else:
+            from sklearn.covariance import LedoitWolf
+
+            covariance = LedoitWolf(assume_centered=False).fit(x).covariance_
+            values, vectors = np.linalg.eigh(covariance)  # ascending
+            order = np.argsort(values)[::-1]
+            values = np.maximum(values[order], STD_FLOOR ** 2 * max(float(values.mean()), np.finfo(np.float64).tiny))
+            self.shift = mean.astype(np.float32)
+            self.matrix = (vectors[:, order] / np.sqrt(values)).astype(np.float32)
+        return self
+
+    def __call__(self, x):
+        """Transform tokens: an (..., D) numpy array or torch tensor (class tokens (B, D), patch tokens (B, P, D));
+        the same type back, float32 (a tensor keeps its device)."""
+        if not self.fitted:
+            raise RuntimeError(f"the {self.name} transform is not fitted")
+        if self.name == "raw":
+            return x
+        if isinstance(x, np.ndarray):
+            return self.apply_torch(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        return self.apply_torch(x.float())
+
+    def apply_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The map in torch operations only (also what the ONNX export traces); ``x`` float32 (..., D)."""
+        dim = x.shape[-1]
+        if self.name in ("l2", "ssqrt-l2"):
+            if self.name == "ssqrt-l2":
+                x = torch.sign(x) * torch.sqrt(torch.abs(x))
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return x / torch.clamp(norm, min=1e-12) * (dim ** 0.5)
+        if self.name == "standardize":
+            return (x - torch.as_tensor(self.shift, device=x.device)) * torch.as_tensor(self.scale, device=x.device)
+        if self.name == "pca-whiten":
+            return (x - torch.as_tensor(self.shift, device=x.device)) @ torch.as_tensor(self.matrix, device=x.device)
+        return x
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The fitted arrays (empty for stateless transforms), for storage with the run."""
+        out = {}
+        for key in ("shift", "matrix", "scale"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_state(cls, name: str, state: dict[str, Any]) -> "FeatureTransform":
+        """Rebuild a fitted transform from :meth:`state`.
+
+        Raises:
+            ValueError: an unknown name, or arrays missing or of the wrong shape for it.
+        """
+        transform = cls(name)
+        needed = {"standardize": ("shift", "scale"), "pca-whiten": ("shift", "matrix")}.get(name, ())
+        missing = [key for key in needed if key not in state]
+        if missing:
+            raise ValueError(f"the {name} transform lacks its fitted {', '.join(missing)}")
+        for key in needed:
+            setattr(transform, key, np.asarray(state[key], dtype=np.float32))
+        if needed:
+            d = transform.shift.shape
+            if len(d) != 1 or (transform.scale is not None and transform.scale.shape != d) or (
+                    transform.matrix is not None and transform.matrix.shape != (d[0], d[0])):
+                raise ValueError(f"the {name} transform's arrays have inconsistent shapes")
+        return transform
+
+    def describe(self) -> str:
+        """One line for logs."""
+        return {"raw": "raw cached features", "l2": "L2 per token x sqrt(D)",
+                "ssqrt-l2": "signed square root, L2 per token x sqrt(D)",
+                "standardize": "per-channel standardisation (normal train class tokens)",
+                "pca-whiten": "PCA whitening (Ledoit-Wolf covariance of the normal train class tokens)"}[self.name]

@@ -1,0 +1,188 @@
+"""Feature transforms (flow.features, fit/run --features): the same map on class and patch tokens, statistics
+from the normal class's fitted train rows only, stored with the run and applied where it scores."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache import FeatureCache
+from conftest import gaussian_splits, write_cache
+from flow.baselines import GaussianDetector, KNNDetector
+from flow.features import FEATURE_TRANSFORMS, FeatureTransform, check_features
+from flow.runs import fit_cache, score_runs, split_holdout
+from flow.store import TRANSFORM_FILE, RunError, load_feature_transform, load_scorer, read_run_record
+
+
+def _tokens(n=30, d=8, p=4, seed=0):
+    rng = np.random.default_rng(seed)
+    cls = rng.gamma(0.5, 1.0, (n, d)).astype(np.float32) - 0.2  # skewed, some negative, like post-ReLU features
+    return cls, rng.standard_normal((n, p, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", FEATURE_TRANSFORMS)
+def test_transform_is_the_same_map_on_class_and_patch_tokens(name):
+    cls, _ = _tokens()
+    transform = FeatureTransform(name).fit(cls)
+    patches = np.stack([cls, 2 * cls, cls[::-1]], axis=1)  # (N, 3, D): tokens made of class tokens
+    out_cls, out_patches = transform(cls), transform(patches)
+    assert out_patches.shape == patches.shape and out_patches.dtype == np.float32
+    np.testing.assert_array_equal(out_patches[:, 0], out_cls)
+    np.testing.assert_array_equal(out_patches[:, 2], out_cls[::-1])
+    # numpy and torch give the same values (torch is what score and the ONNX graph use)
+    np.testing.assert_allclose(transform(torch.from_numpy(patches)).numpy(), out_patches, rtol=1e-6, atol=1e-6)
+
+
+def test_transform_definitions():
+    cls, _ = _tokens(n=200, d=8)
+    d = cls.shape[1]
+    np.testing.assert_array_equal(FeatureTransform("raw").fit(cls)(cls), cls)
+    l2 = FeatureTransform("l2")(cls)
+    np.testing.assert_allclose(np.linalg.norm(l2, axis=1), np.sqrt(d), rtol=1e-5)
+    np.testing.assert_allclose(l2, cls / np.linalg.norm(cls, axis=1, keepdims=True) * np.sqrt(d), rtol=1e-5)
+    root = np.sign(cls) * np.sqrt(np.abs(cls))
+    np.testing.assert_allclose(FeatureTransform("ssqrt-l2")(cls),
+                               root / np.linalg.norm(root, axis=1, keepdims=True) * np.sqrt(d), rtol=1e-5, atol=1e-6)
+    z = FeatureTransform("standardize").fit(cls)(cls)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=0), 1, rtol=1e-4)
+    from sklearn.covariance import LedoitWolf
+
+    whiten = FeatureTransform("pca-whiten").fit(cls)
+    w = whiten(cls).astype(np.float64)
+    np.testing.assert_allclose(w.mean(axis=0), 0, atol=1e-5)
+    # W^T Sigma_LW W = I: it whitens the Ledoit-Wolf covariance exactly; the sample covariance of the result is
+    # diagonal (the same eigenvectors) with variances decreasing (the sample eigenvalues shrunk towards their mean)
+    shrunk = LedoitWolf().fit(cls.astype(np.float64)).covariance_
+    np.testing.assert_allclose(whiten.matrix.T.astype(np.float64) @ shrunk @ whiten.matrix, np.eye(d), atol=1e-5)
+    cov = np.cov(w, rowvar=False, bias=True)
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-5
+    assert np.all(np.diff(np.diag(cov)) < 0)
+
+
+def test_unknown_transform_and_unfitted_use_are_refused():
+    with pytest.raises(ValueError, match="--features must be one of raw, l2, ssqrt-l2, standardize, pca-whiten; "
+                                         "got 'whiten'"):
+        check_features("whiten")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        FeatureTransform("standardize")(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="at least 2 finite train vectors"):
+        FeatureTransform("pca-whiten").fit(np.zeros((1, 3)))
+
+
+def test_a_constant_channel_does_not_divide_by_zero():
+    cls, _ = _tokens()
+    cls[:, 3] = 1.5
+    for name in ("standardize", "pca-whiten"):
+        out = FeatureTransform(name).fit(cls)(cls)
+        assert np.isfinite(out).all(), name
+
+
+@pytest.mark.parametrize("name", ["standardize", "pca-whiten"])
+def test_state_round_trip(name):
+    cls, patches = _tokens()
+    transform = FeatureTransform(name).fit(cls)
+    again = FeatureTransform.from_state(name, transform.state())
+    np.testing.assert_array_equal(again(patches), transform(patches))
+    with pytest.raises(ValueError, match="lacks its fitted"):
+        FeatureTransform.from_state(name, {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# with runs: fitted on normal train rows only, stored, applied at score
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _shifted(splits: dict, split: str, by: float) -> dict:
+    out = dict(splits)
+    cls, patches, labels = splits[split]
+    out[split] = (cls + by, patches + by, labels)
+    return out
+
+
+@pytest.mark.parametrize("method", ["gaussian", "sanf"])
+@pytest.mark.parametrize("name", ["standardize", "pca-whiten"])
+def test_statistics_come_from_the_fitted_normal_train_rows_only(tmp_path, method, name):
+    """A test split (and other classes' train rows) with a shifted mean leave the fitted statistics as they are;
+    they are those of the normal class's train rows minus the held-out ones."""
+    splits = gaussian_splits()
+    moved = _shifted(splits, "test", 50.0)
+    cls, patches, labels = moved["train"]
+    moved["train"] = (np.where(labels[:, None] == 0, cls, cls - 30.0), patches, labels)  # classes b, c moved
+    states = []
+    for i, variant in enumerate((splits, moved)):
+        cache = write_cache(tmp_path / f"c{i}.h5", variant, ["a", "b", "c"])
+        (outcome,) = fit_cache(cache, normal="a", runs_dir=tmp_path / f"runs{i}", method=method, features=name,
+                               val_fraction=0.25, flow_config={"hidden": 8}, log=lambda s: None, progress=False,
+                               train_config=_short())
+        assert outcome.record["feature_transform"] == name and (outcome.path / TRANSFORM_FILE).is_file()
+        states.append(load_feature_transform(outcome.path, outcome.record).state())
+    for key in states[0]:
+        np.testing.assert_array_equal(states[0][key], states[1][key])
+    train_a = splits["train"][0][splits["train"][2] == 0]
+    fit_idx, _ = split_holdout(len(train_a), 0.25, 0)
+    expected = FeatureTransform(name).fit(train_a[fit_idx.numpy()]).state()
+    for key in expected:
+        np.testing.assert_allclose(states[0][key], expected[key], rtol=1e-6, atol=1e-6)
+
+
+def _short():
+    from flow.train import TrainConfig
+
+    return TrainConfig(epochs=1, batch_size=16)
+
+
+def _read_scores(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0] if key not in ("sample_id",)}
+
+
+@pytest.mark.parametrize("method", ["knn", "gaussian", "sanf"])
+@pytest.mark.parametrize("name", ["ssqrt-l2", "pca-whiten"])
+def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name):
+    (outcome,) = fit_cache(gaussian_cache, normal="b", runs_dir=tmp_path / "runs", method=method, features=name,
+                           flow_config={"hidden": 8}, log=lambda s: None, progress=False, train_config=_short())
+    assert f"-{name}__" in outcome.path.name  # the transform labels the run: runs of other transforms coexist
+    score_runs(tmp_path / "runs", log=lambda s: None)
+    scored = _read_scores(outcome.path / "scores.csv")
+    with FeatureCache(gaussian_cache) as fc:
+        train, test = fc.split("train"), fc.split("test")
+        train_cls, train_patches = train.read(train.rows_of_class(1))
+        test_cls, test_patches = test.read(slice(None))
+    transform = FeatureTransform(name).fit(train_cls)
+    if method == "knn":
+        expected = KNNDetector(2).fit(transform(train_cls)).scores(transform(test_cls))
+    elif method == "gaussian":
+        expected = GaussianDetector().fit(transform(train_cls)).scores(transform(test_cls))
+    else:
+        scorer = load_scorer(outcome.path)
+        from flow.train import score_batches
+
+        expected = score_batches(scorer.detector, torch.from_numpy(transform(test_cls)),
+                                 torch.from_numpy(transform(test_patches)))
+        raw = score_batches(scorer.detector, torch.from_numpy(test_cls), torch.from_numpy(test_patches))
+        assert not np.allclose(raw["nll"], expected["nll"])  # the transform made a difference
+    for key, values in expected.items():
+        np.testing.assert_allclose(scored[key], values, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_damaged_transform_file_is_a_run_error(tmp_path, gaussian_cache):
+    (outcome,) = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian",
+                           features="standardize", log=lambda s: None)
+    (outcome.path / TRANSFORM_FILE).write_bytes(b"garbage")
+    with pytest.raises(RunError, match=f"cannot read {TRANSFORM_FILE}"):
+        load_feature_transform(outcome.path, read_run_record(outcome.path))
+    (outcome.path / TRANSFORM_FILE).unlink()
+    with pytest.raises(RunError, match="lacks its fitted shift, scale"):
+        load_scorer(outcome.path)
+
+
+def test_every_transform_is_offered_by_the_cli():
+    import pipeline
+
+    assert pipeline.FEATURES_CHOICES == list(FEATURE_TRANSFORMS)
