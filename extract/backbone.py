@@ -235,7 +235,8 @@ def parse_layer(layer: str) -> int | None:
     """
     if layer in NAMED_LAYERS:
         return None
-    match = re.fullmatch(r"block-(\d+)", layer) if isinstance(layer, str) else None
+    # ASCII digits without leading zeros: one spelling per layer, so one cache name per layer
+    match = re.fullmatch(r"block-(0|[1-9][0-9]*)", layer, flags=re.ASCII) if isinstance(layer, str) else None
     if match is None:
         raise BackboneError(f"--layer must be final, pre-activation or block-N (N = 0, 1, ...); got {layer!r}")
     return int(match.group(1))
@@ -310,7 +311,9 @@ class TokenEncoder(nn.Module):
             if self.block >= len(choices):
                 raise BackboneError(f"--layer {layer}: {name} has block-0 .. block-{len(choices) - 1}: "
                                     + ", ".join(choices))
-        self._prefix_tokens = self.block is not None and "return_prefix_tokens" in inspect.signature(
+        # ViT-style models: block tokens come with their prefix (class) tokens; asked only where there are some
+        # (timm's relative-position ViTs fail when asked for prefix tokens they do not have)
+        self._nlc = self.block is not None and "return_prefix_tokens" in inspect.signature(
             model.forward_intermediates).parameters
         # NHWC activations, the layout oneDNN's and cuDNN's fastest convolutions use (same values up to float
         # rounding; 1.7x for EfficientNet-Lite0 on a CPU, see bench/bench.py section 1; for a ViT only the
@@ -351,11 +354,15 @@ class TokenEncoder(nn.Module):
         """The chosen layer's output: NLC tokens (prefix tokens first) or an NCHW / NHWC map."""
         if self.block is None:
             return self.model.forward_features(images)
-        if self._prefix_tokens:  # ViT-style: tokens of block N through the final norm, with their prefix tokens
-            (tokens, prefix), = self.model.forward_intermediates(
-                images, indices=[self.block], norm=True, return_prefix_tokens=True, output_fmt="NLC",
+        if self._nlc:  # ViT-style: tokens of block N through the final norm, with their prefix tokens
+            with_prefix = self.num_prefix_tokens > 0
+            (out,) = self.model.forward_intermediates(
+                images, indices=[self.block], norm=True, return_prefix_tokens=with_prefix, output_fmt="NLC",
                 intermediates_only=True, stop_early=True)
-            return tokens if prefix is None or prefix.shape[1] == 0 else torch.cat([prefix, tokens], dim=1)
+            if not with_prefix:
+                return out
+            tokens, prefix = out
+            return torch.cat([prefix, tokens], dim=1)
         (feats,) = self.model.forward_intermediates(images, indices=[self.block], intermediates_only=True,
                                                     stop_early=True)
         return feats

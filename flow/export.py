@@ -36,7 +36,7 @@ from .baselines import GaussianDetector, KNNDetector
 from .conformal import DEFAULT_ALPHA, check_alpha
 from .model import SANFFlow
 from .features import FeatureTransform
-from .store import (FLOW_METHODS, RunError, RunScorer, check_not_a_run_file, load_scorer, primary_score,
+from .store import (FLOW_METHODS, TRANSFORM_FILE, RunError, RunScorer, check_not_a_run_file, load_scorer, primary_score,
                     read_calibration, read_run_record, score_names)
 
 #: ONNX opset of the exported graphs (LayerNormalization is a single op from 17 on).
@@ -198,6 +198,12 @@ def _session(path: str | os.PathLike):
         raise RunError(f"--onnx {path}: onnxruntime cannot load it ({str(err).splitlines()[0][:300]})") from None
 
 
+def _transform_sha256(run: Path) -> str:
+    """sha256 of the run's feature-transform statistics, "" when it has none (stateless transforms)."""
+    path = Path(run) / TRANSFORM_FILE
+    return file_sha256(path) if path.exists() else ""
+
+
 def _reference(encoder: CacheEncoder, scorer: RunScorer, images01: torch.Tensor) -> dict[str, np.ndarray]:
     """The PyTorch path of ``predict`` on [0, 1] images: normalise, encode, the run's own transform and detector."""
     mean = torch.tensor(encoder.features["mean"]).view(1, 3, 1, 1)
@@ -272,6 +278,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
                 "primary_score": primary, "calibrated": str(calibration is not None), "alpha": repr(alpha),
                 "cache_fingerprint": record["cache_fingerprint"], "run_created": record.get("created", ""),
                 "model_sha256": file_sha256(run / "model.safetensors"),
+                "feature_transform": scorer.transform.name, "feature_transform_sha256": _transform_sha256(run),
                 "backbone": features["backbone"], "weights": features["weights_source"],
                 "preprocessing": (f"float32 NCHW in [0, 1] (RGB, 8-bit values / 255) after {prep.describe()}, "
                                   f"as timm's eval transform (interpolation {features['interpolation']}, crop_pct "
@@ -334,7 +341,7 @@ def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep:
     meta = read_metadata(session)
     if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
             "created", "") or meta.get("method") != record["method"] or meta.get("model_sha256") != file_sha256(
-            Path(run) / "model.safetensors"):
+            Path(run) / "model.safetensors") or meta.get("feature_transform_sha256", "") != _transform_sha256(run):
         raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
                        "export this run, or pass the run it came from")
     names = list(score_names(record))

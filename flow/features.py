@@ -35,8 +35,11 @@ FEATURE_TRANSFORMS = ("raw", "l2", "ssqrt-l2", "standardize", "pca-whiten")
 DEFAULT_FEATURES = "raw"
 #: Transforms whose statistics are fitted on the normal train rows.
 FITTED = ("standardize", "pca-whiten")
-#: Floor of a channel's standard deviation, relative to the mean one (a constant channel would divide by 0).
-STD_FLOOR = 1e-6
+#: A channel whose standard deviation (or a component whose variance's square root) is below this fraction of the
+#: mean one is taken as constant: it is centred but keeps the typical channel's scale instead of being blown up
+#: (a dead ReLU channel would otherwise turn a tiny test value into a huge one). As scikit-learn's StandardScaler
+#: leaves zero-variance features unscaled.
+STD_FLOOR = 1e-3
 
 
 def check_features(name: str) -> str:
@@ -84,9 +87,13 @@ class FeatureTransform:
             raise ValueError(f"--features {self.name} needs at least 2 finite train vectors (N, D); got "
                              f"{x.shape}")
         mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        typical = float(std.mean())
+        if not typical > 0:
+            raise ValueError(f"--features {self.name}: the normal train class tokens are all the same vector, so "
+                             "there is no scale to fit; use --features raw, l2 or ssqrt-l2")
         if self.name == "standardize":
-            std = x.std(axis=0)
-            std = np.maximum(std, STD_FLOOR * max(float(std.mean()), np.finfo(np.float64).tiny))
+            std = np.where(std < STD_FLOOR * typical, typical, std)  # (nearly) constant channels: typical scale
             self.shift, self.scale = mean.astype(np.float32), (1.0 / std).astype(np.float32)
         else:
             from sklearn.covariance import LedoitWolf
@@ -94,14 +101,15 @@ class FeatureTransform:
             covariance = LedoitWolf(assume_centered=False).fit(x).covariance_
             values, vectors = np.linalg.eigh(covariance)  # ascending
             order = np.argsort(values)[::-1]
-            values = np.maximum(values[order], STD_FLOOR ** 2 * max(float(values.mean()), np.finfo(np.float64).tiny))
+            values = values[order]
+            values = np.where(values < (STD_FLOOR ** 2) * float(values.mean()), float(values.mean()), values)
             self.shift = mean.astype(np.float32)
             self.matrix = (vectors[:, order] / np.sqrt(values)).astype(np.float32)
         return self
 
     def __call__(self, x):
         """Transform tokens: an (..., D) numpy array or torch tensor (class tokens (B, D), patch tokens (B, P, D));
-        the same type back, float32 (a tensor keeps its device)."""
+        the same type back, float32 (a tensor keeps its device); ``raw`` returns ``x`` itself."""
         if not self.fitted:
             raise RuntimeError(f"the {self.name} transform is not fitted")
         if self.name == "raw":
@@ -147,6 +155,8 @@ class FeatureTransform:
             raise ValueError(f"the {name} transform lacks its fitted {', '.join(missing)}")
         for key in needed:
             setattr(transform, key, np.asarray(state[key], dtype=np.float32))
+            if not np.isfinite(getattr(transform, key)).all():
+                raise ValueError(f"the {name} transform's fitted {key} holds NaN or infinite values")
         if needed:
             d = transform.shift.shape
             if len(d) != 1 or (transform.scale is not None and transform.scale.shape != d) or (

@@ -26,12 +26,12 @@ from cache import PARTIAL_SUFFIX, FeatureCache
 from extract.encode import provenance
 
 from .baselines import BASELINES
-from .features import DEFAULT_FEATURES, FeatureTransform, check_features
+from .features import DEFAULT_FEATURES, FITTED, FeatureTransform, check_features
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
 from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION,  # noqa: F401 (re-exported)
-                    TRANSFORM_FILE, RunError, calibration_text, check_writable_dir, list_runs,
+                    TRANSFORM_FILE, RunError, load_feature_transform, calibration_text, check_writable_dir, list_runs,
                     load_scorer, method_name, primary_score, read_calibration, read_run_record, run_name, save_run,
                     score_names, write_csv)
 from .train import TrainConfig, fit_flow, resolve_device, score_batches
@@ -175,7 +175,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward; "
             f"{flops_written / 1e9:.3f} with the class attention as eq. 6-10 print it)")
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting)
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction)
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
                 "method": method, "normal_class": k, "seed": seed, "setting": setting, "flow": config.to_dict(),
@@ -260,14 +260,19 @@ def _open_for_fit(cache, normal, runs_dir: Path):
 
 
 def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
-                 seed: int, setting: str = "") -> dict[int, str]:
-    """Run names per class; refuses, before anything is fitted, a class without train rows or a run slot taken
-    by something that is not a run."""
+                 seed: int, setting: str = "", features: str = DEFAULT_FEATURES,
+                 val_fraction: float = 0.0) -> dict[int, str]:
+    """Run names per class; refuses, before anything is fitted, a class without train rows (or with fewer than 2
+    rows to fit a transform's statistics on) or a run slot taken by something that is not a run."""
     names = {k: run_name(Path(cache).stem, method, k, fc.class_names[k], seed, setting) for k in classes}
     train = fc.split("train")
     for k in classes:
-        if train.rows_of_class(k).size == 0:
+        n = train.rows_of_class(k).size
+        if n == 0:
             raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
+        if features in FITTED and n - int(split_holdout(n, val_fraction, seed)[1].numel()) < 2:
+            raise ValueError(f"--features {features} needs at least 2 train rows to fit its statistics on; normal "
+                             f"class {fc.class_names[k]!r} has {n}" + (" before holding out" if val_fraction else ""))
         blocked = runs_dir / names[k]
         if os.path.lexists(blocked) and not (blocked / "run.json").is_file():
             raise RunError(f"{blocked} exists and is not a run folder; move it away")
@@ -297,6 +302,10 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
                == json.dumps(value, sort_keys=True) for key, value in expected.items())
     if not same or not (path / "model.safetensors").is_file():
         return None
+    try:
+        load_feature_transform(path, record)  # its fitted statistics must be there too
+    except RunError:
+        return None
     log(f"kept {path}: fitted before with the same cache, method, seed and settings (--refit fits it again)")
     return FitOutcome(path, record)
 
@@ -309,7 +318,7 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
     runs_dir = Path(runs_dir)
     outcomes = []
     with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting)
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction)
         train = fc.split("train")
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {

@@ -328,7 +328,8 @@ def load_feature_transform(path: str | os.PathLike, record: dict) -> FeatureTran
         transform = FeatureTransform.from_state(name, state)
     except ValueError as err:
         raise RunError(f"run {path}: {err} ({TRANSFORM_FILE})") from None
-    width = record.get("features", {}).get("feature_dim")
+    features = record.get("features")
+    width = features.get("feature_dim") if isinstance(features, dict) else None
     if transform.shift is not None and width is not None and transform.shift.shape[0] != width:
         raise RunError(f"run {path}: {TRANSFORM_FILE} is {transform.shift.shape[0]} wide, the features {width}")
     return transform

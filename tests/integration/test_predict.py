@@ -471,3 +471,10 @@ def test_layer_and_transform_carry_to_predict_and_export(tmp_path, backbone, lay
     for a, b in zip(predicted, read_csv(onnx_out)[1]):
         for name in names:
             assert float(b[name]) == pytest.approx(float(a[name]), rel=1e-4, abs=1e-5), name
+    statistics = run / "feature_transform.safetensors"
+    if statistics.exists():  # the graph holds the statistics it was exported with: changed ones are refused
+        from safetensors.numpy import load_file, save_file
+
+        save_file({k: v * 3 for k, v in load_file(str(statistics)).items()}, str(statistics))
+        assert_input_error(invoke("predict", str(run), str(tree / "test"), "--out", str(onnx_out), "--onnx",
+                                  str(model), "--num-workers", "0"), "was exported from another run")

@@ -840,8 +840,23 @@ def test_pre_activation_is_the_final_features_before_their_activation():
     ("test_efficientnet", "block-9", "has block-0 .. block-"),
     ("test_efficientnet", "block-x", "--layer must be final, pre-activation or block-N"),
     ("test_efficientnet", "last", "got 'last'"),
+    ("test_efficientnet", "block-01", "got 'block-01'"),  # one spelling per layer: one cache name
+    ("test_efficientnet", "block-\u0661", "--layer must be"),  # a non-ASCII digit
 ])
 def test_a_layer_the_model_does_not_have_is_refused(name, layer, fragment):
     kwargs = {"img_size": 64} if name.startswith("vit") else {}
     with pytest.raises(BackboneError, match=re.escape(fragment)):
         TokenEncoder(_random_model(name, **kwargs), layer=layer)
+
+
+def test_block_of_a_vit_without_prefix_tokens():
+    """A ViT without class token (relative positions, global average pool): the block's tokens, their mean as the
+    semantic vector (timm fails when asked for prefix tokens such a model does not have)."""
+    model = _random_model("test_vit_relpos", img_size=32) if "test_vit_relpos" in timm.list_models() else None
+    if model is None:
+        pytest.skip("timm has no test_vit_relpos")
+    encoder = TokenEncoder(model, patch_grid=0, layer="block-0")
+    with torch.no_grad():
+        cls, patches = encoder(_images(2, 32))
+    assert encoder.num_prefix_tokens == 0
+    torch.testing.assert_close(cls, patches.mean(dim=1), rtol=1e-5, atol=1e-6)

@@ -74,12 +74,32 @@ def test_unknown_transform_and_unfitted_use_are_refused():
         FeatureTransform("pca-whiten").fit(np.zeros((1, 3)))
 
 
-def test_a_constant_channel_does_not_divide_by_zero():
+def test_a_constant_channel_keeps_the_typical_scale():
+    """A channel constant on the normal train rows (a dead ReLU channel) is centred but not blown up: a small test
+    value in it stays small (scaled by the mean channel's deviation), not 1e6 times larger."""
     cls, _ = _tokens()
-    cls[:, 3] = 1.5
-    for name in ("standardize", "pca-whiten"):
-        out = FeatureTransform(name).fit(cls)(cls)
-        assert np.isfinite(out).all(), name
+    cls[:, 3] = 0.0
+    typical = cls.std(axis=0).mean()
+    probe = np.zeros((1, cls.shape[1]), np.float32)
+    probe[0, 3] = 0.01
+    standardize = FeatureTransform("standardize").fit(cls)
+    assert standardize(probe)[0, 3] == pytest.approx(0.01 / typical, rel=1e-4)
+    whiten = FeatureTransform("pca-whiten").fit(cls)
+    assert np.isfinite(whiten(cls)).all() and np.abs(whiten(probe) - whiten(probe * 0)).max() < 1.0
+
+
+@pytest.mark.parametrize("name", ["standardize", "pca-whiten"])
+def test_constant_train_features_are_refused_clearly(name):
+    with pytest.raises(ValueError, match=f"--features {name}: the normal train class tokens are all the same"):
+        FeatureTransform(name).fit(np.ones((5, 4), np.float32))
+
+
+def test_non_finite_statistics_are_refused():
+    cls, _ = _tokens()
+    state = FeatureTransform("standardize").fit(cls).state()
+    state["scale"][0] = np.nan
+    with pytest.raises(ValueError, match="fitted scale holds NaN or infinite values"):
+        FeatureTransform.from_state("standardize", state)
 
 
 @pytest.mark.parametrize("name", ["standardize", "pca-whiten"])
@@ -186,3 +206,29 @@ def test_every_transform_is_offered_by_the_cli():
     import pipeline
 
     assert pipeline.FEATURES_CHOICES == list(FEATURE_TRANSFORMS)
+
+
+def test_resume_refits_a_run_whose_statistics_are_missing(tmp_path, gaussian_cache):
+    logs = []
+    (first,) = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="knn",
+                         features="standardize", log=logs.append)
+    (again,) = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="knn",
+                         features="standardize", log=logs.append, keep_existing=True)
+    assert any(line.startswith("kept ") for line in logs)
+    (first.path / TRANSFORM_FILE).unlink()
+    logs.clear()
+    fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="knn", features="standardize",
+              log=logs.append, keep_existing=True)
+    assert not any(line.startswith("kept ") for line in logs) and (first.path / TRANSFORM_FILE).is_file()
+
+
+def test_too_few_rows_for_the_statistics_are_refused_before_any_fit(tmp_path):
+    splits = gaussian_splits()
+    cls, patches, labels = splits["train"]
+    keep = (labels != 1) | (np.arange(len(labels)) == np.flatnonzero(labels == 1)[0])  # class b: one row
+    splits["train"] = (cls[keep], patches[keep], labels[keep])
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="--features standardize needs at least 2 train rows .* 'b' has 1"):
+        fit_cache(cache, normal="all", runs_dir=tmp_path / "runs", method="gaussian", features="standardize",
+                  log=lambda s: None)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # class a was not fitted
