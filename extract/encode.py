@@ -309,8 +309,9 @@ def rebuild_encoder(features: dict, device: torch.device, weights: str | None = 
             f"{timm.__version__}; a model definition that changed between them changes the features")
     h, w = rebuilt.size
     layer = features.get("layer", DEFAULT_LAYER)
-    log(f"backbone {features['backbone']}{'' if layer == DEFAULT_LAYER else ' (layer ' + layer + ')'}: weights {note}; input {h}x{w} px, {features['interpolation']}, crop_pct "
-        f"{features['crop_pct']}; {features['precision']} forward, {features['dtype']} rounding, {device}")
+    named = "" if layer == DEFAULT_LAYER else f" (layer {layer})"
+    log(f"backbone {features['backbone']}{named}: weights {note}; input {h}x{w} px, {features['interpolation']}, "
+        f"crop_pct {features['crop_pct']}; {features['precision']} forward, {features['dtype']} rounding, {device}")
     return rebuilt
 
 

@@ -230,7 +230,8 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     if onnx is None:
         dev = resolve_device(device)
         encoder = rebuild_encoder(features, dev, weights=weights, log=log)
-        scores, errors = _score_torch(load_scorer(run, dev), record, encoder, listed.files, batch_size, num_workers, progress)
+        scores, errors = _score_torch(load_scorer(run, dev), record, encoder, listed.files, batch_size, num_workers,
+                                      progress)
     else:
         from .export import score_with_onnx
 

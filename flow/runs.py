@@ -30,10 +30,10 @@ from .features import DEFAULT_FEATURES, FITTED, FeatureTransform, check_features
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
-from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT, RUN_VERSION,  # noqa: F401 (re-exported)
-                    TRANSFORM_FILE, RunError, load_feature_transform, calibration_text, check_writable_dir, list_runs,
-                    load_scorer, method_name, primary_score, read_calibration, read_run_record, run_name, save_run,
-                    score_names, write_csv)
+from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT,  # noqa: F401 (re-exported)
+                    RUN_VERSION, TRANSFORM_FILE, RunError, calibration_text, check_writable_dir, list_runs,
+                    load_feature_transform, load_scorer, method_name, primary_score, read_calibration,
+                    read_run_record, run_name, save_run, score_names, write_csv)
 from .train import TrainConfig, fit_flow, resolve_device, score_batches
 
 AUROC_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
@@ -235,7 +235,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             path = save_run(runs_dir, name, model.state_dict(), record, files)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
             epochs = f"{train_config.epochs} epoch{'s' if train_config.epochs != 1 else ''}"
-            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows{_features_note(features)}, "
+            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows"
+                f"{_features_note(features)}, "
                 f"{epochs}, "
                 f"final loss {result.final_loss:.4f} nats/dim{val_note}, {result.wall_time_s:.1f} s -> {path}")
             outcomes.append(FitOutcome(path, record))
