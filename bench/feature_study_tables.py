@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import csv
 from collections import defaultdict
+import sys
 from pathlib import Path
 
 TRANSFORMS = ["raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
-PRIMARY = {"knn": "cosine", "gaussian": "mahalanobis", "sanf": "nll", "sanf-nocaff": "nll"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flow.store import PRIMARY_SCORES as PRIMARY  # noqa: E402  (each method's primary score)
 
 
 def read(folder: Path) -> list[dict]:

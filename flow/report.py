@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .store import PRIMARY_SCORES
+
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting", "score")
 
 
@@ -271,18 +273,14 @@ def auroc_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-#: The score shown for each method in :func:`method_means` (the primary score; the flow's likelihood).
-_MEAN_SCORES = {"sanf": "nll", "sanf-nocaff": "nll", "knn": "cosine", "gaussian": "mahalanobis"}
-
-
 def method_means(rows: list[dict]) -> str:
     """One line comparing the methods on the same features: the mean AUROC over normal classes of each method's
-    primary score (seeds averaged first), e.g. ``mean AUROC on the same features: sanf nll 0.8123, knn cosine
+    primary score (:data:`flow.store.PRIMARY_SCORES`) (seeds averaged first), e.g. ``mean AUROC on the same features: sanf nll 0.8123, knn cosine
     0.9011, gaussian mahalanobis 0.9102``."""
     per: dict[tuple[int, str], dict[int, list[float]]] = {}  # (method order, label) -> class -> AUROCs
     for r in rows:
-        if _MEAN_SCORES.get(r["method"]) == r["score"]:
-            key = (list(_MEAN_SCORES).index(r["method"]), f"{_label(r)} {r['score']}")
+        if PRIMARY_SCORES.get(r["method"]) == r["score"]:
+            key = (list(PRIMARY_SCORES).index(r["method"]), f"{_label(r)} {r['score']}")
             per.setdefault(key, {}).setdefault(r["normal_class"], []).append(r["auroc"])
     parts = [f"{name} {np.mean([np.mean(v) for v in by_class.values()]):.4f}"
              for (_, name), by_class in sorted(per.items())]
