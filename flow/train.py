@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -79,7 +80,8 @@ def make_optimizer(model: torch.nn.Module, train_config: TrainConfig, fused: boo
 def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowConfig,
              train_config: TrainConfig, seed: int = 0, device: str | torch.device = "cpu",
              progress: bool = True, val_cls: torch.Tensor | None = None,
-             val_patches: torch.Tensor | None = None) -> tuple[SANFFlow, TrainResult]:
+             val_patches: torch.Tensor | None = None,
+             on_epoch: Callable[[int, SANFFlow, TrainResult], None] | None = None) -> tuple[SANFFlow, TrainResult]:
     """Train a SANF flow by maximum likelihood on the normal-class train rows (eq. 14).
 
     The model is initialised and the batches are shuffled from ``seed`` alone, so the same inputs and
@@ -96,6 +98,9 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
         val_cls: (M, D) held-out rows of the normal class's train split; when given, the loss on them is
             recorded after every epoch (for choosing the epoch count without the test split).
         val_patches: (M, P, D) their patch tokens.
+        on_epoch: called as ``on_epoch(epoch, model, result)`` after each epoch (``epoch`` counts from 1; the
+            model in train mode, ``result`` holding the losses so far); for studies of the training length
+            (``bench/train_length.py``). It must leave the model's parameters unchanged.
 
     Returns:
         The trained model (in eval mode, on ``device``) and a :class:`TrainResult`.
@@ -141,6 +146,9 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
             # eq. 14 / D on the held-out rows: mean nll minus the constant, per dimension
             nll = score_batches(model, val_cls, val_patches, train_config.batch_size)["nll"]
             result.val_losses.append(float(nll.mean()) / flow_config.dim - 0.5 * math.log(2 * math.pi))
+            model.train()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, result)
             model.train()
         bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
     result.wall_time_s = time.perf_counter() - start
