@@ -22,10 +22,11 @@ from flow.train import TrainConfig
 #: extract.datasets.DATASETS, repeated here so that --help does not import torch (a test checks they agree)
 DATASET_CHOICES = ["cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
                    "folder"]
-#: flow.features.FEATURE_TRANSFORMS, repeated for the same reason (a test checks they agree)
-FEATURES_CHOICES = ["raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
-DEFAULT_FEATURES = "raw"
-_FEATURES_HELP = ("Feature transform applied to class and patch tokens before the detector: raw (the paper's), l2, "
+#: flow.features.FEATURE_CHOICES and DEFAULT_FEATURES, repeated for the same reason (a test checks they agree)
+FEATURES_CHOICES = ["auto", "raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
+DEFAULT_FEATURES = "auto"
+_FEATURES_HELP = ("Feature transform applied to class and patch tokens before the detector: auto (ssqrt-l2 on a "
+                  "CNN's final features, raw otherwise: the measured choice), raw (the paper's), l2, "
                   "ssqrt-l2 (signed square root, then l2), standardize, pca-whiten (statistics from the normal "
                   "train rows; see docs/results.md for what each does on which features).")
 DEFAULT_CACHE_DIR = "cache"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.reader import FeatureCache  # noqa: E402
 from flow.features import FeatureTransform  # noqa: E402
 from flow.metrics import auroc  # noqa: E402
-from flow.model import FlowConfig  # noqa: E402
+from flow.model import FlowConfig, SANFFlow  # noqa: E402
 from flow.runs import resolve_normal, split_holdout  # noqa: E402
 from flow.train import TrainConfig, fit_flow, score_batches  # noqa: E402
 
@@ -116,6 +116,12 @@ def main() -> None:
                 handle.flush()
 
             config = FlowConfig(dim=dim, use_caff=use_caff)
+            torch.manual_seed(args.seed)  # the initialisation fit_flow starts from (step 0)
+            scores = score_batches(SANFFlow(config), tensors[4], tensors[5])
+            writer.writerow({"dataset": label, "normal": args.normal, "method": args.method,
+                             "features": args.features, "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx),
+                             "epoch": 0, "step": 0, "auroc_nll": f"{auroc(is_anomaly, scores['nll']):.4f}",
+                             "auroc_z2": f"{auroc(is_anomaly, scores['z2']):.4f}", "seconds": "0.0"})
             fit_flow(tensors[0], tensors[1], config, TrainConfig(epochs=epochs), seed=args.seed, device="cpu",
                      progress=False, val_cls=tensors[2], val_patches=tensors[3], on_epoch=on_epoch)
             print(f"{label} {args.normal} n={n}: {epochs} epochs of {steps_per_epoch} steps, "

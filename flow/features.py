@@ -1,5 +1,8 @@
 """Feature transforms applied to cached tokens before any detector sees them (``fit``/``run --features``).
 
+The default, ``auto`` (:func:`resolve_features`), is ``ssqrt-l2`` on the final features of a CNN and ``raw`` (the
+paper's) on anything else; the paper's exact setting is ``--features raw``.
+
 One transform maps every token the same way, class token and patch tokens alike, so the channels of the patch
 tokens stay aligned with those of the class token (what the class attention of CAFF, eq. 6-10, mixes) and every
 method (flow, k-NN, Gaussian) sees identical vectors. Statistics that need fitting (means, deviations,
@@ -29,10 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-#: ``--features`` values.
+#: The transforms (what a run records as its ``feature_transform``).
 FEATURE_TRANSFORMS = ("raw", "l2", "ssqrt-l2", "standardize", "pca-whiten")
-#: What a run without a ``feature_transform`` entry (fitted before the option) used.
-DEFAULT_FEATURES = "raw"
+#: The paper's setting, and what a run without a ``feature_transform`` entry (fitted before the option) used.
+PAPER_FEATURES = "raw"
+#: ``--features auto``: chosen from what the cache holds, see :func:`resolve_features`.
+AUTO = "auto"
+#: ``--features`` values.
+FEATURE_CHOICES = (AUTO,) + FEATURE_TRANSFORMS
+#: The ``--features`` default.
+DEFAULT_FEATURES = AUTO
 #: Transforms whose statistics are fitted on the normal train rows.
 FITTED = ("standardize", "pca-whiten")
 #: A channel whose standard deviation (or a component whose variance's square root) is below this fraction of the
@@ -42,15 +51,42 @@ FITTED = ("standardize", "pca-whiten")
 STD_FLOOR = 1e-3
 
 
-def check_features(name: str) -> str:
-    """Return ``name`` if it is a known transform.
+def check_features(name: str, allow_auto: bool = False) -> str:
+    """Return ``name`` if it is a known transform (or ``auto``, when ``allow_auto``).
 
     Raises:
         ValueError: names ``--features``, the allowed values and the value received.
     """
-    if name not in FEATURE_TRANSFORMS:
-        raise ValueError(f"--features must be one of {', '.join(FEATURE_TRANSFORMS)}; got {name!r}")
+    allowed = FEATURE_CHOICES if allow_auto else FEATURE_TRANSFORMS
+    if name not in allowed:
+        raise ValueError(f"--features must be one of {', '.join(allowed)}; got {name!r}")
     return name
+
+
+def resolve_features(name: str, cache_attrs: dict[str, Any]) -> str:
+    """The transform ``--features name`` means for a cache: ``name`` itself, or for ``auto`` the measured choice.
+
+    ``auto`` is ``ssqrt-l2`` for the final pooled features of a CNN (cache attributes ``semantic_vector`` =
+    ``spatial_mean``, ``layer`` = ``final``), which pass through a ReLU-type activation: sparse, heavy-tailed,
+    non-negative channels, on which ``ssqrt-l2`` gave every detector a higher AUROC than ``raw`` in the feature
+    study (docs/results.md, "Which features": k-NN, Gaussian and both flows, EfficientNet-Lite0 on CIFAR-10 and
+    Fashion-MNIST). It is ``raw``, the paper's setting, for everything else: ViT class tokens (already through a
+    LayerNorm, where the paper's flow was measured) and other layers (signed, not sparse; ``ssqrt-l2`` did not
+    help the pre-activation features there).
+
+    Args:
+        name: a ``--features`` value (:data:`FEATURE_CHOICES`).
+        cache_attrs: the cache's root attributes (``semantic_vector``; ``layer``, ``final`` when absent).
+
+    Raises:
+        ValueError: an unknown ``name``.
+    """
+    check_features(name, allow_auto=True)
+    if name != AUTO:
+        return name
+    cnn_final = (cache_attrs.get("semantic_vector") == "spatial_mean"
+                 and cache_attrs.get("layer", "final") == "final")
+    return "ssqrt-l2" if cnn_final else PAPER_FEATURES
 
 
 class FeatureTransform:
@@ -63,7 +99,7 @@ class FeatureTransform:
         ValueError: an unknown ``name``.
     """
 
-    def __init__(self, name: str = DEFAULT_FEATURES) -> None:
+    def __init__(self, name: str = PAPER_FEATURES) -> None:
         self.name = check_features(name)
         self.shift: np.ndarray | None = None  # (D,) subtracted first
         self.matrix: np.ndarray | None = None  # (D, D): y = (x - shift) @ matrix; None for standardize

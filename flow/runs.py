@@ -26,7 +26,7 @@ from cache import PARTIAL_SUFFIX, FeatureCache
 from extract.encode import provenance
 
 from .baselines import BASELINES
-from .features import DEFAULT_FEATURES, FITTED, FeatureTransform, check_features
+from .features import AUTO, DEFAULT_FEATURES, FITTED, PAPER_FEATURES, FeatureTransform, check_features, resolve_features
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
@@ -136,9 +136,11 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             cache content, method, normal class, seed and settings (what makes an interrupted ``run`` resume);
             any other run in its place is replaced as usual.
         features: the feature transform of :mod:`flow.features` applied to class and patch tokens before the
-            detector (``raw``: none, the paper's); its statistics are fitted on the rows the detector is fitted
-            on (held-out rows excluded) and stored with the run. A transform other than ``raw`` is part of the
-            run's setting label, so runs of different transforms do not replace each other.
+            detector (``raw``: none, the paper's; ``auto``, the default: ``ssqrt-l2`` on a CNN's final features,
+            ``raw`` otherwise, see :func:`flow.features.resolve_features`); its statistics are fitted on the rows
+            the detector is fitted on (held-out rows excluded) and stored with the run, which records the
+            transform ``auto`` resolved to. A transform other than ``raw`` is part of the run's setting label, so
+            runs of different transforms do not replace each other.
 
     Returns:
         One :class:`FitOutcome` per normal class, in class order.
@@ -149,12 +151,15 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         FlowTrainingError: training diverged.
     """
     flow_config = dict(flow_config or {})
-    check_features(features)
-    setting = run_setting(setting, features)
+    check_features(features, allow_auto=True)
     if method is None:
         method = method_name(flow_config.get("use_caff", True))
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if features == AUTO:
+        with FeatureCache(cache) as fc:  # the choice depends on what the cache holds
+            features = resolve_features(features, fc.attrs)
+    setting = run_setting(setting, features)
     if method in BASELINES:
         return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,
                              val_fraction, features, setting)
@@ -261,7 +266,7 @@ def _open_for_fit(cache, normal, runs_dir: Path):
 
 
 def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
-                 seed: int, setting: str = "", features: str = DEFAULT_FEATURES,
+                 seed: int, setting: str = "", features: str = PAPER_FEATURES,
                  val_fraction: float = 0.0) -> dict[int, str]:
     """Run names per class; refuses, before anything is fitted, a class without train rows (or with fewer than 2
     rows to fit a transform's statistics on) or a run slot taken by something that is not a run."""
@@ -298,7 +303,7 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
         record = read_run_record(path)
     except RunError:
         return None
-    absent = {"setting": "", "feature_transform": DEFAULT_FEATURES}  # records written before these keys
+    absent = {"setting": "", "feature_transform": PAPER_FEATURES}  # records written before these keys
     same = all(json.dumps(record.get(key, absent.get(key)), sort_keys=True)
                == json.dumps(value, sort_keys=True) for key, value in expected.items())
     if not same or not (path / "model.safetensors").is_file():
@@ -313,7 +318,7 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
 
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
                   log: Callable[[str], None], keep_existing: bool = False, val_fraction: float = 0.0,
-                  features: str = DEFAULT_FEATURES, setting: str = "") -> list[FitOutcome]:
+                  features: str = PAPER_FEATURES, setting: str = "") -> list[FitOutcome]:
     """:func:`fit_cache` for the baselines of :mod:`flow.baselines` (class tokens only; ``seed`` is recorded,
     names the run and chooses the held-out rows, but the baselines are deterministic)."""
     runs_dir = Path(runs_dir)

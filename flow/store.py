@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .baselines import BASELINES
-from .features import DEFAULT_FEATURES, FEATURE_TRANSFORMS, FeatureTransform
+from .features import FEATURE_TRANSFORMS, PAPER_FEATURES, FeatureTransform
 from .model import FlowConfig, SANFFlow, parameter_count
 from .train import FlowTrainingError
 
@@ -304,7 +304,7 @@ def read_run_record(path: str | os.PathLike) -> dict:
 
 def feature_transform_name(record: dict) -> str:
     """The run's ``--features`` transform (``raw`` for runs fitted before the option)."""
-    return record.get("feature_transform", DEFAULT_FEATURES)
+    return record.get("feature_transform", PAPER_FEATURES)
 
 
 def load_feature_transform(path: str | os.PathLike, record: dict) -> FeatureTransform:

@@ -657,4 +657,5 @@ def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
     assert_ok(again)
     assert again.output.count("kept ") == 4
     bad = invoke(*args[:-2], "--features", "raw,whiten", "--runs-dir", str(runs))
-    assert bad.exit_code == 2 and "'whiten' is not one of raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output
+    assert bad.exit_code == 2
+    assert "'whiten' is not one of auto, raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import make_image_tree
 from flow.conformal import conformal_p_values
+from flow.features import FEATURE_TRANSFORMS
 from flow.store import read_calibration, read_run_record, score_names
 from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke, read_csv
 
@@ -29,7 +30,9 @@ def fit_args(cache_dir: Path, runs_dir: Path, method: str, *extra: str) -> list[
 
 
 def run_of(runs_dir: Path, method: str) -> Path:
-    (found,) = [p for p in runs_dir.iterdir() if f"__{method}__" in p.name]
+    """The one run of ``method`` (named ``..__<method>[-<transform>]__..``: a CNN's runs carry auto's ssqrt-l2)."""
+    labels = {method} | {f"{method}-{t}" for t in FEATURE_TRANSFORMS}
+    (found,) = [p for p in runs_dir.iterdir() if p.is_dir() and p.name.split("__")[-3] in labels]
     return found
 
 

@@ -13,7 +13,7 @@ import torch
 from cache import FeatureCache
 from conftest import gaussian_splits, write_cache
 from flow.baselines import GaussianDetector, KNNDetector
-from flow.features import FEATURE_TRANSFORMS, FeatureTransform, check_features
+from flow.features import FEATURE_CHOICES, FEATURE_TRANSFORMS, FeatureTransform, check_features, resolve_features
 from flow.runs import fit_cache, score_runs, split_holdout
 from flow.store import TRANSFORM_FILE, RunError, load_feature_transform, load_scorer, read_run_record
 
@@ -204,8 +204,45 @@ def test_a_damaged_transform_file_is_a_run_error(tmp_path, gaussian_cache):
 
 def test_every_transform_is_offered_by_the_cli():
     import pipeline
+    from flow import features
 
-    assert pipeline.FEATURES_CHOICES == list(FEATURE_TRANSFORMS)
+    assert pipeline.FEATURES_CHOICES == list(FEATURE_CHOICES) == ["auto", *FEATURE_TRANSFORMS]
+    assert pipeline.DEFAULT_FEATURES == features.DEFAULT_FEATURES == "auto"
+
+
+@pytest.mark.parametrize("attrs, expected", [
+    ({"semantic_vector": "spatial_mean", "layer": "final"}, "ssqrt-l2"),  # a CNN's final pooled features
+    ({"semantic_vector": "spatial_mean"}, "ssqrt-l2"),  # a cache written before --layer: final
+    ({"semantic_vector": "spatial_mean", "layer": "pre-activation"}, "raw"),
+    ({"semantic_vector": "spatial_mean", "layer": "block-4"}, "raw"),
+    ({"semantic_vector": "class_token", "layer": "final"}, "raw"),  # ViT class tokens: the paper's setting
+])
+def test_auto_is_ssqrt_l2_on_cnn_final_features_and_raw_otherwise(attrs, expected):
+    assert resolve_features("auto", attrs) == expected
+    assert resolve_features("standardize", attrs) == "standardize"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="--features must be one of auto, raw, .*; got 'sqrt'"):
+        resolve_features("sqrt", attrs)
+    with pytest.raises(ValueError, match="got 'auto'"):
+        FeatureTransform("auto")  # a run stores what auto resolved to, never auto itself
+
+
+@pytest.mark.parametrize("semantic_vector, expected", [("spatial_mean", "ssqrt-l2"), ("class_token", "raw")])
+def test_fit_records_what_auto_resolved_to(tmp_path, semantic_vector, expected):
+    cache = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"], semantic_vector=semantic_vector)
+    logs = []
+    (outcome,) = fit_cache(cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian", log=logs.append)
+    assert outcome.record["feature_transform"] == expected
+    assert (f"gaussian-{expected}__" in outcome.path.name) == (expected != "raw")
+    with FeatureCache(cache) as fc:
+        cls = fc.split("train").read(fc.split("train").rows_of_class(0))[0]
+        test_cls = fc.split("test").read(np.arange(60))[0]
+    direct = GaussianDetector().fit(FeatureTransform(expected)(cls))
+    np.testing.assert_allclose(load_scorer(outcome.path)(test_cls, None)["mahalanobis"],
+                               direct.scores(FeatureTransform(expected)(test_cls))["mahalanobis"], rtol=1e-6)
+    # asking for the resolved transform by name keeps that run (the same setting), not a second one
+    (again,) = fit_cache(cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian", features=expected,
+                         keep_existing=True, log=logs.append)
+    assert again.path == outcome.path and any(line.startswith("kept") for line in logs)
 
 
 def test_resume_refits_a_run_whose_statistics_are_missing(tmp_path, gaussian_cache):
