@@ -213,6 +213,21 @@ _knn_k_option = click.option("--k", "knn_k", type=click.IntRange(1, 1000), defau
                              help="Neighbours averaged by the knn baseline (PANDA: 2).")
 
 
+_steps_option = click.option(
+    "--steps", type=click.IntRange(min=1), default=None,
+    help="Train the flows for exactly this many optimiser steps instead of --epochs (the same amount of training "
+         "whatever the number of train rows; docs/results.md, 'Training length').")
+
+
+def _train_length(epochs: int, steps: int | None) -> dict:
+    """TrainConfig's ``epochs``/``steps`` from the options; both given explicitly is refused (one would be ignored)."""
+    ctx = click.get_current_context()
+    if steps is not None and ctx.get_parameter_source("epochs") is not click.core.ParameterSource.DEFAULT:
+        raise InputError(f"--epochs and --steps exclude each other (a fit has one length); got --epochs {epochs} "
+                         f"and --steps {steps}")
+    return {"epochs": epochs, "steps": steps}
+
+
 def _fit_options(fn):
     options = [
         click.option("--cache", type=NonEmptyPath(dir_okay=False, path_type=str), default=None,
@@ -227,6 +242,7 @@ def _fit_options(fn):
                      help="Initialisation and batch-order seed."),
         click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
                      help="Passes over the normal class's train rows."),
+        _steps_option,
         click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Samples per step (paper: 32)."),
         click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=5e-5,
                      help="Adam learning rate (paper: 5e-5)."),
@@ -262,13 +278,13 @@ def _fit_options(fn):
 @cli.command()
 @_fit_options
 @user_errors
-def fit(cache, cache_dir, normal, runs_dir, seed, epochs, batch_size, lr, beta1, beta2, adam_eps, weight_decay,
-        blocks, hidden, heads, clamp, no_caff, method, knn_k, features, device, val_fraction) -> None:
+def fit(cache, cache_dir, normal, runs_dir, seed, epochs, steps, batch_size, lr, beta1, beta2, adam_eps,
+        weight_decay, blocks, hidden, heads, clamp, no_caff, method, knn_k, features, device, val_fraction) -> None:
     """Train the CAFF flow (or a baseline) on the cached train rows of one normal class (or of each)."""
     from flow.runs import find_cache, fit_cache
 
-    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, betas=(beta1, beta2), eps=adam_eps,
-                               weight_decay=weight_decay)
+    train_config = TrainConfig(**_train_length(epochs, steps), batch_size=batch_size, lr=lr, betas=(beta1, beta2),
+                               eps=adam_eps, weight_decay=weight_decay)
     flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp}
     if no_caff and method not in (None, "sanf-nocaff"):
         raise InputError(f"--no-caff means --method sanf-nocaff; got --method {method}")
@@ -399,6 +415,7 @@ def _bounded_int(low: int, high: int):
               help="Comma-separated seeds for the flows (the baselines are deterministic: fitted once, seed 0).")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
               help="Passes over the normal class's train rows (flows).")
+@_steps_option
 @click.option("--blocks", default="4", callback=_comma_list(_bounded_int(1, 256)),
               help="K, flow layers; several (e.g. 2,4,6,8: paper Table 7) sweep, each a row labelled K<K>-H<H>.")
 @click.option("--hidden", default="1024", callback=_comma_list(_bounded_int(1, 65536)),
@@ -412,7 +429,7 @@ def _bounded_int(low: int, high: int):
               help="Fit every run again; by default a run already fitted with the same cache, method, seed and "
                    "settings is kept, so an interrupted run resumes.")
 @user_errors
-def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, features, runs_dir, refit,
+def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_k, features, runs_dir, refit,
         **options) -> None:
     """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
 
@@ -428,6 +445,7 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, feat
     from flow.report import auroc_table
     from flow.runs import FLOW_METHODS, fit_cache, flow_setting, read_run_record, score_runs
 
+    train_config = TrainConfig(**_train_length(epochs, steps))
     caches = extract_categories(download=not no_download, skip_existing=True, log=click.echo, **options)
     times: dict[str, float] = {}
     fitted: dict[Path, set[str]] = {}
@@ -439,7 +457,7 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, feat
                     seeds if method in FLOW_METHODS else [0], features, sizes):
                 outcomes = fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
                                      flow_config={"num_blocks": num_blocks, "hidden": width},
-                                     train_config=TrainConfig(epochs=epochs), device=options["device"],
+                                     train_config=train_config, device=options["device"],
                                      log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
                                      setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "",
                                      keep_existing=not refit, features=transform)
@@ -471,9 +489,10 @@ def run(no_download, normal, methods, seeds, epochs, blocks, hidden, knn_k, feat
               help="Folder receiving the fitted runs and auroc.csv.")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
               help="Passes over each digit's train rows.")
+@_steps_option
 @_device_option
 @user_errors
-def demo(cache_dir: str, runs_dir: str, epochs: int, device: str) -> None:
+def demo(cache_dir: str, runs_dir: str, epochs: int, steps: int | None, device: str) -> None:
     """The main job on the embedded default: digits, EfficientNet-Lite0 (packaged ImageNet weights).
 
     Extracts (unless the cache exists), fits a flow for every digit as normal class and the k-NN and Gaussian
@@ -484,9 +503,10 @@ def demo(cache_dir: str, runs_dir: str, epochs: int, device: str) -> None:
     from flow.report import auroc_table, method_means
     from flow.runs import fit_cache, score_runs
 
+    train_config = TrainConfig(**_train_length(epochs, steps))
     cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,
                              device=device, num_workers=0, skip_existing=True, log=click.echo)
-    fit_cache(cache, normal="all", runs_dir=runs_dir, seed=0, train_config=TrainConfig(epochs=epochs),
+    fit_cache(cache, normal="all", runs_dir=runs_dir, seed=0, train_config=train_config,
               device=device, log=click.echo)  # the paper's flow and optimiser defaults
     for method in ("knn", "gaussian"):  # the honest comparison: the same cached features, seconds to fit
         fit_cache(cache, normal="all", runs_dir=runs_dir, method=method, log=click.echo)

@@ -220,7 +220,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "flow": config.to_dict(),
                 "train": train_config.to_dict(),
                 "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
-                "epochs": train_config.epochs,
+                "epochs": len(result.epoch_losses),  # passes made (the last one partial when --steps cut it)
+                "steps": train_config.total_steps(int(cls_t.shape[0])),
                 "epoch_losses": result.epoch_losses,
                 "final_train_loss": result.final_loss,
                 "val_fraction": val_fraction,
@@ -239,7 +240,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             }
             path = save_run(runs_dir, name, model.state_dict(), record, files)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
-            epochs = f"{train_config.epochs} epoch{'s' if train_config.epochs != 1 else ''}"
+            epochs = train_config.describe(int(cls_t.shape[0]))
             log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows"
                 f"{_features_note(features)}, "
                 f"{epochs}, "

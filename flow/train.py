@@ -26,6 +26,8 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the normal-class train rows.
+        steps: when set, train for exactly this many optimiser steps instead (``epochs`` is then ignored): the
+            same amount of training whatever the number of rows, the last pass over them cut short.
         batch_size: samples per step (paper: 32).
         lr: Adam learning rate (paper: 5e-5).
         betas: Adam betas (paper: (0.8, 0.8)).
@@ -39,9 +41,28 @@ class TrainConfig:
     betas: tuple[float, float] = (0.8, 0.8)
     eps: float = 1e-4
     weight_decay: float = 1e-5
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1; got {self.steps}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.steps is None:
+            del out["steps"]  # the record of an epoch-counted run is what it was before the option existed
+        return out
+
+    def total_steps(self, num_rows: int) -> int:
+        """Optimiser steps a fit on ``num_rows`` rows takes."""
+        return self.steps if self.steps is not None else self.epochs * math.ceil(num_rows / self.batch_size)
+
+    def describe(self, num_rows: int) -> str:
+        """``"16 epochs"`` or ``"64 steps (0.5 epochs)"``, for logs."""
+        if self.steps is None:
+            return f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        passes = self.steps / math.ceil(num_rows / self.batch_size)
+        return f"{self.steps} step{'s' if self.steps != 1 else ''} ({passes:.3g} epochs)"
 
 
 @dataclass
@@ -49,7 +70,8 @@ class TrainResult:
     """What :func:`fit_flow` returns besides the model.
 
     Attributes:
-        epoch_losses: mean train loss of each epoch, nats per dimension (eq. 14 / D).
+        epoch_losses: mean train loss of each epoch (of its steps, for a last epoch cut short by ``steps``), nats
+            per dimension (eq. 14 / D).
         val_losses: the same loss on held-out normal-class train rows after each epoch (empty without them).
         wall_time_s: seconds spent in the training loop.
         num_samples: training rows.
@@ -123,11 +145,16 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
     result = TrainResult(num_samples=n)
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(train_config.epochs), desc="fit", unit="epoch", disable=not progress, leave=False)
+    steps_left = train_config.total_steps(n)
+    epochs = math.ceil(steps_left / math.ceil(n / train_config.batch_size))
+    bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         order = torch.randperm(n, generator=generator)
         total, count = 0.0, 0
         for step, begin in enumerate(range(0, n, train_config.batch_size)):
+            if steps_left == 0:
+                break
+            steps_left -= 1
             idx = order[begin:begin + train_config.batch_size]
             y = cls[idx].to(device, non_blocking=True)
             tokens = patches[idx].to(device, non_blocking=True) if use_tokens else None

@@ -238,3 +238,16 @@ def test_dangling_link_in_a_run_slot_is_refused_before_training(small_cache, tmp
     result = invoke("fit", "--cache", str(small_cache), "--normal", "all", "--runs-dir", str(runs), *FIT)
     assert_input_error(result, "normal1-b__seed0 exists and is not a run folder")
     assert "fitted" not in result.output
+
+
+@pytest.mark.parametrize("command", ["fit", "run", "demo"])
+def test_epochs_and_steps_together_are_refused(tmp_path, command):
+    """A fit has one length: --epochs and --steps both given is refused before anything is read or written."""
+    where = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    where += ["--dataset", "digits"] if command == "run" else []
+    result = invoke(command, "--epochs", "3", "--steps", "40", *where)
+    assert_input_error(result, "--epochs and --steps exclude each other (a fit has one length); got --epochs 3 "
+                               "and --steps 40")
+    assert no_runs(tmp_path / "runs") and not (tmp_path / "cache").exists()
+    bad = invoke(command, "--steps", "0", *where)
+    assert bad.exit_code == 2 and "--steps" in bad.output

@@ -136,6 +136,30 @@ def test_val_fraction_holds_out_train_rows(gaussian_cache, tmp_path):
     assert len(outcome.record["val_losses"]) == 3
 
 
+def test_steps_trains_exactly_that_many_optimiser_steps(gaussian_cache, tmp_path, monkeypatch):
+    """--steps counts optimiser steps whatever the row count: 30 rows in batches of 8 are 4 steps an epoch, so 6
+    steps are one epoch and half of the next (its loss the mean of its 2 steps); the record says what was done."""
+    import torch
+
+    calls = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (calls.append(1), step(self, *a, **k))[1])
+    config = TrainConfig(steps=6, batch_size=8)
+    logs = []
+    outcome = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                        train_config=config, val_fraction=0.25, device="cpu", progress=False, log=logs.append)[0]
+    assert len(calls) == 6
+    record = outcome.record
+    assert record["num_train"] == 30 and record["steps"] == 6 and record["epochs"] == 2
+    assert record["train"]["steps"] == 6 and len(record["epoch_losses"]) == 2 == len(record["val_losses"])
+    assert "6 steps (1.5 epochs)" in logs[-1]
+    # the epoch count of a --steps run does not matter, and an epoch-counted run records what it did before
+    assert TrainConfig(steps=6, epochs=99).total_steps(30) == 6 and TrainConfig(epochs=3, batch_size=8).total_steps(30) == 12
+    assert "steps" not in TrainConfig(epochs=3).to_dict()
+    with pytest.raises(ValueError, match="--steps must be >= 1; got 0"):
+        TrainConfig(steps=0)
+
+
 def test_score_refuses_a_changed_or_missing_cache(tmp_path):
     cache = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"])
     fit_cache(cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
