@@ -75,12 +75,17 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from cache import CacheError
         from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
+        from extract.distributed import JobError
         from flow import FlowTrainingError, MetricError
         from flow.export import ExportError
         from flow.store import RunError
 
         try:
             return fn(*args, **kwargs)
+        except JobError as err:  # a distributed job: rank 0 says what failed where, the other ranks nothing
+            if err.silent:
+                raise click.exceptions.Exit(2) from None
+            raise InputError(f"[rank {err.rank}] {_one_line(err)}") from None
         except (CacheError, DatasetError, BackboneError, ImageReadError, ExtractionError, RunError, MetricError,
                 FlowTrainingError, ExportError, ValueError, OSError) as err:  # OSError: an unwritable output path
             raise InputError(_one_line(err)) from None
@@ -88,6 +93,36 @@ def user_errors(fn):
             if "ImageReadError" in str(err):
                 raise InputError(_one_line(err)) from None
             raise
+
+    return wrapper
+
+
+def job_command(fn):
+    """:func:`user_errors` for a command that may run as a distributed job under torchrun: ``fn`` receives the
+    job's :class:`extract.distributed.DistContext` as ``job``. In a distributed job the error line is printed
+    before the ranks part (see :func:`extract.distributed.session`)."""
+    checked = user_errors(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from extract.distributed import from_env, session
+
+        device = kwargs.get("device", "auto")
+        try:
+            env = from_env()
+            if env.distributed:
+                env.backend(device)
+        except ValueError as err:  # malformed RANK / WORLD_SIZE / LOCAL_RANK, or too few GPUs for the ranks
+            rank = os.environ.get("RANK", "0")  # before any collective: each rank that fails says so
+            raise InputError(("" if rank == "0" else f"[rank {rank}] ") + _one_line(err)) from None
+        with session(device) as job:
+            try:
+                return checked(*args, job=job, **kwargs)
+            except click.ClickException as err:
+                if not job.distributed:
+                    raise
+                err.show()
+                raise click.exceptions.Exit(err.exit_code) from None
 
     return wrapper
 
@@ -175,15 +210,16 @@ def _options(*names: str, exclude: tuple[str, ...] = ()):
 
 @cli.command()
 @_options()
-@user_errors
-def extract(no_download: bool, **options) -> None:
+@job_command
+def extract(no_download: bool, job, **options) -> None:
     """Encode every image of a dataset once; write class tokens and patch tokens to HDF5.
 
-    Work is committed in chunks; running the same command after an interruption resumes it.
+    Work is committed in chunks; running the same command after an interruption resumes it. Under torchrun the
+    chunks are shared among the ranks (see README, "Many GPUs, many nodes").
     """
     from extract.run import extract_categories
 
-    extract_categories(download=not no_download, **options)
+    extract_categories(download=not no_download, log=job.log(print), dist=job, **options)
 
 
 @cli.command()
@@ -428,43 +464,39 @@ def _bounded_int(low: int, high: int):
 @click.option("--refit", is_flag=True,
               help="Fit every run again; by default a run already fitted with the same cache, method, seed and "
                    "settings is kept, so an interrupted run resumes.")
-@user_errors
-def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_k, features, runs_dir, refit,
+@job_command
+def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_k, features, runs_dir, refit, job,
         **options) -> None:
     """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
 
     Writes <runs-dir>/<cache>__summary.csv (one row per method and score, one column per normal class,
     mean ± std over seeds), <runs-dir>/<cache>__report.md and <runs-dir>/<cache>__plots/. The flows use the
-    paper's architecture and optimiser and this project's default epoch count.
+    paper's architecture and optimiser and this project's default epoch count. Under torchrun the extraction's
+    chunks and then the fits are shared among the ranks; rank 0 scores and writes.
     """
-    import itertools
-    import time
-
     from extract.run import extract_categories
-    from flow.report import write_plots, write_report, write_summary_csv
-    from flow.report import auroc_table
-    from flow.runs import FLOW_METHODS, fit_cache, flow_setting, read_run_record, score_runs
+    from flow.sweep import fit_sweep
 
     train_config = TrainConfig(**_train_length(epochs, steps))
-    caches = extract_categories(download=not no_download, skip_existing=True, log=click.echo, **options)
-    times: dict[str, float] = {}
-    fitted: dict[Path, set[str]] = {}
-    for cache in caches:  # one per MVTec AD category with --category all, else one
-        for method in methods:
-            start = time.perf_counter()
-            sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [(4, 1024)]
-            for seed, transform, (num_blocks, width) in itertools.product(
-                    seeds if method in FLOW_METHODS else [0], features, sizes):
-                outcomes = fit_cache(cache, normal=normal, runs_dir=runs_dir, seed=seed, method=method,
-                                     flow_config={"num_blocks": num_blocks, "hidden": width},
-                                     train_config=train_config, device=options["device"],
-                                     log=click.echo, baseline_params={"k": knn_k} if method == "knn" else {},
-                                     setting=flow_setting(num_blocks, width) if len(sizes) > 1 else "",
-                                     keep_existing=not refit, features=transform)
-                fitted.setdefault(cache, set()).update(o.path.name for o in outcomes)
-            times[method] = times.get(method, 0.0) + time.perf_counter() - start
+    echo = job.log(click.echo)
+    # one cache per MVTec AD category with --category all, else one
+    caches = extract_categories(download=not no_download, skip_existing=True, log=echo, dist=job, **options)
+    fitted, times = fit_sweep(caches, normal=normal, methods=methods, seeds=seeds, features=features, blocks=blocks,
+                              hidden=hidden, runs_dir=runs_dir, train_config=train_config, knn_k=knn_k,
+                              device=options["device"], refit=refit, log=echo, dist=job)
+    if job.is_main:
+        _summarise(caches, fitted, times, runs_dir, options["device"])
+
+
+def _summarise(caches: list[Path], fitted: dict[Path, set[str]], times: dict[str, float], runs_dir: str,
+               device: str) -> None:
+    """``run``'s last step: score every run under ``runs_dir``, write the summary, report and plots of the runs
+    fitted, print the AUROC table and the fit times."""
+    from flow.report import auroc_table, write_plots, write_report, write_summary_csv
+    from flow.runs import read_run_record, score_runs
+
     # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits
-    all_rows = score_runs(runs_dir=runs_dir, device=options["device"], log=click.echo)
+    all_rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
     written = []
     for cache in caches:
         rows = [r for r in all_rows if r["run"] in fitted.get(cache, set())]

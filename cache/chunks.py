@@ -129,14 +129,19 @@ class ChunkStore:
             is discarded, unless it is an interrupted ``overwrite`` run of the same plan, which is resumed
             (the same command resumes).
         log: where to print status lines.
+        follower: open the work folder that another process of the same distributed job (its rank 0) has
+            opened and holds the lock of: no lock, nothing created or removed, only :meth:`commit` (and the
+            read-only methods) of the chunks this process is given; :meth:`assemble` is the lock holder's.
 
     Raises:
         CacheError: the cache exists and ``overwrite`` is False; another process is extracting it; an
-            unfinished extraction of it used a different plan; the folder cannot be written.
+            unfinished extraction of it used a different plan; the folder cannot be written. A follower: the
+            work folder or its manifest is not there (not on a filesystem shared with rank 0) or holds
+            another plan.
     """
 
     def __init__(self, path: str | os.PathLike, plan: Mapping[str, Any], overwrite: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, follower: bool = False) -> None:
         self.path = Path(path)
         self.work = partial_dir(self.path)
         # normalised as it will be stored (tuples become lists); an --overwrite run is resumed only by another
@@ -146,6 +151,10 @@ class ChunkStore:
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         self._log = log
+        self._lock: CacheLock | None = None
+        if follower:
+            self._follow()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -162,6 +171,17 @@ class ChunkStore:
         except BaseException:
             self._lock.release()
             raise
+
+    def _follow(self) -> None:
+        stored = _read_manifest(self.work)
+        if stored is None:
+            raise CacheError(f"the work folder {self.work} that rank 0 opened is not visible here: every node of a "
+                             f"distributed job must see {self.path.parent} on a shared filesystem")
+        if stored != self.plan:
+            keys = [k for k in sorted(set(stored) | set(self.plan)) if stored.get(k) != self.plan.get(k)]
+            raise CacheError(f"this rank's plan differs from rank 0's in {self.work} ("
+                             + ", ".join(_describe_change(k, stored.get(k), self.plan.get(k)) for k in keys)
+                             + "): every rank must see the same data and options")
 
     def _open_work(self) -> None:
         _sweep_removing(self.work)
@@ -286,7 +306,10 @@ class ChunkStore:
 
         Raises:
             CacheError: a chunk is missing or damaged, or the chunks disagree with ``attrs``.
+            ValueError: this store is a follower.
         """
+        if self._lock is None:
+            raise ValueError("only the process holding the lock assembles the cache")
         missing = {s: n for s in self.splits if (n := len(self.pending(s)))}
         if missing:
             raise CacheError(f"cannot assemble {self.path}: chunks not committed yet {missing}")
@@ -343,7 +366,9 @@ class ChunkStore:
         return rows, seconds
 
     def close(self) -> None:
-        """Release the lock; remove the work folder when no chunk is in it (idempotent)."""
+        """Release the lock; remove the work folder when no chunk is in it (idempotent; a follower does nothing)."""
+        if self._lock is None:
+            return
         try:
             if self.work.is_dir() and not self._committed():
                 _remove_tree(self.work)

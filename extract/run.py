@@ -21,7 +21,7 @@ from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
 from .backbone import DEFAULT_LAYER, TokenEncoder, create_backbone, parse_layer
 from .datasets import ToRGB, build_dataset
-from .device import resolve_device
+from .distributed import SINGLE, DistContext
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,8 +70,14 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
                      skip_existing: bool = False, commit_every: int = 16, progress: bool = True,
                      category: str | None = None, layout: str = "classes", layer: str = DEFAULT_LAYER,
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, dist: DistContext = SINGLE) -> Path:
     """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
+
+    In a distributed job (``dist``, see :mod:`extract.distributed`) every rank builds the same dataset, backbone
+    and plan; rank 0 alone locks the cache and lists the chunks still to encode, chunk ``i`` of that list is
+    encoded and committed by rank ``i mod world size``, and rank 0 assembles the cache once every rank is done.
+    An error on any rank stops every rank (the committed chunks stay for a resume, at any world size); rank 0
+    raises it, the others raise a silent :class:`extract.distributed.JobError`.
 
     Args:
         dataset: one of :data:`extract.datasets.DATASETS`.
@@ -98,158 +104,223 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         layout: ``classes`` or ``good-defect`` (``dataset="folder"``).
         layer: which layer the tokens come from: ``final`` (the paper's), ``pre-activation`` or ``block-N``
             (see :class:`extract.backbone.TokenEncoder`); recorded as the attribute ``layer`` and in the name's hash.
-        log: where to print status lines.
+        log: where to print status lines (rank 0 alone prints them).
+        dist: this process's place in a distributed job; default one process.
 
     Returns:
-        Path of the finished cache.
+        Path of the finished cache (on every rank). Its ``extract_seconds`` sums the encoding time of every
+        chunk, so over several ranks it is device-seconds, and ``images_per_second`` is per device.
 
     Raises:
         DatasetError, BackboneError, CacheError: bad input (see those types); CacheError also when another
             process is extracting the same cache or an interrupted extraction of it used other settings.
         ExtractionError: non-finite backbone output.
         ImageReadError: an image file cannot be decoded.
+        JobError: in a distributed job, on ranks other than 0, or on rank 0 for another rank's error.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    dev = resolve_device(device)
-    parse_layer(layer)  # a malformed value before the data is indexed
-    source = build_dataset(dataset, data_root, download, transform=None, category=category,
-                           layout=layout)  # data errors before the backbone
-    dataset = source.name  # mvtec-<category>: one cache per category
-    model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
-    encoder = TokenEncoder(model, patch_grid=patch_grid, layer=layer).to(dev)
-    config = resolve_preprocessing(model, img_size, crop_pct)
-    source.set_transform(build_transform(config))
-    log(f"dataset {dataset}: {source.description}; "
-        + ", ".join(f"{s} {len(v.sample_ids)} images" for s, v in source.splits.items()))
-    if source.skipped_files:
-        shown = ", ".join(source.skipped_files[:5]) + (", ..." if len(source.skipped_files) > 5 else "")
-        log(f"skipped {len(source.skipped_files)} files that are not readable images: {shown}")
-    log(f"backbone {backbone} ({'final features' if layer == DEFAULT_LAYER else 'layer ' + layer}): weights "
-        f"{loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
-        f"{config['interpolation']}, crop_pct {config['crop_pct']}; {precision} forward, {dtype} storage, {dev}")
-    settings = {
-        "weights": loaded.source, "weights_sha256": loaded.sha256, "input_size": list(config["input_size"]),
-        "mean": list(config["mean"]), "std": list(config["std"]), "interpolation": config["interpolation"],
-        "crop_pct": config["crop_pct"], "crop_mode": config.get("crop_mode", "center"),
-        "precision": precision, "dtype": dtype, "patch_grid_arg": patch_grid, "data_source": source.description,
-    }
-    if layer != DEFAULT_LAYER:  # in the hash only when not the default: caches written before --layer keep their name
-        settings["layer"] = layer
-    path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
-    if skip_existing and not overwrite and path.exists():
-        log(f"using the existing cache {path}")
-        return path
-    autocast = (torch.autocast(device_type=dev.type, dtype=PRECISIONS[precision])
-                if PRECISIONS[precision] is not None else contextlib.nullcontext())
-    for split, part in source.splits.items():
-        if not part.sample_ids:
-            raise ExtractionError(f"split {split} of {dataset} holds no images")
-    plan = {
-        "dataset": dataset, "backbone": backbone, "settings": settings, "batch_size": batch_size,
-        "chunk_rows": batch_size * commit_every,
-        "splits": {split: {"num_rows": len(part.sample_ids),
-                           "sample_ids_sha256": hashlib.sha256("\n".join(part.sample_ids).encode()).hexdigest()}
-                   for split, part in source.splits.items()},
-    }
-    if not overwrite and remove_finished_leftovers(path, plan):
-        log(f"the cache {path} is complete: an earlier run of this command finished it (its leftover work folder "
-            "was removed)")
-        return path
-    total, start = 0, time.perf_counter()
-    with ChunkStore(path, plan, overwrite=overwrite, log=log) as store:
-        for split, part in source.splits.items():
-            pending = store.pending(split)
-            # the batches of an uninterrupted run, restricted to the chunks still to do
-            batches = [list(range(b, min(b + batch_size, stop))) for a, stop in pending
-                       for b in range(a, stop, batch_size)]
-            if not batches:
-                continue
-            loader = DataLoader(part.dataset, batch_sampler=batches, num_workers=num_workers,
-                                pin_memory=dev.type == "cuda", persistent_workers=False)
-            loader_iter = iter(loader)
-            chunk_iter = iter(pending)
-            chunk_start, chunk_stop = next(chunk_iter)
-            held: list[tuple[np.ndarray, np.ndarray]] = []
-            at = chunk_start
-            chunk_began = time.perf_counter()
-            try:
-                for images, labels in tqdm(loader_iter, total=len(batches), desc=f"extract {split}", unit="batch",
-                                           disable=not progress, leave=False):
-                    with torch.inference_mode(), autocast:
-                        cls, patches = encoder(images.to(dev, non_blocking=True))
-                    cls = cls.float().cpu().numpy()
-                    patches = patches.float().cpu().numpy()
-                    bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
-                    if bad.any():
-                        first = at + int(np.flatnonzero(bad)[0])
-                        raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
-                                              f"first {part.sample_ids[first]!r} ({split} row {first}); "
-                                              "try --precision fp32")
-                    if not np.array_equal(labels.numpy(), part.labels[at:at + len(labels)]):
-                        raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
-                                              "from the sample index")
-                    held.append((cls.astype(dtype), patches.astype(dtype)))
-                    at += len(labels)
-                    total += len(labels)
-                    if at == chunk_stop:
-                        store.commit(split, chunk_start, np.concatenate([c for c, _ in held]),
-                                     np.concatenate([p for _, p in held]), part.labels[chunk_start:chunk_stop],
-                                     part.sample_ids[chunk_start:chunk_stop], encoder.token_grid,
-                                     seconds=time.perf_counter() - chunk_began)
-                        chunk_began = time.perf_counter()
-                        held = []
-                        chunk_start, chunk_stop = next(chunk_iter, (None, None))
-                        at = chunk_start
-            finally:
-                # An error mid-split leaves the iterator referenced by the traceback; end its worker processes
-                # now rather than when the traceback is collected (torch's DataLoader iterator method).
-                shutdown = getattr(loader_iter, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
-        elapsed = time.perf_counter() - start
-        encoded, encode_seconds = store.timing()  # every run's chunks, when the extraction was resumed
-        geometry = store.geometry()  # from the chunks: a resumed run may have encoded nothing itself
-        h, w = geometry["token_grid"]
-        gh, gw = encoder.pooled_grid(h, w)
-        attrs = {
-            "dataset": dataset,
-            "data_source": source.description,
-            "class_names": source.class_names,
-            "backbone": backbone,
-            "weights_source": loaded.source,
-            "weights_sha256": loaded.sha256,
-            "semantic_vector": encoder.semantic_vector,
-            "layer": layer,
-            "num_prefix_tokens": encoder.num_prefix_tokens,
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-            "input_size": list(config["input_size"]),
-            "mean": list(config["mean"]),
-            "std": list(config["std"]),
-            "interpolation": config["interpolation"],
-            "crop_pct": float(config["crop_pct"]),
-            "crop_mode": config.get("crop_mode", "center"),
-            "token_grid": [h, w],
-            "patch_grid": [gh, gw],
-            "feature_dim": geometry["feature_dim"],
-            "num_patches": gh * gw,
-            "precision": precision,
-            "dtype": dtype,
-            "extract_seconds": round(encode_seconds, 3),
-            "images_per_second": round(encoded / encode_seconds, 3) if encode_seconds > 0 else 0.0,
-        }
-        fine_labels = None
-        if source.fine_class_names is not None:
-            attrs["fine_class_names"] = source.fine_class_names
-            fine_labels = {split: part.fine_labels for split, part in source.splits.items()}
-        if source.skipped_files is not None:
-            attrs["skipped_files"] = source.skipped_files
-        if source.normal_classes is not None:
-            attrs["normal_classes"] = source.normal_classes
-        final = store.assemble(attrs, fine_labels=fine_labels)
-    log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
+    say = log if dist.is_main else _quiet  # the setup lines, once per job
+    finished: Path | None = None
+    todo: list[tuple[str, int, int]] = []  # (split, start, stop) of every chunk to encode, from rank 0
+    with contextlib.ExitStack() as stack:
+        with dist.all_succeed():  # every rank sets up alike; rank 0 alone locks the cache and reads its state
+            dev = dist.device(device)
+            parse_layer(layer)  # a malformed value before the data is indexed
+            source = build_dataset(dataset, data_root, download, transform=None, category=category,
+                                   layout=layout)  # data errors before the backbone
+            dataset = source.name  # mvtec-<category>: one cache per category
+            model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
+            encoder = TokenEncoder(model, patch_grid=patch_grid, layer=layer).to(dev)
+            config = resolve_preprocessing(model, img_size, crop_pct)
+            source.set_transform(build_transform(config))
+            say(f"dataset {dataset}: {source.description}; "
+                + ", ".join(f"{s} {len(v.sample_ids)} images" for s, v in source.splits.items()))
+            if source.skipped_files:
+                shown = ", ".join(source.skipped_files[:5]) + (", ..." if len(source.skipped_files) > 5 else "")
+                say(f"skipped {len(source.skipped_files)} files that are not readable images: {shown}")
+            say(f"backbone {backbone} ({'final features' if layer == DEFAULT_LAYER else 'layer ' + layer}): "
+                f"weights {loaded.source}; input {config['input_size'][1]}x{config['input_size'][2]} px, "
+                f"{config['interpolation']}, crop_pct {config['crop_pct']}; {precision} forward, {dtype} storage, "
+                f"{dev}" + (f" on rank 0 of {dist.world_size} ranks" if dist.distributed else ""))
+            settings = {
+                "weights": loaded.source, "weights_sha256": loaded.sha256, "input_size": list(config["input_size"]),
+                "mean": list(config["mean"]), "std": list(config["std"]), "interpolation": config["interpolation"],
+                "crop_pct": config["crop_pct"], "crop_mode": config.get("crop_mode", "center"),
+                "precision": precision, "dtype": dtype, "patch_grid_arg": patch_grid,
+                "data_source": source.description,
+            }
+            if layer != DEFAULT_LAYER:  # in the hash only when not the default: older caches keep their name
+                settings["layer"] = layer
+            path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
+            if dist.is_main and skip_existing and not overwrite and path.exists():
+                say(f"using the existing cache {path}")
+                finished = path
+            else:
+                autocast = (torch.autocast(device_type=dev.type, dtype=PRECISIONS[precision])
+                            if PRECISIONS[precision] is not None else contextlib.nullcontext())
+                for split, part in source.splits.items():
+                    if not part.sample_ids:
+                        raise ExtractionError(f"split {split} of {dataset} holds no images")
+                # no world size in the plan: a job resumes at any number of ranks
+                plan = {
+                    "dataset": dataset, "backbone": backbone, "settings": settings, "batch_size": batch_size,
+                    "chunk_rows": batch_size * commit_every,
+                    "splits": {split: {"num_rows": len(part.sample_ids),
+                                       "sample_ids_sha256": hashlib.sha256(
+                                           "\n".join(part.sample_ids).encode()).hexdigest()}
+                               for split, part in source.splits.items()},
+                }
+                if dist.is_main and not overwrite and remove_finished_leftovers(path, plan):
+                    say(f"the cache {path} is complete: an earlier run of this command finished it (its leftover "
+                        "work folder was removed)")
+                    finished = path
+                elif dist.is_main:
+                    store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log))
+                    # listed once, here: a rank listing the folder itself could see another rank's fresh commits
+                    todo = [(split, a, b) for split in source.splits for a, b in store.pending(split)]
+        finished, todo = dist.broadcast((finished, todo))
+        if finished is not None:
+            return finished
+        with dist.all_succeed():  # after rank 0 made the work folder: the others join it
+            if not dist.is_main:
+                store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log, follower=True))
+        total, start = 0, time.perf_counter()
+        mine = dist.share(todo)  # chunk i of the list -> rank i mod world size
+        with dist.all_succeed(), dist.progress(len(todo), "extract", "chunk", enabled=progress) as step:
+            for split, part in source.splits.items():
+                total += _encode_chunks(store, split, part, [(a, b) for s, a, b in mine if s == split], encoder,
+                                        dev, autocast, dtype, batch_size, num_workers,
+                                        progress=progress and not dist.distributed, on_commit=step)
+        total = sum(dist.gather(total))
+        final = None
+        with dist.all_succeed():
+            if dist.is_main:
+                elapsed = time.perf_counter() - start
+                final = _assemble(store, source, encoder, loaded, config, dataset, backbone, layer, precision, dtype)
+        final = dist.broadcast(final)
+    if dist.is_main:
+        log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
     return final
+
+
+def _quiet(line: str) -> None:
+    """A log that prints nothing (the setup lines of ranks other than 0)."""
+
+
+def _encode_chunks(store: ChunkStore, split: str, part, chunks: list[tuple[int, int]], encoder: TokenEncoder,
+                   dev: torch.device, autocast, dtype: str, batch_size: int, num_workers: int, progress: bool,
+                   on_commit: Callable[[], None]) -> int:
+    """Encode and commit the given chunks of one split, in the batches of an uninterrupted run.
+
+    Args:
+        store: the work folder.
+        split: the split.
+        part: the split's dataset part (``dataset``, ``labels``, ``sample_ids``).
+        chunks: ``(start, stop)`` row ranges, chunks of ``store``, in row order.
+        on_commit: called after each committed chunk.
+
+    Returns:
+        The number of images encoded.
+
+    Raises:
+        ExtractionError: non-finite backbone output, or the loader's labels differ from the sample index.
+    """
+    # the batches of an uninterrupted run, restricted to the chunks still to do
+    batches = [list(range(b, min(b + batch_size, stop))) for a, stop in chunks for b in range(a, stop, batch_size)]
+    if not batches:
+        return 0
+    loader = DataLoader(part.dataset, batch_sampler=batches, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    loader_iter = iter(loader)
+    chunk_iter = iter(chunks)
+    chunk_start, chunk_stop = next(chunk_iter)
+    held: list[tuple[np.ndarray, np.ndarray]] = []
+    at = chunk_start
+    total = 0
+    chunk_began = time.perf_counter()
+    try:
+        for images, labels in tqdm(loader_iter, total=len(batches), desc=f"extract {split}", unit="batch",
+                                   disable=not progress, leave=False):
+            with torch.inference_mode(), autocast:
+                cls, patches = encoder(images.to(dev, non_blocking=True))
+            cls = cls.float().cpu().numpy()
+            patches = patches.float().cpu().numpy()
+            bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+            if bad.any():
+                first = at + int(np.flatnonzero(bad)[0])
+                raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
+                                      f"first {part.sample_ids[first]!r} ({split} row {first}); "
+                                      "try --precision fp32")
+            if not np.array_equal(labels.numpy(), part.labels[at:at + len(labels)]):
+                raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
+                                      "from the sample index")
+            held.append((cls.astype(dtype), patches.astype(dtype)))
+            at += len(labels)
+            total += len(labels)
+            if at == chunk_stop:
+                store.commit(split, chunk_start, np.concatenate([c for c, _ in held]),
+                             np.concatenate([p for _, p in held]), part.labels[chunk_start:chunk_stop],
+                             part.sample_ids[chunk_start:chunk_stop], encoder.token_grid,
+                             seconds=time.perf_counter() - chunk_began)
+                on_commit()
+                chunk_began = time.perf_counter()
+                held = []
+                chunk_start, chunk_stop = next(chunk_iter, (None, None))
+                at = chunk_start
+    finally:
+        # An error mid-split leaves the iterator referenced by the traceback; end its worker processes
+        # now rather than when the traceback is collected (torch's DataLoader iterator method).
+        shutdown = getattr(loader_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    return total
+
+
+def _assemble(store: ChunkStore, source, encoder: TokenEncoder, loaded, config: dict, dataset: str, backbone: str,
+              layer: str, precision: str, dtype: str) -> Path:
+    """The cache's attributes, from the extraction's settings and its committed chunks; then
+    :meth:`ChunkStore.assemble`. Returns the final path."""
+    encoded, encode_seconds = store.timing()  # every run's chunks, when the extraction was resumed
+    geometry = store.geometry()  # from the chunks: a resumed run may have encoded nothing itself
+    h, w = geometry["token_grid"]
+    gh, gw = encoder.pooled_grid(h, w)
+    attrs = {
+        "dataset": dataset,
+        "data_source": source.description,
+        "class_names": source.class_names,
+        "backbone": backbone,
+        "weights_source": loaded.source,
+        "weights_sha256": loaded.sha256,
+        "semantic_vector": encoder.semantic_vector,
+        "layer": layer,
+        "num_prefix_tokens": encoder.num_prefix_tokens,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "input_size": list(config["input_size"]),
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+        "interpolation": config["interpolation"],
+        "crop_pct": float(config["crop_pct"]),
+        "crop_mode": config.get("crop_mode", "center"),
+        "token_grid": [h, w],
+        "patch_grid": [gh, gw],
+        "feature_dim": geometry["feature_dim"],
+        "num_patches": gh * gw,
+        "precision": precision,
+        "dtype": dtype,
+        "extract_seconds": round(encode_seconds, 3),
+        "images_per_second": round(encoded / encode_seconds, 3) if encode_seconds > 0 else 0.0,
+    }
+    fine_labels = None
+    if source.fine_class_names is not None:
+        attrs["fine_class_names"] = source.fine_class_names
+        fine_labels = {split: part.fine_labels for split, part in source.splits.items()}
+    if source.skipped_files is not None:
+        attrs["skipped_files"] = source.skipped_files
+    if source.normal_classes is not None:
+        attrs["normal_classes"] = source.normal_classes
+    return store.assemble(attrs, fine_labels=fine_labels)
 
 
 def extract_categories(dataset: str, data_root: str | None, category: str | None, **options) -> list[Path]:

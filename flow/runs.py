@@ -254,16 +254,27 @@ def _open_for_fit(cache, normal, runs_dir: Path):
     """Open the cache and yield ``(cache, normal class indices, fingerprint)`` once ``--normal`` is resolved and
     ``runs_dir`` is known to be writable (what every method checks before it fits)."""
     with FeatureCache(cache) as fc:
-        classes = resolve_normal(normal, fc.class_names)
-        allowed = [fc.class_names.index(c) for c in fc.normal_classes]
-        if str(normal) not in fc.class_names and str(normal).strip() == "all":
-            classes = allowed  # every class that can be normal (good/defect layouts: only 'good')
-        refused = [fc.class_names[k] for k in classes if k not in allowed]
-        if refused:
-            raise ValueError(f"--normal {refused[0]!r}: only {', '.join(fc.normal_classes)} can be the normal class "
-                             "of this cache (the other classes are defect types)")
+        classes = normal_classes(fc, normal)
         check_writable_dir(runs_dir, "--runs-dir")
         yield fc, classes, fc.fingerprint()
+
+
+def normal_classes(fc: FeatureCache, normal: str | int) -> list[int]:
+    """The class indices ``--normal`` asks for in the open cache ``fc``: ``all`` is every class that can be
+    normal (good/defect layouts: only ``good``), otherwise as :func:`resolve_normal`.
+
+    Raises:
+        ValueError: a bad ``normal``, or a class that cannot be normal (a defect type).
+    """
+    classes = resolve_normal(normal, fc.class_names)
+    allowed = [fc.class_names.index(c) for c in fc.normal_classes]
+    if str(normal) not in fc.class_names and str(normal).strip() == "all":
+        classes = allowed  # every class that can be normal (good/defect layouts: only 'good')
+    refused = [fc.class_names[k] for k in classes if k not in allowed]
+    if refused:
+        raise ValueError(f"--normal {refused[0]!r}: only {', '.join(fc.normal_classes)} can be the normal class "
+                         "of this cache (the other classes are defect types)")
+    return classes
 
 
 def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,

@@ -70,6 +70,23 @@ def _arrays(path: Path) -> dict:
     return out
 
 
+def assert_same_cache(expected: Path, got: Path, features_tol: dict | None = None) -> None:
+    """Labels, sample ids and attributes (but timing) equal; the features too, or within ``features_tol``
+    (``rtol`` / ``atol`` of ``np.testing.assert_allclose``)."""
+    want, have = _arrays(expected), _arrays(got)
+    assert want.keys() == have.keys()
+    for key in want:
+        if key == "attrs":
+            assert want[key].keys() == have[key].keys()
+            for name, value in want[key].items():
+                np.testing.assert_array_equal(have[key][name], value, err_msg=name)
+        elif features_tol is not None and key.endswith(("/cls", "/patches")):
+            assert have[key].shape == want[key].shape
+            np.testing.assert_allclose(have[key], want[key], err_msg=key, **features_tol)
+        else:
+            np.testing.assert_array_equal(have[key], want[key], err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     cache_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -101,15 +118,7 @@ def test_sigkill_at_several_points_then_resume_gives_the_same_cache(uninterrupte
     assert result.exit_code == 0, result.output
     assert "already committed" in result.output
     assert [p.name for p in cache_dir.iterdir()] == [uninterrupted.name]  # no work folder, no lock left
-    expected, got = _arrays(uninterrupted), _arrays(cache_dir / uninterrupted.name)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        if key == "attrs":
-            assert expected[key].keys() == got[key].keys()
-            for name, value in expected[key].items():
-                np.testing.assert_array_equal(got[key][name], value, err_msg=name)
-        else:
-            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert_same_cache(uninterrupted, cache_dir / uninterrupted.name)
     with FeatureCache(cache_dir / uninterrupted.name) as fc:
         assert fc.fingerprint() != "" and fc.split("train").num_rows == 898
 

@@ -262,3 +262,25 @@ def test_a_half_deleted_work_folder_is_finished_off(tmp_path):
     (doomed / "train-0000000000.npz").write_bytes(b"x")
     assert remove_finished_leftovers(path, plan())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
+
+
+def test_a_follower_commits_into_the_lock_holders_work_folder_only(tmp_path):
+    """The other ranks of a distributed job: no lock, nothing created or removed, the lock holder assembles."""
+    path = tmp_path / "c.h5"
+    with pytest.raises(CacheError, match="not visible here: every node .* shared filesystem"):
+        ChunkStore(path, plan(), follower=True)
+    assert not partial_dir(path).exists() and not (tmp_path / "c.h5.lock").exists()
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        with pytest.raises(CacheError, match=r"this rank's plan differs from rank 0's .*rows per chunk"):
+            ChunkStore(path, plan(chunk_rows=3), follower=True)
+        follower = ChunkStore(path, plan(), follower=True)
+        commit_all(follower, only={("train", 2), ("test", 0)})
+        with pytest.raises(ValueError, match="only the process holding the lock assembles"):
+            follower.assemble(attrs())
+        follower.close()  # leaves the folder and the lock alone
+        assert partial_dir(path).is_dir() and (tmp_path / "c.h5.lock").is_file()
+        assert store.pending("train") == [(0, 2), (4, 5)] and store.pending("test") == [(2, 3)]
+        commit_all(store)
+        store.assemble(attrs())
+    with FeatureCache(path) as fc:
+        np.testing.assert_array_equal(fc.split("train").read(np.arange(5))[0][:, 0], np.arange(5))

@@ -1,0 +1,117 @@
+"""The fits of ``run``: every (cache, method, seed, feature transform, flow setting) asked for, fitted in one
+process or shared among the ranks of a distributed job (each normal class a unit of work)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cache import FeatureCache
+from extract.distributed import SINGLE, DistContext
+
+from .runs import FLOW_METHODS, fit_cache, flow_setting, normal_classes
+from .train import TrainConfig
+
+#: The flow setting of the baselines' single row (they ignore it).
+_BASELINE_SIZE = (4, 1024)
+
+
+@dataclass(frozen=True)
+class SweepFit:
+    """One :func:`flow.runs.fit_cache` call of a sweep: ``normal`` may be ``all`` (one call fits every class)."""
+
+    cache: Path
+    method: str
+    seed: int
+    features: str
+    num_blocks: int
+    hidden: int
+    setting: str
+    normal: str
+
+
+def sweep_fits(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds: Sequence[int],
+               features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int]) -> list[SweepFit]:
+    """The fits of a sweep in the order one process fits them: cache, method, then seed x transform x setting
+    (the baselines once, seed 0, without a setting). A setting label (``K<K>-H<H>``) only when several
+    sizes are swept."""
+    fits = []
+    for cache in caches:
+        for method in methods:
+            sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [_BASELINE_SIZE]
+            for seed, transform, (num_blocks, width) in itertools.product(
+                    seeds if method in FLOW_METHODS else [0], features, sizes):
+                fits.append(SweepFit(Path(cache), method, seed, transform, num_blocks, width,
+                                     flow_setting(num_blocks, width) if len(sizes) > 1 else "", normal))
+    return fits
+
+
+def per_class(fits: Sequence[SweepFit]) -> list[SweepFit]:
+    """Each fit split into one per normal class it covers (named by its class name, which ``--normal`` matches
+    first), in the order of ``fits`` and then of the classes.
+
+    Raises:
+        CacheError: a cache cannot be read.
+        ValueError: a bad ``normal`` (see :func:`flow.runs.normal_classes`).
+    """
+    classes: dict[tuple[Path, str], list[str]] = {}
+    out = []
+    for fit in fits:
+        if (fit.cache, fit.normal) not in classes:
+            with FeatureCache(fit.cache) as fc:
+                classes[fit.cache, fit.normal] = [fc.class_names[k] for k in normal_classes(fc, fit.normal)]
+        out.extend(replace(fit, normal=name) for name in classes[fit.cache, fit.normal])
+    return out
+
+
+def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds: Sequence[int],
+              features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int], runs_dir: str,
+              train_config: TrainConfig, knn_k: int, device: str, refit: bool, log: Callable[[str], None] = print,
+              dist: DistContext = SINGLE) -> tuple[dict[Path, set[str]], dict[str, float]]:
+    """Fit every run of a sweep (see :func:`sweep_fits`); a run already fitted with the same cache, method, seed
+    and settings is kept unless ``refit``.
+
+    In a distributed job the fits are split per normal class (:func:`per_class`) and fit ``i`` goes to rank
+    ``i mod world size``, on the rank's device; each flow is seeded alone, so the runs are those of one
+    process up to float rounding. One progress bar on rank 0 counts the fits of every rank.
+
+    Returns:
+        ``(fitted, seconds)`` on every rank: the run folder names fitted or kept, per cache, and the wall time
+        of each method's fits in seconds (summed over ranks: device-seconds).
+
+    Raises:
+        As :func:`flow.runs.fit_cache`; in a distributed job :class:`extract.distributed.JobError` as described by
+        :meth:`extract.distributed.DistContext.all_succeed`.
+    """
+    fitted: dict[Path, set[str]] = {}
+    times: dict[str, float] = {}
+    with dist.all_succeed():
+        fits = sweep_fits(caches, normal, methods, seeds, features, blocks, hidden)
+        if dist.distributed:
+            fits = per_class(fits)
+            device = str(dist.device(device))
+    mine = dist.share(fits)
+    with dist.all_succeed(), dist.progress(len(fits), "fit", "fit") as step:
+        for fit in mine:
+            start = time.perf_counter()
+            outcomes = fit_cache(fit.cache, normal=fit.normal, runs_dir=runs_dir, seed=fit.seed, method=fit.method,
+                                 flow_config={"num_blocks": fit.num_blocks, "hidden": fit.hidden},
+                                 train_config=train_config, device=device, log=log,
+                                 baseline_params={"k": knn_k} if fit.method == "knn" else {}, setting=fit.setting,
+                                 keep_existing=not refit, features=fit.features, progress=not dist.distributed)
+            fitted.setdefault(fit.cache, set()).update(o.path.name for o in outcomes)
+            times[fit.method] = times.get(fit.method, 0.0) + time.perf_counter() - start
+            step()
+    if not dist.distributed:
+        return fitted, times
+    merged_fitted: dict[Path, set[str]] = {}
+    merged_times: dict[str, float] = {}
+    for rank_fitted, rank_times in dist.gather((fitted, times)):
+        for cache, names in rank_fitted.items():
+            merged_fitted.setdefault(cache, set()).update(names)
+        for method, seconds in rank_times.items():
+            merged_times[method] = merged_times.get(method, 0.0) + seconds
+    return merged_fitted, {m: merged_times[m] for m in methods if m in merged_times}
