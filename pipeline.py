@@ -279,6 +279,11 @@ def _fit_options(fn):
         click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
                      help="Passes over the normal class's train rows."),
         _steps_option,
+        click.option("--early-stop", is_flag=True,
+                     help="Flows: stop after the first epoch whose mean train loss is below the held-out loss "
+                          "(needs --val-fraction; --epochs/--steps are then the most). The held-out rows also "
+                          "calibrate the run, so they took part in choosing its length; docs/results.md, "
+                          "'Training length'."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Samples per step (paper: 32)."),
         click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=5e-5,
                      help="Adam learning rate (paper: 5e-5)."),
@@ -314,13 +319,13 @@ def _fit_options(fn):
 @cli.command()
 @_fit_options
 @user_errors
-def fit(cache, cache_dir, normal, runs_dir, seed, epochs, steps, batch_size, lr, beta1, beta2, adam_eps,
+def fit(cache, cache_dir, normal, runs_dir, seed, epochs, steps, early_stop, batch_size, lr, beta1, beta2, adam_eps,
         weight_decay, blocks, hidden, heads, clamp, no_caff, method, knn_k, features, device, val_fraction) -> None:
     """Train the CAFF flow (or a baseline) on the cached train rows of one normal class (or of each)."""
     from flow.runs import find_cache, fit_cache
 
-    train_config = TrainConfig(**_train_length(epochs, steps), batch_size=batch_size, lr=lr, betas=(beta1, beta2),
-                               eps=adam_eps, weight_decay=weight_decay)
+    train_config = TrainConfig(**_train_length(epochs, steps), early_stop=early_stop, batch_size=batch_size, lr=lr,
+                               betas=(beta1, beta2), eps=adam_eps, weight_decay=weight_decay)
     flow_config = {"num_blocks": blocks, "hidden": hidden, "num_heads": heads, "alpha": clamp}
     if no_caff and method not in (None, "sanf-nocaff"):
         raise InputError(f"--no-caff means --method sanf-nocaff; got --method {method}")

@@ -37,7 +37,7 @@ from flow.runs import resolve_normal, split_holdout  # noqa: E402
 from flow.train import TrainConfig, fit_flow, score_batches  # noqa: E402
 
 COLUMNS = ["dataset", "normal", "method", "features", "n", "n_fit", "n_val", "epoch", "step", "train_loss",
-           "val_loss", "auroc_nll", "auroc_z2", "seconds"]
+           "val_loss", "auroc_nll", "auroc_z2", "seconds", "rule"]
 
 
 def checkpoints(max_steps: int, first: int = 16) -> list[int]:
@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--method", choices=["sanf", "sanf-nocaff"], default="sanf")
     ap.add_argument("--features", default="raw")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--early-stop", action="store_true",
+                    help="train with fit --early-stop's rule (at most --max-steps) and add a row 'early-stop' for "
+                         "the model it keeps")
     ap.add_argument("--label", default="", help="dataset label of the rows (default: the cache's dataset)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -122,8 +125,22 @@ def main() -> None:
                              "features": args.features, "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx),
                              "epoch": 0, "step": 0, "auroc_nll": f"{auroc(is_anomaly, scores['nll']):.4f}",
                              "auroc_z2": f"{auroc(is_anomaly, scores['z2']):.4f}", "seconds": "0.0"})
-            fit_flow(tensors[0], tensors[1], config, TrainConfig(epochs=epochs), seed=args.seed, device="cpu",
-                     progress=False, val_cls=tensors[2], val_patches=tensors[3], on_epoch=on_epoch)
+            train_config = TrainConfig(epochs=epochs, early_stop=args.early_stop)
+            model, result = fit_flow(tensors[0], tensors[1], config, train_config,
+                                     seed=args.seed, device="cpu", progress=False, val_cls=tensors[2],
+                                     val_patches=tensors[3], on_epoch=on_epoch)
+            if args.early_stop:
+                scores = score_batches(model, tensors[4], tensors[5])
+                writer.writerow({"dataset": label, "normal": args.normal, "method": args.method,
+                                 "features": args.features, "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx),
+                                 "epoch": len(result.epoch_losses), "step": result.num_steps,
+                                 "train_loss": f"{result.epoch_losses[-1]:.4f}",
+                                 "val_loss": f"{result.val_losses[-1]:.4f}",
+                                 "auroc_nll": f"{auroc(is_anomaly, scores['nll']):.4f}",
+                                 "auroc_z2": f"{auroc(is_anomaly, scores['z2']):.4f}",
+                                 "seconds": f"{time.perf_counter() - start:.1f}",
+                                 "rule": "early-stop" if result.stopped_early else "early-stop (not triggered)"})
+                handle.flush()
             print(f"{label} {args.normal} n={n}: {epochs} epochs of {steps_per_epoch} steps, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 

@@ -156,6 +156,9 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         method = method_name(flow_config.get("use_caff", True))
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in FLOW_METHODS and train_config.early_stop and not val_fraction:
+        raise ValueError("--early-stop needs held-out normal rows to compare the train loss with: pass "
+                         "--val-fraction (e.g. 0.2)")
     if features == AUTO:
         with FeatureCache(cache) as fc:  # the choice depends on what the cache holds
             features = resolve_features(features, fc.attrs)
@@ -221,7 +224,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "train": train_config.to_dict(),
                 "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
                 "epochs": len(result.epoch_losses),  # passes made (the last one partial when --steps cut it)
-                "steps": train_config.total_steps(int(cls_t.shape[0])),
+                "steps": result.num_steps,
+                "stopped_early": result.stopped_early,
                 "epoch_losses": result.epoch_losses,
                 "final_train_loss": result.final_loss,
                 "val_fraction": val_fraction,
@@ -241,6 +245,9 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             path = save_run(runs_dir, name, model.state_dict(), record, files)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
             epochs = train_config.describe(int(cls_t.shape[0]))
+            if result.stopped_early:
+                epochs = (f"stopped early after {len(result.epoch_losses)} epochs (train loss below the held-out "
+                          f"loss; at most {epochs})")
             log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows"
                 f"{_features_note(features)}, "
                 f"{epochs}, "

@@ -28,6 +28,9 @@ class TrainConfig:
         epochs: passes over the normal-class train rows.
         steps: when set, train for exactly this many optimiser steps instead (``epochs`` is then ignored): the
             same amount of training whatever the number of rows, the last pass over them cut short.
+        early_stop: stop after the first epoch whose mean train loss is below the held-out loss (the
+            generalisation gap turning positive, the onset of overfitting), ``epochs``/``steps`` being the most;
+            needs held-out rows (``fit --val-fraction``). Measured in docs/results.md, "Training length".
         batch_size: samples per step (paper: 32).
         lr: Adam learning rate (paper: 5e-5).
         betas: Adam betas (paper: (0.8, 0.8)).
@@ -42,6 +45,7 @@ class TrainConfig:
     eps: float = 1e-4
     weight_decay: float = 1e-5
     steps: int | None = None
+    early_stop: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -49,8 +53,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        if self.steps is None:
-            del out["steps"]  # the record of an epoch-counted run is what it was before the option existed
+        for key, unset in (("steps", None), ("early_stop", False)):
+            if out[key] == unset:
+                del out[key]  # the record of a run without the option is what it was before the option existed
         return out
 
     def total_steps(self, num_rows: int) -> int:
@@ -75,12 +80,16 @@ class TrainResult:
         val_losses: the same loss on held-out normal-class train rows after each epoch (empty without them).
         wall_time_s: seconds spent in the training loop.
         num_samples: training rows.
+        stopped_early: ``early_stop`` ended training before ``epochs``/``steps`` were done.
+        num_steps: optimiser steps made.
     """
 
     epoch_losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     num_samples: int = 0
+    stopped_early: bool = False
+    num_steps: int = 0
 
     @property
     def final_loss(self) -> float:
@@ -128,7 +137,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
         The trained model (in eval mode, on ``device``) and a :class:`TrainResult`.
 
     Raises:
-        ValueError: no training rows, or D does not match.
+        ValueError: no training rows, D does not match, or ``early_stop`` without held-out rows.
         FlowTrainingError: the loss became NaN or infinite (names the epoch and step).
     """
     n = cls.shape[0]
@@ -136,6 +145,9 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
         raise ValueError("no training rows for this normal class")
     if cls.shape[1] != flow_config.dim:
         raise ValueError(f"semantic vectors have D = {cls.shape[1]}, flow built for {flow_config.dim}")
+    if train_config.early_stop and (val_cls is None or not len(val_cls)):
+        raise ValueError("--early-stop needs held-out normal rows to compare the train loss with: pass "
+                         "--val-fraction (e.g. 0.2)")
     device = torch.device(device) if isinstance(device, str) else device
     torch.manual_seed(seed)
     model = SANFFlow(flow_config).to(device)
@@ -155,6 +167,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
             if steps_left == 0:
                 break
             steps_left -= 1
+            result.num_steps += 1
             idx = order[begin:begin + train_config.batch_size]
             y = cls[idx].to(device, non_blocking=True)
             tokens = patches[idx].to(device, non_blocking=True) if use_tokens else None
@@ -178,6 +191,9 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
             on_epoch(epoch + 1, model, result)
             model.train()
         bar.set_postfix(loss=f"{result.epoch_losses[-1]:.4f}")
+        if train_config.early_stop and result.epoch_losses[-1] < result.val_losses[-1] and epoch + 1 < epochs:
+            result.stopped_early = True
+            break
     result.wall_time_s = time.perf_counter() - start
     model.eval()
     return model, result

@@ -251,3 +251,15 @@ def test_epochs_and_steps_together_are_refused(tmp_path, command):
     assert no_runs(tmp_path / "runs") and not (tmp_path / "cache").exists()
     bad = invoke(command, "--steps", "0", *where)
     assert bad.exit_code == 2 and "--steps" in bad.output
+
+
+def test_early_stop_without_held_out_rows_is_refused(tmp_path):
+    cache = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=8, n_test=2), ["a", "b", "c"])
+    result = invoke("fit", "--cache", str(cache), "--normal", "a", "--early-stop", "--runs-dir", str(tmp_path / "runs"),
+                    *FIT)
+    assert_input_error(result, "--early-stop needs held-out normal rows to compare the train loss with: pass "
+                               "--val-fraction (e.g. 0.2)")
+    assert no_runs(tmp_path / "runs")
+    ok = invoke("fit", "--cache", str(cache), "--normal", "a", "--early-stop", "--val-fraction", "0.25",
+                "--runs-dir", str(tmp_path / "runs"), *FIT)
+    assert_ok(ok)

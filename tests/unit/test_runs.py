@@ -160,6 +160,30 @@ def test_steps_trains_exactly_that_many_optimiser_steps(gaussian_cache, tmp_path
         TrainConfig(steps=0)
 
 
+def test_early_stop_ends_at_the_first_epoch_whose_train_loss_is_below_the_held_out_loss(gaussian_cache, tmp_path):
+    config = TrainConfig(epochs=200, batch_size=8, lr=1e-3, early_stop=True)
+    logs = []
+    (outcome,) = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                           train_config=config, val_fraction=0.25, device="cpu", progress=False, log=logs.append)
+    record = outcome.record
+    train, held_out = record["epoch_losses"], record["val_losses"]
+    assert record["stopped_early"] and 1 < record["epochs"] < 200 and len(train) == len(held_out) == record["epochs"]
+    assert train[-1] < held_out[-1] and all(t >= v for t, v in zip(train[:-1], held_out[:-1]))
+    assert record["steps"] == 4 * record["epochs"]  # 30 fit rows in batches of 8
+    assert record["train"]["early_stop"] is True
+    assert f"stopped early after {record['epochs']} epochs" in logs[-1]
+    # the same fit without the rule runs all its epochs and passes through the same first ones
+    (full,) = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "full", flow_config=SMALL_FLOW,
+                        train_config=TrainConfig(epochs=record["epochs"] + 2, batch_size=8, lr=1e-3),
+                        val_fraction=0.25, device="cpu", progress=False, log=quiet)
+    assert not full.record["stopped_early"] and full.record["epochs"] == record["epochs"] + 2
+    np.testing.assert_allclose(full.record["epoch_losses"][:len(train)], train, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"--early-stop needs held-out normal rows .*--val-fraction"):
+        fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "none", flow_config=SMALL_FLOW,
+                  train_config=config, device="cpu", progress=False, log=quiet)
+    assert not (tmp_path / "none").exists()
+
+
 def test_score_refuses_a_changed_or_missing_cache(tmp_path):
     cache = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"])
     fit_cache(cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
