@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -58,6 +59,11 @@ class InputError(click.ClickException):
     """A one-line ``Error: ...`` and exit code 2 (bad input: argument, file, data)."""
 
     exit_code = 2
+
+
+class ArgumentError(InputError):
+    """An :class:`InputError` found from the command line alone, so every rank of a torchrun job finds it at the
+    same point: rank 0 reports it, the other ranks exit 2 without repeating it."""
 
 
 def _one_line(err: BaseException) -> str:
@@ -113,7 +119,11 @@ def job_command(fn):
             if env.distributed:
                 env.backend(device)
         except ValueError as err:  # malformed RANK / WORLD_SIZE / LOCAL_RANK, or too few GPUs for the ranks
-            rank = os.environ.get("RANK", "0")  # before any collective: each rank that fails says so
+            # before the ranks are connected; the ranks of a node fail alike: its local rank 0 says so, once
+            rank = os.environ.get("RANK", "0")
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                time.sleep(1.0)  # let the node's local rank 0 print before torchrun stops the job
+                raise click.exceptions.Exit(InputError.exit_code) from None
             raise InputError(("" if rank == "0" else f"[rank {rank}] ") + _one_line(err)) from None
         with session(device) as job:
             try:
@@ -121,6 +131,10 @@ def job_command(fn):
             except click.ClickException as err:
                 if not job.distributed:
                     raise
+                if isinstance(err, ArgumentError):
+                    job._state["failed"] = True  # every rank is here: meet at the end, after rank 0 has printed
+                    if not job.is_main:
+                        raise click.exceptions.Exit(err.exit_code) from None
                 err.show()
                 raise click.exceptions.Exit(err.exit_code) from None
 
@@ -259,7 +273,7 @@ def _train_length(epochs: int, steps: int | None) -> dict:
     """TrainConfig's ``epochs``/``steps`` from the options; both given explicitly is refused (one would be ignored)."""
     ctx = click.get_current_context()
     if steps is not None and ctx.get_parameter_source("epochs") is not click.core.ParameterSource.DEFAULT:
-        raise InputError(f"--epochs and --steps exclude each other (a fit has one length); got --epochs {epochs} "
+        raise ArgumentError(f"--epochs and --steps exclude each other (a fit has one length); got --epochs {epochs} "
                          f"and --steps {steps}")
     return {"epochs": epochs, "steps": steps}
 
@@ -554,5 +568,25 @@ def demo(cache_dir: str, runs_dir: str, epochs: int, steps: int | None, device: 
     click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
 
 
+def main() -> None:
+    """The command line. On the ranks other than 0 of a torchrun job, a usage error (the same command line on every
+    rank) is left to rank 0 to print."""
+    name = os.path.basename(sys.argv[0])
+    if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+        cli(prog_name=name)
+        return
+    try:
+        code = cli.main(prog_name=name, standalone_mode=False)
+    except click.UsageError as err:
+        time.sleep(1.0)  # let rank 0 print it before torchrun stops the job
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    cli(prog_name=os.path.basename(sys.argv[0]))
+    main()

@@ -162,6 +162,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     if features == AUTO:
         with FeatureCache(cache) as fc:  # the choice depends on what the cache holds
             features = resolve_features(features, fc.attrs)
+        kind = "a CNN's final features" if features != PAPER_FEATURES else "not a CNN's final features"
+        log(f"--features auto: {features} ({kind}; --features raw is the paper's setting)")
     setting = run_setting(setting, features)
     if method in BASELINES:
         return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,

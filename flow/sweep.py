@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from cache import FeatureCache
 from extract.distributed import SINGLE, DistContext
 
+from .features import AUTO, resolve_features
 from .runs import FLOW_METHODS, fit_cache, flow_setting, normal_classes
 from .train import TrainConfig
 
@@ -37,13 +38,22 @@ def sweep_fits(caches: Sequence[Path], normal: str, methods: Sequence[str], seed
                features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int]) -> list[SweepFit]:
     """The fits of a sweep in the order one process fits them: cache, method, then seed x transform x setting
     (the baselines once, seed 0, without a setting). A setting label (``K<K>-H<H>``) only when several
-    sizes are swept."""
+    sizes are swept. ``auto`` is resolved for each cache (:func:`flow.features.resolve_features`) and a transform
+    asked for twice that way is fitted once.
+
+    Raises:
+        CacheError: a cache cannot be read.
+    """
     fits = []
     for cache in caches:
+        transforms = list(dict.fromkeys(features))
+        if AUTO in transforms:  # resolved per cache, so that auto,ssqrt-l2 is not one setting fitted twice
+            with FeatureCache(cache) as fc:
+                transforms = list(dict.fromkeys(resolve_features(f, fc.attrs) for f in transforms))
         for method in methods:
             sizes = [(k, h) for k in blocks for h in hidden] if method in FLOW_METHODS else [_BASELINE_SIZE]
             for seed, transform, (num_blocks, width) in itertools.product(
-                    seeds if method in FLOW_METHODS else [0], features, sizes):
+                    seeds if method in FLOW_METHODS else [0], transforms, sizes):
                 fits.append(SweepFit(Path(cache), method, seed, transform, num_blocks, width,
                                      flow_setting(num_blocks, width) if len(sizes) > 1 else "", normal))
     return fits

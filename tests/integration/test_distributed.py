@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from cache import CacheLock, partial_dir
 from conftest import ROOT, make_image_tree
 from test_cli import read_csv
@@ -228,3 +231,21 @@ def test_run_on_two_ranks_gives_the_summary_of_one_process(uninterrupted, tmp_pa
     assert [r for r in rows_two if r["method"] != "sanf"] == [r for r in rows_one if r["method"] != "sanf"]
     assert len(rows_two) == len(rows_one)
     assert (two / f"{uninterrupted.stem}__report.md").is_file() and any((two / f"{uninterrupted.stem}__plots").iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (("extract", "--dataset", "nosuch"), "Invalid value for '--dataset': 'nosuch' is not one of"),  # click's parser
+    (("run", "--dataset", "digits", "--epochs", "2", "--steps", "5"),  # found by the command from its arguments
+     "Error: --epochs and --steps exclude each other (a fit has one length); got --epochs 2 and --steps 5"),
+    (("extract", "--dataset", "digits", "--device", "cuda"),  # before the ranks connect (no GPU here)
+     "device 'cuda' was asked for but torch sees no CUDA device"),
+])
+def test_an_error_of_the_command_line_is_printed_once(tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = torchrun(*args, "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode != 0
+    lines = error_lines(done.stdout + "\n" + done.stderr)
+    assert len(lines) == 1 and message in lines[0], done.stdout + done.stderr
+    assert "[rank" not in lines[0]  # rank 0's line
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

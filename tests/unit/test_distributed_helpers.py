@@ -139,6 +139,16 @@ def test_sweep_fits_keep_the_order_of_one_process(tmp_path):
     assert all(isinstance(f, SweepFit) and f.normal == "all" for f in fits)
 
 
+def test_sweep_fits_resolve_auto_per_cache_and_fit_a_transform_once(tmp_path):
+    from conftest import gaussian_splits, write_cache
+
+    cnn = write_cache(tmp_path / "cnn.h5", gaussian_splits(), ["a", "b", "c"], semantic_vector="spatial_mean")
+    vit = write_cache(tmp_path / "vit.h5", gaussian_splits(), ["a", "b", "c"])
+    fits = sweep_fits([cnn, vit], "all", ["knn"], [0], ["auto", "ssqrt-l2", "raw"], [4], [8])
+    assert [(f.cache.name, f.features) for f in fits] == [
+        ("cnn.h5", "ssqrt-l2"), ("cnn.h5", "raw"), ("vit.h5", "raw"), ("vit.h5", "ssqrt-l2")]
+
+
 def test_per_class_splits_each_fit_into_its_normal_classes(gaussian_cache):
     fits = per_class(sweep_fits([gaussian_cache], "all", ["knn", "gaussian"], [0], ["raw"], [4], [1024]))
     assert [(f.method, f.normal) for f in fits] == [("knn", "a"), ("knn", "b"), ("knn", "c"), ("gaussian", "a"),

@@ -232,6 +232,7 @@ def test_fit_records_what_auto_resolved_to(tmp_path, semantic_vector, expected):
     logs = []
     (outcome,) = fit_cache(cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian", log=logs.append)
     assert outcome.record["feature_transform"] == expected
+    assert logs[0].startswith(f"--features auto: {expected} (")  # said even when it is raw
     assert (f"gaussian-{expected}__" in outcome.path.name) == (expected != "raw")
     with FeatureCache(cache) as fc:
         cls = fc.split("train").read(fc.split("train").rows_of_class(0))[0]
