@@ -94,9 +94,13 @@ class CacheSplit:
                 bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
                 if bad.any():
                     index = np.arange(self.num_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
+                    advice = "e.g. with --precision fp32"
+                    if self._cache.attrs.get("dtype") == "float16":
+                        advice = ("with --dtype float32 if the features exceed float16's range (65504), or with "
+                                  "--precision fp32 if the backbone's forward overflowed")
                     raise CacheError(f"{self._cache.path}: /{self.name}/{name} row {int(index[np.argmax(bad)])} holds "
                                      f"NaN or infinite values ({int(bad.sum())} such rows read); extract again "
-                                     "(--overwrite), e.g. with --precision fp32")
+                                     f"(--overwrite) {advice}")
         return cls, patches
 
     def _read(self, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,24 @@ def cache_file_name(dataset: str, backbone: str, settings: dict) -> str:
     return f"{safe}__{size}px__g{settings['patch_grid_arg']}__{digest}.h5"
 
 
+def _check_storage_range(stored: tuple[np.ndarray, np.ndarray], cls: np.ndarray, patches: np.ndarray, dtype: str,
+                         split: str, at: int, sample_ids: list[str]) -> None:
+    """Refuse a batch whose finite float32 features became infinite in the storage dtype (float16 holds
+    |x| <= 65504), before its chunk is committed.
+
+    Raises:
+        ExtractionError: names the first such image, the largest magnitude, and ``--dtype float32``.
+    """
+    over = ~np.isfinite(stored[0]).all(axis=1) | ~np.isfinite(stored[1]).all(axis=(1, 2))
+    if not over.any():
+        return
+    first = at + int(np.flatnonzero(over)[0])
+    largest = max(float(np.abs(cls).max()), float(np.abs(patches).max()))
+    raise ExtractionError(f"the features of {int(over.sum())} images exceed the range of --dtype {dtype} (largest "
+                          f"|value| {largest:.4g}; {dtype} holds up to {float(np.finfo(dtype).max):.6g}), first "
+                          f"{sample_ids[first]!r} ({split} row {first}); use --dtype float32")
+
+
 def extract_features(dataset: str = "digits", data_root: str | None = None, download: bool = True,
                      backbone: str = "vit_base_patch16_384", weights: str = "auto", random_init: bool = False,
                      patch_grid: int = 8, img_size: int | None = None, crop_pct: float | None = None,
@@ -255,7 +273,9 @@ def _encode_chunks(store: ChunkStore, split: str, part, chunks: list[tuple[int, 
             if not np.array_equal(labels.numpy(), part.labels[at:at + len(labels)]):
                 raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
                                       "from the sample index")
-            held.append((cls.astype(dtype), patches.astype(dtype)))
+            stored = (cls.astype(dtype), patches.astype(dtype))
+            _check_storage_range(stored, cls, patches, dtype, split, at, part.sample_ids)
+            held.append(stored)
             at += len(labels)
             total += len(labels)
             if at == chunk_stop:

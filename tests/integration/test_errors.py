@@ -140,6 +140,43 @@ def test_non_finite_backbone_output_stops_extraction_naming_the_image(image_tree
     assert not list(cache_dir.glob("*.h5"))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_features_beyond_float16_range_are_refused_before_they_are_stored(image_tree, tmp_path, monkeypatch, dtype):
+    """Finite float32 features of 1e5 become inf in float16: refused, naming the image and --dtype float32,
+    and nothing is committed; float32 storage keeps them."""
+    from extract.backbone import TokenEncoder
+
+    forward = TokenEncoder.forward
+
+    def large(self, images):
+        cls, patches = forward(self, images)
+        cls = cls.clone()
+        if len(cls) > 2:
+            cls[2, 5] = 1e5  # the third image of every batch of more than 2
+        return cls, patches
+
+    monkeypatch.setattr(TokenEncoder, "forward", large)
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(image_tree, cache_dir, "--batch-size", "4", "--dtype", dtype, backbone=SMALL))
+    if dtype == "float32":
+        assert_ok(result)
+        return
+    assert_input_error(result, "the features of 1 images exceed the range of --dtype float16 (largest |value| 1e+05; "
+                               "float16 holds up to 65504), first 'train/blue/002.png' (train row 2); use --dtype "
+                               "float32")
+    assert not list(cache_dir.glob("*.h5")) and not list(cache_dir.glob("*.partial/*.npz"))
+
+
+def test_non_finite_rows_of_a_float16_cache_name_both_causes(tmp_path):
+    splits = gaussian_splits(n_train=4, n_test=2)
+    splits["train"][0][1, 3] = np.inf
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"], dtype="float16")
+    result = invoke("fit", "--cache", str(cache), "--normal", "a", "--runs-dir", str(tmp_path / "runs"), *FIT)
+    assert_input_error(result, "/train/cls row 1 holds NaN or infinite values (1 such rows read); extract again "
+                               "(--overwrite) with --dtype float32 if the features exceed float16's range (65504), "
+                               "or with --precision fp32 if the backbone's forward overflowed")
+
+
 # found by a breaking session
 
 
