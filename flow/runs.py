@@ -163,7 +163,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         with FeatureCache(cache) as fc:  # the choice depends on what the cache holds
             features = resolve_features(features, fc.attrs)
         kind = "a CNN's final features" if features != PAPER_FEATURES else "not a CNN's final features"
-        log(f"--features auto: {features} ({kind}; --features raw is the paper's setting)")
+        log = _said_first(log, f"--features auto: {features} ({kind}; --features raw is the paper's setting)")
     setting = run_setting(setting, features)
     if method in BASELINES:
         return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,
@@ -424,6 +424,18 @@ def run_setting(setting: str, features: str) -> str:
     """A run's setting label: a sweep's flow setting (:func:`flow_setting`) and, unless ``raw``, the feature
     transform (``K2-H1024-ssqrt-l2``, ``ssqrt-l2``); empty for the paper's setting."""
     return "-".join(part for part in (setting, "" if features == "raw" else features) if part)
+
+
+def _said_first(log: Callable[[str], None], line: str) -> Callable[[str], None]:
+    """``log`` that prints ``line`` before its first line (so nothing is said before the arguments are checked)."""
+    pending = [line]
+
+    def wrapped(message: str) -> None:
+        while pending:
+            log(pending.pop())
+        log(message)
+
+    return wrapped
 
 
 def _features_note(features: str) -> str:
