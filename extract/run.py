@@ -63,6 +63,11 @@ def cache_file_name(dataset: str, backbone: str, settings: dict) -> str:
     return f"{safe}__{size}px__g{settings['patch_grid_arg']}__{digest}.h5"
 
 
+def non_finite_rows(cls: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """(N,) bool: the images whose class token (N, D) or patch tokens (N, P, D) hold a NaN or infinite value."""
+    return ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+
+
 def _check_storage_range(stored: tuple[np.ndarray, np.ndarray], cls: np.ndarray, patches: np.ndarray, dtype: str,
                          split: str, at: int, sample_ids: list[str]) -> None:
     """Refuse a batch whose finite float32 features became infinite in the storage dtype (float16 holds
@@ -71,7 +76,7 @@ def _check_storage_range(stored: tuple[np.ndarray, np.ndarray], cls: np.ndarray,
     Raises:
         ExtractionError: names the first such image, the largest magnitude, and ``--dtype float32``.
     """
-    over = ~np.isfinite(stored[0]).all(axis=1) | ~np.isfinite(stored[1]).all(axis=(1, 2))
+    over = non_finite_rows(*stored)
     if not over.any():
         return
     first = at + int(np.flatnonzero(over)[0])
@@ -264,7 +269,7 @@ def _encode_chunks(store: ChunkStore, split: str, part, chunks: list[tuple[int, 
                 cls, patches = encoder(images.to(dev, non_blocking=True))
             cls = cls.float().cpu().numpy()
             patches = patches.float().cpu().numpy()
-            bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+            bad = non_finite_rows(cls, patches)
             if bad.any():
                 first = at + int(np.flatnonzero(bad)[0])
                 raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "

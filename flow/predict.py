@@ -22,6 +22,7 @@ import torch
 
 from cache import FeatureCache
 from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
+from extract.run import non_finite_rows
 
 from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
 from .store import (RunError, RunScorer, check_not_a_run_file, check_writable_dir, load_scorer, primary_score,
@@ -156,7 +157,7 @@ def _score_torch(scorer: RunScorer, record: dict, encoder: CacheEncoder, files: 
 
 def _check_finite(cls: np.ndarray, patches: np.ndarray, indices: list[int], errors: list[str],
                   files: list[str]) -> None:
-    bad = ~np.isfinite(cls).all(axis=1) | ~np.isfinite(patches).all(axis=(1, 2))
+    bad = non_finite_rows(cls, patches)
     for j in np.flatnonzero(bad):
         errors[indices[j]] = f"the backbone gave non-finite features for {files[indices[j]]}"
 
