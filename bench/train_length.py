@@ -99,48 +99,41 @@ def main() -> None:
             tensors = [torch.from_numpy(transform(a)) if a is not None else None for a in (
                 cls_fit, patches_all[pick][fit_idx] if use_caff else None, cls_val,
                 patches_all[pick][val_idx] if use_caff else None, test_cls, test_patches if use_caff else None)]
-            steps_per_epoch = math.ceil(len(fit_idx) / TrainConfig.batch_size)
+            steps_per_epoch = TrainConfig().steps_per_epoch(len(fit_idx))
             epochs = math.ceil(args.max_steps / steps_per_epoch)
             marks = checkpoints(epochs * steps_per_epoch, first=min(16, steps_per_epoch * 2))
             start = time.perf_counter()
+            head = {"dataset": label, "normal": args.normal, "method": args.method, "features": args.features,
+                    "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx)}
 
-            def on_epoch(epoch, model, result, n=n, marks=marks, start=start, fit_n=len(fit_idx)):
-                step = epoch * steps_per_epoch
-                row = {"dataset": label, "normal": args.normal, "method": args.method, "features": args.features,
-                       "n": n, "n_fit": fit_n, "n_val": len(val_idx), "epoch": epoch, "step": step,
-                       "train_loss": f"{result.epoch_losses[-1]:.4f}",
-                       "val_loss": f"{result.val_losses[-1]:.4f}" if result.val_losses else "",
-                       "seconds": f"{time.perf_counter() - start:.1f}"}
-                if any(step >= m > step - steps_per_epoch for m in marks):
+            def write(model, epoch, step, result=None, rule="", score=True, head=head, start=start):
+                """One CSV row: the losses so far and, when ``score``, the test AUROC of ``model``."""
+                row = {**head, "epoch": epoch, "step": step, "rule": rule,
+                       "seconds": f"{time.perf_counter() - start:.1f}" if result is not None else "0.0"}
+                if result is not None:
+                    row["train_loss"] = f"{result.epoch_losses[-1]:.4f}"
+                    row["val_loss"] = f"{result.val_losses[-1]:.4f}" if result.val_losses else ""
+                if score:
                     scores = score_batches(model, tensors[4], tensors[5])
                     row["auroc_nll"] = f"{auroc(is_anomaly, scores['nll']):.4f}"
                     row["auroc_z2"] = f"{auroc(is_anomaly, scores['z2']):.4f}"
                 writer.writerow(row)
                 handle.flush()
 
+            def on_epoch(epoch, model, result, marks=marks, write=write):
+                step = epoch * steps_per_epoch
+                write(model, epoch, step, result, score=any(step >= m > step - steps_per_epoch for m in marks))
+
             config = FlowConfig(dim=dim, use_caff=use_caff)
             torch.manual_seed(args.seed)  # the initialisation fit_flow starts from (step 0)
-            scores = score_batches(SANFFlow(config), tensors[4], tensors[5])
-            writer.writerow({"dataset": label, "normal": args.normal, "method": args.method,
-                             "features": args.features, "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx),
-                             "epoch": 0, "step": 0, "auroc_nll": f"{auroc(is_anomaly, scores['nll']):.4f}",
-                             "auroc_z2": f"{auroc(is_anomaly, scores['z2']):.4f}", "seconds": "0.0"})
+            write(SANFFlow(config), 0, 0)
             train_config = TrainConfig(epochs=epochs, early_stop=args.early_stop)
             model, result = fit_flow(tensors[0], tensors[1], config, train_config,
                                      seed=args.seed, device="cpu", progress=False, val_cls=tensors[2],
                                      val_patches=tensors[3], on_epoch=on_epoch)
             if args.early_stop:
-                scores = score_batches(model, tensors[4], tensors[5])
-                writer.writerow({"dataset": label, "normal": args.normal, "method": args.method,
-                                 "features": args.features, "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx),
-                                 "epoch": len(result.epoch_losses), "step": result.num_steps,
-                                 "train_loss": f"{result.epoch_losses[-1]:.4f}",
-                                 "val_loss": f"{result.val_losses[-1]:.4f}",
-                                 "auroc_nll": f"{auroc(is_anomaly, scores['nll']):.4f}",
-                                 "auroc_z2": f"{auroc(is_anomaly, scores['z2']):.4f}",
-                                 "seconds": f"{time.perf_counter() - start:.1f}",
-                                 "rule": "early-stop" if result.stopped_early else "early-stop (not triggered)"})
-                handle.flush()
+                write(model, len(result.epoch_losses), result.num_steps, result,
+                      rule="early-stop" if result.stopped_early else "early-stop (not triggered)")
             print(f"{label} {args.normal} n={n}: {epochs} epochs of {steps_per_epoch} steps, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 

@@ -156,9 +156,8 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         method = method_name(flow_config.get("use_caff", True))
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method in FLOW_METHODS and train_config.early_stop and not val_fraction:
-        raise ValueError("--early-stop needs held-out normal rows to compare the train loss with: pass "
-                         "--val-fraction (e.g. 0.2)")
+    if method in FLOW_METHODS:
+        train_config.check_held_out(val_fraction > 0)  # before the cache is read
     if features == AUTO:
         with FeatureCache(cache) as fc:  # the choice depends on what the cache holds
             features = resolve_features(features, fc.attrs)

@@ -58,16 +58,26 @@ class TrainConfig:
                 del out[key]  # the record of a run without the option is what it was before the option existed
         return out
 
+    def steps_per_epoch(self, num_rows: int) -> int:
+        """Optimiser steps of one pass over ``num_rows`` rows (the last batch may be smaller)."""
+        return math.ceil(num_rows / self.batch_size)
+
     def total_steps(self, num_rows: int) -> int:
         """Optimiser steps a fit on ``num_rows`` rows takes."""
-        return self.steps if self.steps is not None else self.epochs * math.ceil(num_rows / self.batch_size)
+        return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(num_rows)
 
     def describe(self, num_rows: int) -> str:
         """``"16 epochs"`` or ``"64 steps (0.5 epochs)"``, for logs."""
         if self.steps is None:
             return f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
-        passes = self.steps / math.ceil(num_rows / self.batch_size)
+        passes = self.steps / self.steps_per_epoch(num_rows)
         return f"{self.steps} step{'s' if self.steps != 1 else ''} ({passes:.3g} epochs)"
+
+    def check_held_out(self, has_held_out: bool) -> None:
+        """Raises ValueError when ``early_stop`` is asked for without held-out rows to compare the train loss with."""
+        if self.early_stop and not has_held_out:
+            raise ValueError("--early-stop needs held-out normal rows to compare the train loss with: pass "
+                             "--val-fraction (e.g. 0.2)")
 
 
 @dataclass
@@ -145,9 +155,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
         raise ValueError("no training rows for this normal class")
     if cls.shape[1] != flow_config.dim:
         raise ValueError(f"semantic vectors have D = {cls.shape[1]}, flow built for {flow_config.dim}")
-    if train_config.early_stop and (val_cls is None or not len(val_cls)):
-        raise ValueError("--early-stop needs held-out normal rows to compare the train loss with: pass "
-                         "--val-fraction (e.g. 0.2)")
+    train_config.check_held_out(val_cls is not None and len(val_cls) > 0)
     device = torch.device(device) if isinstance(device, str) else device
     torch.manual_seed(seed)
     model = SANFFlow(flow_config).to(device)
@@ -158,7 +166,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
     start = time.perf_counter()
     model.train()
     steps_left = train_config.total_steps(n)
-    epochs = math.ceil(steps_left / math.ceil(n / train_config.batch_size))
+    epochs = math.ceil(steps_left / train_config.steps_per_epoch(n))
     bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         order = torch.randperm(n, generator=generator)
