@@ -30,6 +30,45 @@ def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
     return (2.0 * alpha / math.pi) * torch.atan(s / alpha)
 
 
+def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample power of two ``2^k >= max|x|`` (k >= 0) of a (B, ...) tensor, shape (B, 1, 1), no gradient.
+
+    Dividing by a power of two is exact in floating point (outside the subnormal range), so values that
+    need no scaling (``max|x| <= 1``, k = 0) are left bit for bit as they were.
+    """
+    peak = x.detach().abs().flatten(1).amax(dim=1).clamp_min(1.0)
+    return torch.pow(2.0, torch.ceil(torch.log2(peak))).view(-1, 1, 1)
+
+
+def stable_logits(key_side: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention logits ``key_side @ tokens^T`` shifted by their maximum, finite wherever the softmax is.
+
+    The logits of eq. 9 can exceed float32's range (about 3.4e38) for large but finite inputs (the shifts t
+    of one layer feed the next, unbounded), and ``softmax`` of an infinite logit is NaN. Here ``key_side``
+    is divided by two per-sample powers of two, ``2^a >= max|key_side|`` and ``2^b >= max|tokens|``
+    (:func:`_power_of_two_scale`; exact divisions, and only of the small (B, heads, d) factor), so that every
+    product in the matrix product is at most 1 in magnitude; the product is shifted so that its maximum over
+    the tokens is 0, and only then multiplied back by ``2^a`` and ``2^b``. The result is
+    ``logits - max(logits)``: at most 0, its largest entry exactly 0, so the softmax never sees inf - inf;
+    entries below float32's range become -inf, weight 0 (their weight is below ``exp(-3.4e38)`` anyway). The
+    softmax is invariant to the shift, so this is eq. 9 unchanged; for inputs that need no scaling (both
+    scales 1, or any scales while nothing leaves float32's normal range) the values are bit for bit those
+    of the plain product.
+
+    Args:
+        key_side: (B, heads, d) query-side keys ``W_k,h^T q_h / sqrt(e)``.
+        tokens: (B, 1 + P, d) the attended tokens ``[v; T]``.
+
+    Returns:
+        (B, heads, 1 + P) shifted logits.
+    """
+    k_scale, m_scale = _power_of_two_scale(key_side), _power_of_two_scale(tokens)
+    # two divisions and two products, never by k_scale * m_scale: that may overflow to inf (and inf * 0 is NaN)
+    logits = torch.bmm(key_side / k_scale / m_scale, tokens.transpose(1, 2))
+    logits = logits - logits.detach().amax(dim=-1, keepdim=True)
+    return logits * k_scale * m_scale
+
+
 class ClassAttention(nn.Module):
     """Multi-head class attention of one query vector over ``[v; tokens]`` (eq. 6-10).
 
@@ -46,7 +85,8 @@ class ClassAttention(nn.Module):
     multiply-adds: per head h, ``q_h . (W_k,h m_j + b_k,h) = (W_k,h^T q_h) . m_j + q_h . b_k,h``, and the
     last term is the same for every token j, so the softmax cancels it; and since each row of A sums
     to 1, ``sum_j A_hj (W_v,h m_j + b_v,h) = W_v,h (sum_j A_hj m_j) + b_v,h``. :meth:`forward` computes
-    this form; :meth:`forward_as_written` computes eq. 6-10 literally (the tests check that both agree;
+    this form, with the logits computed by :func:`stable_logits` (finite for large finite inputs, where the
+    plain product overflows float32); :meth:`forward_as_written` computes eq. 6-10 literally (the tests check that both agree;
     :func:`flow.model.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
     effect on the output (its gradient is 0), in the paper's form as in ours; it is kept so that the
     parameters are exactly those of eq. 7.
@@ -89,7 +129,7 @@ class ClassAttention(nn.Module):
         q = self.q(v).view(B, heads, e)
         w_k, w_v = self.kv.weight.view(2, heads, e, d).unbind(0)  # (heads, e, d) each
         key_side = torch.einsum("bhe,hed->bhd", q, w_k) * e ** -0.5  # W_k,h^T q_h / sqrt(e)
-        attn = torch.softmax(torch.bmm(key_side, m.transpose(1, 2)), dim=-1)  # (B, heads, 1+P)
+        attn = torch.softmax(stable_logits(key_side, m), dim=-1)  # (B, heads, 1+P)
         mixed = torch.bmm(attn, m)  # (B, heads, d): sum_j A_hj m_j
         out = torch.einsum("bhd,hed->bhe", mixed, w_v) + self.kv.bias[self.attn_dim:].view(heads, e)
         return self.proj(out.reshape(B, self.attn_dim))

@@ -194,6 +194,60 @@ def test_flow_scores_agree_with_the_as_written_attention():
     torch.testing.assert_close(ld_inv, -ld, rtol=1e-9, atol=1e-9)
 
 
+def test_class_attention_is_finite_where_its_logits_overflow_float32():
+    """Large finite inputs (logits near 1e40, past float32's 3.4e38): the softmax would be NaN on the plain
+    product; the stable logits give the float64 result (issue 17, item 5)."""
+    torch.manual_seed(0)
+    attn = ClassAttention(13, 20, 4)
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(3, 13, generator=g) * 1e20
+    tokens = torch.randn(3, 6, 13, generator=g) * 1e20
+    with torch.no_grad():
+        key_side = torch.einsum("bhe,hed->bhd", attn.q(v).view(3, 4, -1),
+                                attn.kv.weight.view(2, 4, -1, 13)[0]) * attn.head_dim ** -0.5
+        plain = torch.bmm(key_side, torch.cat([v.unsqueeze(1), tokens], 1).transpose(1, 2))
+        assert torch.isinf(plain).any() and torch.isnan(torch.softmax(plain, -1)).any()  # the old computation
+        out = attn(v, tokens)
+        reference = attn.double()(v.double(), tokens.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=0)
+
+
+def test_class_attention_stable_logits_are_bit_exact_on_ordinary_inputs():
+    """Power-of-two scaling changes no bit where nothing overflows: same output as softmax of the plain product."""
+    from flow.coupling import stable_logits
+
+    g = torch.Generator().manual_seed(6)
+    for scale in (0.1, 1.0, 37.0, 3e4):
+        key_side = torch.randn(4, 3, 9, generator=g) * scale
+        tokens = torch.randn(4, 7, 9, generator=g) * scale
+        plain = torch.bmm(key_side, tokens.transpose(1, 2))
+        shifted = stable_logits(key_side, tokens)
+        assert torch.equal(shifted, plain - plain.amax(-1, keepdim=True))
+        assert torch.equal(torch.softmax(shifted, -1), torch.softmax(plain, -1))
+
+
+def test_flow_is_finite_for_extreme_finite_rows():
+    """A whole CAFF flow in float32 on rows of magnitude 1e19 (results within float32's range) stays finite and
+    matches float64; the extreme rows among ordinary ones leave the ordinary ones as they are alone."""
+    torch.manual_seed(0)
+    model = SANFFlow(FlowConfig(dim=8, num_blocks=3, hidden=16, num_heads=4, use_caff=True)).eval()
+    y, tokens = (t.float() for t in inputs(8, batch=6, num_patches=4))
+    y[:3] *= 1e19
+    tokens[:3] *= 1e19
+    with torch.no_grad():
+        z, log_det = model(y, tokens)
+        z64, log_det64 = model.double()(y.double(), tokens.double())
+        assert torch.isfinite(z64).all() and z64.abs().max() < 1e37  # representable in float32
+        model.float()
+        z_ordinary, log_det_ordinary = model(y[3:], tokens[3:])
+    assert torch.isfinite(z).all() and torch.isfinite(log_det).all()
+    torch.testing.assert_close(z.double(), z64, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(log_det.double(), log_det64, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(z[3:], z_ordinary, rtol=1e-6, atol=1e-6)  # per-sample scales: rows stay apart
+    torch.testing.assert_close(log_det[3:], log_det_ordinary, rtol=1e-6, atol=1e-6)
+
+
 def test_make_optimizer_is_fused_adam_with_the_train_config():
     from flow.train import make_optimizer
 
