@@ -1,10 +1,11 @@
 """The on-disk layout of a feature cache: the only place that names HDF5 paths and attributes.
 
-Layout of format ``sanf-ad-features`` version 1 (one HDF5 file per dataset, backbone, preprocessing
+Layout of format ``sanf-ad-features`` version 2 (one HDF5 file per dataset, backbone, preprocessing
 and patch grid)::
 
     /                      root attributes, see ``REQUIRED_ROOT_ATTRS``
-    /<split>/cls           (N, D)    semantic vector: class token, or spatial mean for CNNs
+    /<split>/cls           (N, D)    semantic vector: the model's pooled embedding, the root attribute
+                                     ``semantic_vector`` says which kind (``extract.backbone.SEMANTIC_VECTORS``)
     /<split>/patches       (N, P, D) patch tokens pooled to the patch grid, row-major (P = g_h * g_w)
     /<split>/label         (N,)      int64 class index into the root attribute ``class_names``
     /<split>/sample_id     (N,)      UTF-8 string: relative image path, or ``<split>/<index>``
@@ -14,14 +15,21 @@ and patch grid)::
 ``<split>`` is ``train`` and ``test``. ``cls`` and ``patches`` are stored in the dtype named by the root
 attribute ``dtype`` (float32 or float16) and chunked along N. Attributes that hold lists or dicts are
 stored as JSON strings so that any HDF5 reader can show them.
+
+Versions: 1 stored as ``cls`` the class token when the model has one, else the spatial mean of the final
+features (before any head norm: for average-pooled ViTs, the mean before ``fc_norm``), with ``semantic_vector``
+``class_token`` or ``spatial_mean``; 2 stores the model's own pooled embedding (``forward_head(...,
+pre_logits=True)``), with the new kinds ``class_token_fc_norm``, ``spatial_mean_fc_norm``, ``attention_pool``
+and ``pre_logits``. ``class_token`` and ``spatial_mean`` mean the same in both, so version 1 caches stay
+readable and their attribute stays true.
 """
 
 from __future__ import annotations
 
 FORMAT_NAME = "sanf-ad-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Versions this build can read.
-READABLE_VERSIONS = (1,)
+READABLE_VERSIONS = (1, 2)
 
 SPLITS = ("train", "test")
 SPLIT_DATASETS = ("cls", "patches", "label", "sample_id")

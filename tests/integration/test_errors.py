@@ -94,7 +94,7 @@ def test_unknown_format_version(small_cache, tmp_path):
     with h5py.File(small_cache, "r+") as f:
         f.attrs["format_version"] = 99
     result = invoke("info", str(small_cache))
-    assert_input_error(result, "has format version 99; this build reads versions [1]")
+    assert_input_error(result, "has format version 99; this build reads versions [1, 2]")
 
 
 def test_cache_with_inconsistent_shapes(small_cache, tmp_path):

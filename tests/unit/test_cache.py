@@ -361,13 +361,23 @@ def test_other_format_name(tmp_path):
         FeatureCache(plain)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1"])
+@pytest.mark.parametrize("version", [3, 0, "1"])
 def test_unknown_format_version(tmp_path, version):
     path = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=3, n_test=2), ["a", "b", "c"])
     _poke(path, lambda f: f.attrs.__setitem__("format_version", version))
     with pytest.raises(CacheError, match=rf"has format version {re.escape(repr(version))}; this build reads "
-                                         r"versions \[1\]"):
+                                         r"versions \[1, 2\]"):
         FeatureCache(path)
+
+
+def test_format_1_caches_stay_readable(tmp_path):
+    """Format 2 changed what ``cls`` holds only for kinds format 1 never wrote (issue 17, item 3)."""
+    path = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=3, n_test=2), ["a", "b", "c"])
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == FORMAT_VERSION == 2
+    _poke(path, lambda f: f.attrs.__setitem__("format_version", 1))
+    with FeatureCache(path) as fc:
+        assert fc.attrs["format_version"] == 1 and fc.attrs["semantic_vector"] == "class_token"
 
 
 @pytest.mark.parametrize("bad_label", [3, -1])

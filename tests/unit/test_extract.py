@@ -136,15 +136,17 @@ def test_vit_with_distillation_token():
         cls, patches = encoder(x)
         feats = model.forward_features(x)
     assert patches.shape == (2, 4, 192)
-    torch.testing.assert_close(cls, feats[:, 0], rtol=0, atol=0)
+    # DeiT's own pooled embedding: the mean of the class and distillation tokens
+    assert encoder.semantic_vector == "pre_logits"
+    torch.testing.assert_close(cls, (feats[:, 0] + feats[:, 1]) / 2, rtol=0, atol=0)
     torch.testing.assert_close(patches, feats[:, 2:], rtol=0, atol=0)
 
 
 def test_vit_without_class_token_uses_the_mean_of_patch_tokens():
-    model = _random_model("test_vit2", img_size=32)  # no class token, one register token
+    model = _random_model("test_vit2", img_size=32)  # no class token, one register token, average pooling
     assert getattr(model, "cls_token", None) is None
     encoder = TokenEncoder(model, patch_grid=0)
-    assert not encoder.has_class_token and encoder.semantic_vector == "spatial_mean"
+    assert not encoder.has_class_token and encoder.semantic_vector == "spatial_mean_fc_norm"
     assert encoder.num_prefix_tokens == 1
     x = _images(2, 32)
     with torch.no_grad():
@@ -152,7 +154,58 @@ def test_vit_without_class_token_uses_the_mean_of_patch_tokens():
         feats = model.forward_features(x)
     assert patches.shape == (2, 4, 64)
     torch.testing.assert_close(patches, feats[:, 1:], rtol=0, atol=0)
-    torch.testing.assert_close(cls, feats[:, 1:].mean(dim=1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cls, model.fc_norm(feats[:, 1:].mean(dim=1)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, kwargs, kind", [
+    ("vit_tiny_patch16_224", {"img_size": 64}, "class_token"),
+    ("vit_little_patch16_reg4_gap_256", {"img_size": 64}, "spatial_mean_fc_norm"),
+    ("vit_tiny_patch16_224", {"img_size": 64, "global_pool": "map"}, "attention_pool"),
+    ("vit_tiny_patch16_224", {"img_size": 64, "global_pool": "avg", "fc_norm": False}, "spatial_mean"),
+    ("test_efficientnet", {}, "spatial_mean"),
+    ("convnext_atto", {}, "pre_logits"),
+], ids=["token-pooled", "avg-pooled-fc-norm", "attention-pooled", "avg-pooled", "cnn", "convnext-head-norm"])
+def test_semantic_vector_is_the_models_pooled_embedding(name, kwargs, kind):
+    """cls = forward_head(forward_features(x), pre_logits=True), for every kind of timm head (issue 17, item 3);
+    the patch tokens stay those of forward_features."""
+    torch.manual_seed(0)
+    model = _random_model(name, **kwargs)
+    with torch.no_grad():  # a head norm far from the identity, so that before/after it differ
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.normal_(1.0, 0.5)
+                module.bias.normal_(0.0, 0.5)
+    encoder = TokenEncoder(model, patch_grid=0)
+    assert encoder.semantic_vector == kind
+    x = _images(2, 64)
+    with torch.no_grad():
+        cls, patches = encoder(x)
+        feats = model.forward_features(x)
+        expected = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(cls, expected, rtol=1e-5, atol=1e-5)
+    if feats.dim() == 3:
+        torch.testing.assert_close(patches, feats[:, encoder.num_prefix_tokens:], rtol=0, atol=0)
+    if kind == "spatial_mean_fc_norm":  # what format 1 stored: the mean before fc_norm, units away from it
+        before = feats[:, encoder.num_prefix_tokens:].mean(dim=1)
+        assert (cls - before).abs().max() > 0.5
+
+
+def test_pre_logits_of_another_width_fall_back_to_the_named_spatial_mean():
+    """MobileNetV3's head convolution after the pooling makes 1024-wide pre-logits of 576-channel tokens: the
+    semantic vector is the spatial mean of the feature map, and the attribute says so."""
+    model = _random_model("mobilenetv3_small_100")
+    encoder = TokenEncoder(model, patch_grid=0)
+    assert encoder.head_kind is None and encoder.semantic_vector == "spatial_mean"
+    with torch.no_grad():
+        cls, _ = encoder(_images(2, 64))
+        fmap = model.forward_features(_images(2, 64))
+    torch.testing.assert_close(cls, fmap.mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_block_layers_keep_the_class_token_of_the_block():
+    model = _random_model("vit_little_patch16_reg4_gap_256", img_size=64)
+    encoder = TokenEncoder(model, patch_grid=0, layer="block-2")
+    assert encoder.head_kind is None and encoder.semantic_vector == "spatial_mean"
 
 
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("test_efficientnet", 256)])
@@ -285,11 +338,39 @@ def test_weights_file_wrapped_in_a_checkpoint_and_renamed_keys(tmp_path):
     _assert_same_weights(model, state)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_file_at_another_input_size_is_resampled_by_timm(tmp_path, suffix):
+    """A ViT file saved at 224 px (14 x 14 position embeddings) loads at --img-size 64 (4 x 4) and 384: timm's
+    checkpoint filter resamples the position embeddings, the source says so (issue 17, item 2)."""
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    source = _random_model("vit_tiny_patch16_224")
+    state = {k: v.clone().contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f"native{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    for size, grid in ((64, 4), (384, 24)):
+        model, loaded = create_backbone("vit_tiny_patch16_224", weights=str(path), img_size=size)
+        assert model.pos_embed.shape == (1, 1 + grid * grid, 192)
+        expected = resample_abs_pos_embed(state["pos_embed"], new_size=(grid, grid), num_prefix_tokens=1)
+        torch.testing.assert_close(model.pos_embed, expected, rtol=0, atol=0)
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in state.items() if k != "pos_embed")
+        assert loaded.source == (f"file {path.resolve()} (resampled by timm: pos_embed (1, 197, 192) -> "
+                                 f"(1, {1 + grid * grid}, 192))")
+        assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    _, native = create_backbone("vit_tiny_patch16_224", weights=str(path))
+    assert native.source == f"file {path.resolve()}"  # at its own size nothing is resampled
+
+
 def test_weights_file_with_wrong_shapes(tmp_path):
     state = _random_model("test_vit", img_size=32).state_dict()  # pos_embed for a 2 x 2 grid
     path = tmp_path / "small.pth"
-    torch.save(state, path)
-    with pytest.raises(BackboneError, match=rf"^--weights {re.escape(str(path))}: does not fit the model"):
+    wrong = dict(state)
+    wrong["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)  # a tensor no filter adapts
+    torch.save(wrong, path)
+    with pytest.raises(BackboneError, match=rf"^--weights {re.escape(str(path))}: does not fit the model: "
+                                            r".*blocks\.0\.mlp\.fc1\.weight"):
         create_backbone("test_vit", weights=str(path), img_size=64)
     # another naming and a wrong shape: the mismatching tensor is named
     renamed = tmp_path / "renamed.pth"
@@ -308,8 +389,10 @@ def test_weights_file_with_wrong_shapes(tmp_path):
 
 def test_wrong_shape_message_names_the_tensor(tmp_path):
     path = tmp_path / "small.pth"
-    torch.save(_random_model("test_vit", img_size=32).state_dict(), path)
-    with pytest.raises(BackboneError, match=r"pos_embed.*1, 5, 64.*1, 17, 64"):
+    state = _random_model("test_vit", img_size=32).state_dict()
+    state["head.weight"] = torch.zeros(7, 64)
+    torch.save(state, path)
+    with pytest.raises(BackboneError, match=r"head\.weight.*\[7, 64\].*\[1000, 64\]"):
         create_backbone("test_vit", weights=str(path), img_size=64)
 
 
