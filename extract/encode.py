@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .backbone import (DEFAULT_LAYER, PACKAGED_BACKBONE, BackboneError, TokenEncoder, create_backbone, file_sha256,
                        parse_layer)
 from .datasets import ImageReadError, load_image
-from .run import PRECISIONS, build_transform
+from .run import PRECISIONS, build_transform, non_finite_rows
 
 #: The cache attributes that say how a feature was computed; a run keeps a copy so that it can be used on new
 #: images without its cache (``run.json`` key ``features``).
@@ -161,20 +161,24 @@ class CacheEncoder:
         dtype = PRECISIONS[self.features["precision"]]
         return torch.autocast(device_type=self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def round_to_storage(self, values: torch.Tensor) -> np.ndarray:
-        """float32 numpy values after the round trip through the cache's storage dtype (float16 by default), as
-        the cached features the run was fitted on went through."""
-        return values.float().cpu().numpy().astype(self.features["dtype"]).astype(np.float32)
-
-    @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) normalised images -> class tokens (B, D) and patch tokens (B, P, D), float32, rounded as
         the cache stores them."""
+        cls, patches, _ = self.encode_with_range(images)
+        return cls, patches
+
+    @torch.inference_mode()
+    def encode_with_range(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`encode`, with a (B,) bool mask of the images whose finite backbone features left the storage
+        dtype's range (float16: |x| > 65504) and so became infinite in the rounding."""
         if self.encoder is None:
             raise RuntimeError("this CacheEncoder holds the preprocessing only (preprocessing_only)")
         with self.autocast():
             cls, patches = self.encoder(images.to(self.device))
-        return self.round_to_storage(cls), self.round_to_storage(patches)
+        raw = cls.float().cpu().numpy(), patches.float().cpu().numpy()
+        # the round trip through the storage dtype that the cached features the run was fitted on went through
+        rounded = tuple(values.astype(self.features["dtype"]).astype(np.float32) for values in raw)
+        return (*rounded, non_finite_rows(*rounded) & ~non_finite_rows(*raw))
 
     def batches(self, files: list[str], batch_size: int = 64, num_workers: int = 2, normalise: bool = True,
                 progress: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:

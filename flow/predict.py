@@ -147,19 +147,33 @@ def _score_torch(scorer: RunScorer, record: dict, encoder: CacheEncoder, files: 
     unreadable files."""
 
     def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
-        cls, patches = encoder.encode(images)
-        _check_finite(cls, patches, rows, errors, files)
-        return scorer(cls, patches, batch_size)
+        cls, patches, beyond_range = encoder.encode_with_range(images)
+        finite = ~_check_finite(cls, patches, beyond_range, rows, errors, files, encoder.features["dtype"])
+        block = {name: np.full(len(rows), np.nan) for name in score_names(record)}
+        if finite.any():  # the detectors see finite rows only (the baselines' scikit-learn refuses inf)
+            for name, values in scorer(cls[finite], patches[finite], batch_size).items():
+                block[name][finite] = values
+        return block
 
     return score_files(encoder.batches(files, batch_size, num_workers, progress=progress), len(files),
                        score_names(record), score_block)
 
 
-def _check_finite(cls: np.ndarray, patches: np.ndarray, indices: list[int], errors: list[str],
-                  files: list[str]) -> None:
+def _check_finite(cls: np.ndarray, patches: np.ndarray, beyond_range: np.ndarray, indices: list[int],
+                  errors: list[str], files: list[str], dtype: str) -> np.ndarray:
+    """An error for each image with non-finite features, naming the cause: the backbone's own output, or finite
+    features beyond the range of the run's storage dtype (the run was fitted on features rounded to it).
+
+    Returns:
+        (B,) bool, the rows with non-finite features.
+    """
     bad = non_finite_rows(cls, patches)
     for j in np.flatnonzero(bad):
-        errors[indices[j]] = f"the backbone gave non-finite features for {files[indices[j]]}"
+        errors[indices[j]] = (f"the features of {files[indices[j]]} exceed the range of {dtype}, the dtype the "
+                              "run's cache stored them in (fit on a cache extracted with --dtype float32)"
+                              if beyond_range[j] else
+                              f"the backbone gave non-finite features for {files[indices[j]]}")
+    return bad
 
 
 def _drop_errors(scores: dict[str, np.ndarray], errors: list[str]) -> None:

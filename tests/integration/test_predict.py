@@ -132,6 +132,33 @@ def test_predict_odd_files_one_row_each(calibrated, odd_tree):
     assert f"{flagged} flagged anomalous at alpha 0.5" in summary
 
 
+@pytest.mark.parametrize("value, fragment", [
+    (1e5, "exceed the range of float16, the dtype the run's cache stored them in (fit on a cache extracted with "
+          "--dtype float32)"),
+    (float("inf"), "the backbone gave non-finite features for"),
+], ids=["beyond-float16", "backbone-inf"])
+def test_predict_names_why_features_are_not_finite(calibrated, tmp_path, monkeypatch, value, fragment):
+    """A finite feature beyond the float16 cache's range and a backbone output that is itself infinite get
+    different error rows (issue 17, item 1: predict named the backbone for both)."""
+    from extract.backbone import TokenEncoder
+
+    forward = TokenEncoder.forward
+
+    def large(self, images):
+        cls, patches = forward(self, images)
+        cls = cls.clone()
+        cls[0, 3] = value  # the first image of each batch
+        return cls, patches
+
+    monkeypatch.setattr(TokenEncoder, "forward", large)
+    out = tmp_path / "p.csv"
+    image = calibrated["tree"] / "test" / "blue" / "000.png"
+    assert_ok(invoke("predict", str(run_of(calibrated["runs_dir"], "knn")), str(image), "--out", str(out),
+                     "--num-workers", "0", "--device", "cpu"))
+    _, rows = read_csv(out)
+    assert fragment in rows[0]["error"] and str(image) in rows[0]["error"] and rows[0]["score"] == ""
+
+
 def test_p_values_follow_the_held_out_scores(calibrated, odd_tree):
     run = run_of(calibrated["runs_dir"], "knn")
     out = calibrated["work"] / "knn_odd.csv"
