@@ -409,6 +409,25 @@ def test_weights_file_missing_or_unreadable(tmp_path):
         create_backbone("test_vit", weights=str(not_tensors))
 
 
+def test_hub_weights_at_another_size_are_recorded_as_resampled(monkeypatch):
+    """timm resamples hub weights to --img-size itself (the same checkpoint filter); the source says so."""
+    import extract.backbone as backbone
+
+    real_create = timm.create_model
+
+    def hub_create(name, pretrained=False, **kwargs):  # the hub stands in: a random model, as if downloaded
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", hub_create)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda timeout_s=3.0: True)
+    _, loaded = create_backbone("vit_tiny_patch16_224", weights="timm", img_size=64)
+    assert loaded.source.endswith("(position embeddings resampled by timm from 224 px to 64 px)")
+    _, native = create_backbone("vit_tiny_patch16_224", weights="timm", img_size=224)
+    assert "resampled" not in native.source
+    _, cnn = create_backbone("test_efficientnet", weights="timm", img_size=64)  # no position embeddings
+    assert "resampled" not in cnn.source
+
+
 def _hub_error_message_is_clear(message: str, name: str) -> None:
     assert message.startswith(f"--backbone {name}: could not get timm's pretrained weights")
     assert "--weights FILE" in message and "--random-init" in message
