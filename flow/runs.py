@@ -615,7 +615,7 @@ def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anom
     rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a)} for s, l, a in zip(sample_ids, labels, is_anomaly)]
     for key, values in scores.items():
         for row, value in zip(rows, values):
-            row[key] = int(value) if key == "anomalous" else repr(float(value))
+            row[key] = int(value) if key == "anomalous" else float(value)  # written by write_csv's csv_value
     write_csv(path, ("sample_id", "label", "is_anomaly", *scores), rows)
 
 

@@ -322,3 +322,56 @@ def test_summary_cells_are_mean_and_sample_std_over_seeds():
     _, partial = summarize(rows[:3])
     assert partial[0]["mean"] == "0.8000" and partial[0]["c1"] == "0.7000"
     assert "| sanf / nll | 0.8500 ± 0.0707 | 0.6000 ± 0.1414 | 0.7250 ± 0.1061 |" in markdown_table(rows)
+
+
+def test_csv_value_writes_a_fixed_precision_per_kind_of_column():
+    from flow.store import csv_value
+
+    assert csv_value("auroc", 0.6418999999999999) == "0.641900" and csv_value("fpr95", 1.0) == "1.000000"
+    assert csv_value("false_alarm_rate", float("nan")) == "nan"
+    assert csv_value("nll", 0.1 + 0.2) == "0.3" and csv_value("p_value", 1 / 3) == "0.333333333"
+    assert csv_value("nll", np.float64(123456.78901234)) == "123456.789"
+    f32 = np.float32(1234.56789)
+    assert np.float32(float(csv_value("z2", float(f32)))) == f32  # float32 scores read back exactly
+    assert csv_value("seed", 3) == 3 and csv_value("run", "x") == "x" and csv_value("aupr", "") == ""
+
+
+def _floats_written_fixed(path, metric_columns=()):
+    """Every float cell of a CSV: metrics with 6 decimals, the rest at most 9 significant digits."""
+    import re
+
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows
+    checked = 0
+    for row in rows:
+        for column, cell in row.items():
+            if column in metric_columns:
+                assert re.fullmatch(r"[01]\.\d{6}|nan", cell), (path.name, column, cell)
+                checked += 1
+            elif re.fullmatch(r"-?\d*\.\d+(e[-+]\d+)?", cell):
+                assert f"{float(cell):.9g}" == cell, (path.name, column, cell)
+                checked += 1
+    assert checked
+
+
+def test_every_csv_of_fit_and_score_writes_floats_with_a_fixed_precision(gaussian_cache, tmp_path):
+    """auroc.csv, auroc_by_anomaly.csv, scores.csv and calibration.csv: no float printed as 0.6418999999999999;
+    the rounded files still read back (score's p-values from calibration.csv, the AUROC from scores.csv)."""
+    from flow.report import read_scores
+    from flow.store import read_calibration, read_run_record
+
+    metrics = ("auroc", "aupr", "fpr95", "false_alarm_rate", "detection_rate")
+    runs = tmp_path / "runs"
+    for method in ("knn", "gaussian"):
+        fit_cache(gaussian_cache, normal="0", runs_dir=runs, method=method, val_fraction=0.25, log=quiet)
+    rows = score_runs(runs, device="cpu", log=quiet)
+    _floats_written_fixed(runs / "auroc.csv", metrics)
+    _floats_written_fixed(runs / "auroc_by_anomaly.csv", metrics)
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
+        _floats_written_fixed(run / "scores.csv")
+        _floats_written_fixed(run / "calibration.csv")
+        assert read_calibration(run, read_run_record(run)) is not None
+        scores = read_scores(run / "scores.csv")
+        row = next(r for r in rows if r["run"] == run.name)
+        assert auroc(scores["is_anomaly"], scores[row["score"]]) == pytest.approx(row["auroc"], abs=1e-9)
