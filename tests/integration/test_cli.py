@@ -306,7 +306,7 @@ def test_cache_dir_with_two_caches(pipeline_run, tmp_path):
     shutil.copyfile(pipeline_run["caches"][0], second)
     result = invoke("fit", "--cache-dir", str(cache_dir), "--runs-dir", str(tmp_path / "runs"))
     assert_input_error(result, f"--cache-dir {cache_dir} holds 2 caches; pass --cache with one of: "
-                               f"{first}, {second}")
+                               f"{first} (the same attributes as another), {second} (the same attributes as another)")
 
 
 def test_cache_dir_without_cache(tmp_path):

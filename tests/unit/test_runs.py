@@ -64,6 +64,44 @@ def test_find_cache(tmp_path):
     assert find_cache(tmp_path / "b.h5", tmp_path) == tmp_path / "b.h5"
 
 
+def test_several_caches_are_listed_with_what_tells_them_apart(tmp_path):
+    """Only the attributes that differ, read from the root attributes; an unreadable candidate is named as such."""
+    import h5py
+
+    splits, names = gaussian_splits(n_train=2, n_test=2, grid=(2, 2)), ["a", "b", "c"]
+    a = write_cache(tmp_path / "a.h5", splits, names, backbone="vit_small_patch16_224", input_size=[3, 224, 224])
+    b = write_cache(tmp_path / "b.h5", gaussian_splits(n_train=2, n_test=2, grid=(1, 1)), names, patch_grid=(1, 1),
+                    backbone="vit_base_patch16_384", input_size=[3, 384, 384], data_source="folder /data/x",
+                    dtype="float16")
+    (tmp_path / "c.h5").write_bytes(b"not hdf5")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(ValueError) as err:
+        find_cache(None, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message  # one line: the CLI prints an error's first line
+    assert message == (
+        f"--cache-dir {tmp_path} holds 4 caches; pass --cache with one of: "
+        f"{a} (backbone vit_small_patch16_224, img size 224 px, patch grid 2x2, data source tests, dtype float32), "
+        f"{b} (backbone vit_base_patch16_384, img size 384 px, patch grid 1x1, data source folder /data/x, "
+        f"dtype float16), "
+        f"{tmp_path / 'c.h5'} (unreadable: not a readable HDF5 file (truncated or of another kind)), "
+        f"{tmp_path / 'd.h5'} (unreadable: not a sanf-ad-features cache (format attribute: 'something-else'))")
+
+
+def test_caches_alike_in_every_setting_are_told_apart_by_what_else_differs(tmp_path):
+    import h5py
+
+    splits, names = gaussian_splits(n_train=2, n_test=2), ["a", "b", "c"]
+    a, b = (write_cache(tmp_path / name, splits, names) for name in ("a.h5", "b.h5"))
+    for path, when in ((a, "2024-01-01T00:00:00"), (b, "2024-02-01T00:00:00")):
+        with h5py.File(path, "a") as f:  # two extractions of the same settings, at different times
+            f.attrs["created"] = when
+    with pytest.raises(ValueError, match=f"one of: {a} \\(created 2024-01-01T00:00:00\\), "
+                                         f"{b} \\(created 2024-02-01T00:00:00\\)$"):
+        find_cache(None, tmp_path)
+
+
 def test_split_holdout_is_disjoint_and_seeded():
     fit, val = split_holdout(50, 0.2, seed=0)
     assert len(val) == 10 and len(fit) == 40
