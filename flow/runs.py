@@ -143,10 +143,13 @@ def _attr_text(key: str, value) -> str:
 
 @dataclass
 class FitOutcome:
-    """One fitted run: where it was saved and its record (the content of ``run.json``)."""
+    """One fitted run: where it was saved, its record (the content of ``run.json``), and whether it was kept
+    (``keep_existing``: a run fitted before with the same settings, not fitted again; its record, its
+    ``wall_time_s`` included, is the earlier fit's)."""
 
     path: Path
     record: dict
+    kept: bool = False
 
 
 def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str | os.PathLike = "runs",
@@ -380,7 +383,7 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
     except RunError:
         return None
     log(f"kept {path}: fitted before with the same cache, method, seed and settings (--refit fits it again)")
-    return FitOutcome(path, record)
+    return FitOutcome(path, record, kept=True)
 
 
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,

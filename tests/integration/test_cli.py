@@ -601,6 +601,30 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     assert bad.exit_code == 2 and "'nope' is not one of sanf, sanf-nocaff, knn, gaussian" in bad.output
 
 
+def test_fit_time_is_the_same_in_the_console_and_the_report_kept_runs_marked(tree, tmp_path):
+    """A run kept from before (not fitted again) counts with the time recorded when it was fitted, marked kept, in
+    the console summary line as in the report."""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
+    args = ["run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1", "--normal", "blue",
+            "--runs-dir", str(runs)]
+    assert_ok(first := invoke(*args))
+    records = [json.loads((p / "run.json").read_text()) for p in runs.iterdir() if (p / "run.json").is_file()]
+    recorded = {r["method"]: r["wall_time_s"] for r in records}
+    (cache,) = cache_dir.glob("*.h5")
+    line = next(x for x in first.output.splitlines() if x.startswith("fit wall time per method"))
+    for method in ("sanf", "knn"):
+        assert f"{method} {recorded[method]:.1f} s" in line and "kept" not in line.split(": ", 1)[1], line
+        assert f"| {method} | 1 | {recorded[method]:.1f} s |" in (runs / f"{cache.stem}__report.md").read_text()
+    again = invoke(*args)
+    assert_ok(again)
+    line = next(x for x in again.output.splitlines() if x.startswith("fit wall time per method"))
+    report = (runs / f"{cache.stem}__report.md").read_text()
+    for method in ("sanf", "knn"):
+        assert f"{method} {recorded[method]:.1f} s (kept)" in line, line
+        assert f"| {method} | 1 (1 kept) | {recorded[method]:.1f} s (kept) |" in report, report
+
+
 def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
