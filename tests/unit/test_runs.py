@@ -413,3 +413,24 @@ def test_every_csv_of_fit_and_score_writes_floats_with_a_fixed_precision(gaussia
         scores = read_scores(run / "scores.csv")
         row = next(r for r in rows if r["run"] == run.name)
         assert auroc(scores["is_anomaly"], scores[row["score"]]) == pytest.approx(row["auroc"], abs=1e-9)
+
+
+def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_readme_says(gaussian_cache, tmp_path):
+    """model.safetensors: float32 weights (4 bytes a parameter), 2 int64 permutations of D per block, a header; the
+    README's disk figures for D = 1280 follow from the same count."""
+    import re
+    from pathlib import Path
+
+    from flow.model import FlowConfig, parameter_count
+
+    outcome = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                        train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]
+    size = (outcome.path / "model.safetensors").stat().st_size
+    weights = 4 * outcome.record["num_parameters"] + 2 * SMALL_FLOW["num_blocks"] * 6 * 8  # D = 6
+    assert weights < size < weights + 16_384
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    full = parameter_count(FlowConfig(dim=1280))
+    assert f"{full:,} parameters x 4 bytes =\n  **{4 * full / 1e6:.1f} MB**" in readme
+    narrow = parameter_count(FlowConfig(dim=1280, hidden=256))
+    mlp = parameter_count(FlowConfig(dim=1280, use_caff=False))
+    assert re.search(rf"`--hidden 256`: {4 * narrow / 1e6:.0f} MB; `sanf-nocaff`: {4 * mlp / 1e6:.0f} MB", readme)
