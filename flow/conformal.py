@@ -34,15 +34,25 @@ def conformal_p_values(calibration: np.ndarray, scores: np.ndarray) -> np.ndarra
     Raises:
         ValueError: ``calibration`` empty, not 1-D, or non-finite.
     """
-    calibration = np.asarray(calibration, dtype=np.float64)
-    if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
-        raise ValueError(f"calibration scores must be a non-empty 1-D array of finite values; got shape "
-                         f"{calibration.shape}")
+    calibration = _checked_calibration(calibration)
     scores = np.asarray(scores, dtype=np.float64)
     ordered = np.sort(calibration)
     at_least = ordered.size - np.searchsorted(ordered, scores, side="left")  # #{s_i >= s}
     p = (1.0 + at_least) / (ordered.size + 1.0)
     return np.where(np.isnan(scores), np.nan, p)
+
+
+def _checked_calibration(calibration: np.ndarray) -> np.ndarray:
+    """``calibration`` as a float64 array (n,).
+
+    Raises:
+        ValueError: it is empty, not 1-D, or not finite.
+    """
+    calibration = np.asarray(calibration, dtype=np.float64)
+    if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
+        raise ValueError(f"calibration scores must be a non-empty 1-D array of finite values; got shape "
+                         f"{calibration.shape}")
+    return calibration
 
 
 def decision_threshold(calibration: np.ndarray, alpha: float) -> float | None:
@@ -62,10 +72,7 @@ def decision_threshold(calibration: np.ndarray, alpha: float) -> float | None:
         ValueError: ``calibration`` empty, not 1-D, or non-finite; ``alpha`` outside (0, 1).
     """
     alpha = check_alpha(alpha)
-    calibration = np.asarray(calibration, dtype=np.float64)
-    if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
-        raise ValueError(f"calibration scores must be a non-empty 1-D array of finite values; got shape "
-                         f"{calibration.shape}")
+    calibration = _checked_calibration(calibration)
     n = calibration.size
     allowed = np.flatnonzero((1.0 + np.arange(n + 1)) / (n + 1.0) <= alpha)  # the p-value's own arithmetic
     if allowed.size == 0:
