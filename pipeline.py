@@ -500,27 +500,28 @@ def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_
     echo = job.log(click.echo)
     # one cache per MVTec AD category with --category all, else one
     caches = extract_categories(download=not no_download, skip_existing=True, log=echo, dist=job, **options)
-    fitted, times = fit_sweep(caches, normal=normal, methods=methods, seeds=seeds, features=features, blocks=blocks,
+    fitted, kept = fit_sweep(caches, normal=normal, methods=methods, seeds=seeds, features=features, blocks=blocks,
                               hidden=hidden, runs_dir=runs_dir, train_config=train_config, knn_k=knn_k,
                               device=options["device"], refit=refit, log=echo, dist=job)
     if job.is_main:
-        _summarise(caches, fitted, times, runs_dir, options["device"])
+        _summarise(caches, fitted, kept, runs_dir, options["device"])
 
 
-def _summarise(caches: list[Path], fitted: dict[Path, set[str]], times: dict[str, float], runs_dir: str,
+def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str], runs_dir: str,
                device: str) -> None:
     """``run``'s last step: score every run under ``runs_dir``, write the summary, report and plots of the runs
-    fitted, print the AUROC table and the fit times."""
-    from flow.report import auroc_table, write_plots, write_report, write_summary_csv
+    fitted or kept (``kept``: their names), print the AUROC table and the fit times (those of the report)."""
+    from flow.report import KEPT, auroc_table, fit_times, write_plots, write_report, write_summary_csv
     from flow.runs import read_run_record, score_runs
 
     # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits
     all_rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
-    written = []
+    written, records = [], []
     for cache in caches:
         rows = [r for r in all_rows if r["run"] in fitted.get(cache, set())]
-        scored = [(Path(runs_dir) / name, read_run_record(Path(runs_dir) / name))
+        scored = [(Path(runs_dir) / name, {**read_run_record(Path(runs_dir) / name), KEPT: name in kept})
                   for name in dict.fromkeys(r["run"] for r in rows)]
+        records += [r for _, r in scored]
         stem = Path(runs_dir) / Path(cache).stem
         summary = write_summary_csv(stem.with_name(stem.name + "__summary.csv"), rows)
         plots = write_plots(stem.with_name(stem.name + "__plots"), scored)
@@ -528,8 +529,8 @@ def _summarise(caches: list[Path], fitted: dict[Path, set[str]], times: dict[str
                               f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache), plots)
         click.echo(auroc_table(rows))
         written.append(f"{summary}, {report} ({len(plots)} plots)")
-    click.echo("fit wall time per method, all its runs with loading: "
-               + ", ".join(f"{m} {t:.1f} s" for m, t in times.items()))
+    click.echo("fit wall time per method, the sum of its runs' training (kept: fitted before, their recorded time): "
+               + ", ".join(f"{m} {t.text()}" for m, t in fit_times(records).items()))
     click.echo(f"wrote {'; '.join(written)} and {Path(runs_dir) / 'auroc.csv'}")
 
 

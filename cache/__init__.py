@@ -1,6 +1,6 @@
 """The feature cache: the only code that knows the HDF5 layout (see :mod:`cache.schema`)."""
 
-from .reader import CacheSplit, FeatureCache
+from .reader import CacheSplit, FeatureCache, read_root_attrs
 from .schema import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, CacheError
 from .chunks import LOCK_SUFFIX, PARTIAL_SUFFIX, CacheLock, ChunkStore, partial_dir, partial_progress
 from .writer import TEMP_SUFFIX, CacheWriter
@@ -20,4 +20,5 @@ __all__ = [
     "TEMP_SUFFIX",
     "partial_dir",
     "partial_progress",
+    "read_root_attrs",
 ]

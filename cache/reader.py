@@ -36,6 +36,46 @@ def _decode_attr(key: str, value: Any) -> Any:
     return value
 
 
+def _decode_attrs(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Every root attribute decoded (strings, JSON lists, Python scalars).
+
+    Raises:
+        CacheError: an attribute is not valid UTF-8 or JSON; the message names the file (``where``).
+    """
+    attrs = {}
+    for key, value in raw.items():
+        try:
+            attrs[key] = _decode_attr(key, value)
+        except UnicodeDecodeError:
+            raise CacheError(f"{where}: attribute {key!r} is not valid UTF-8") from None
+        except ValueError:
+            raise CacheError(f"{where}: attribute {key!r} is not valid JSON") from None
+    return attrs
+
+
+def read_root_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded root attributes of the cache file ``path``, read without validating the file or reading any
+    array: a cheap look at what a cache holds (to tell several caches apart). ``layer`` is ``final`` when absent,
+    as :class:`FeatureCache` reads it.
+
+    Raises:
+        CacheError: the file is not readable HDF5, is not a ``sanf-ad-features`` file, or has an attribute that
+            cannot be decoded. The message is ``"<path>: <reason>"``.
+    """
+    where = str(path)
+    try:
+        with h5py.File(path, "r") as f:
+            raw = dict(f.attrs)
+    except OSError:
+        raise CacheError(f"{where}: not a readable HDF5 file (truncated or of another kind)") from None
+    fmt = _decode_attr("format", raw.get("format"))
+    if fmt != FORMAT_NAME:
+        raise CacheError(f"{where}: not a {FORMAT_NAME} cache (format attribute: {fmt!r})")
+    attrs = _decode_attrs(raw, where)
+    attrs.setdefault("layer", DEFAULT_LAYER)
+    return attrs
+
+
 def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """Split sorted row indices into ``(start, stop)`` runs of consecutive rows."""
     if rows.size == 0:
@@ -224,14 +264,7 @@ class FeatureCache:
         missing = [k for k in REQUIRED_ROOT_ATTRS if k not in raw]
         if missing:
             raise CacheError(f"{where} lacks required attributes {missing}")
-        attrs = {}
-        for key, value in raw.items():
-            try:
-                attrs[key] = _decode_attr(key, value)
-            except UnicodeDecodeError:
-                raise CacheError(f"{where}: attribute {key!r} is not valid UTF-8") from None
-            except ValueError:
-                raise CacheError(f"{where}: attribute {key!r} is not valid JSON") from None
+        attrs = _decode_attrs(raw, where)
         names = attrs["class_names"]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise CacheError(f"{where}: attribute 'class_names' must be a non-empty list of strings")

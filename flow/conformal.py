@@ -34,15 +34,50 @@ def conformal_p_values(calibration: np.ndarray, scores: np.ndarray) -> np.ndarra
     Raises:
         ValueError: ``calibration`` empty, not 1-D, or non-finite.
     """
-    calibration = np.asarray(calibration, dtype=np.float64)
-    if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
-        raise ValueError(f"calibration scores must be a non-empty 1-D array of finite values; got shape "
-                         f"{calibration.shape}")
+    calibration = _checked_calibration(calibration)
     scores = np.asarray(scores, dtype=np.float64)
     ordered = np.sort(calibration)
     at_least = ordered.size - np.searchsorted(ordered, scores, side="left")  # #{s_i >= s}
     p = (1.0 + at_least) / (ordered.size + 1.0)
     return np.where(np.isnan(scores), np.nan, p)
+
+
+def _checked_calibration(calibration: np.ndarray) -> np.ndarray:
+    """``calibration`` as a float64 array (n,).
+
+    Raises:
+        ValueError: it is empty, not 1-D, or not finite.
+    """
+    calibration = np.asarray(calibration, dtype=np.float64)
+    if calibration.ndim != 1 or calibration.size == 0 or not np.isfinite(calibration).all():
+        raise ValueError(f"calibration scores must be a non-empty 1-D array of finite values; got shape "
+                         f"{calibration.shape}")
+    return calibration
+
+
+def decision_threshold(calibration: np.ndarray, alpha: float) -> float | None:
+    """The score t above which an image is flagged: p(s) <= alpha exactly when s > t (for any s, ties included).
+
+    With the held-out scores sorted, s_(1) <= ... <= s_(n), and m the largest count with (1 + m) / (n + 1) <= alpha,
+    t = s_(n - m): a score above it has at most m held-out scores at or above it.
+
+    Args:
+        calibration: (n,) scores of held-out normal rows, n >= 1, finite.
+        alpha: the significance level, in (0, 1).
+
+    Returns:
+        t (in the score's unit), or None when no score can be flagged (alpha < 1 / (n + 1)).
+
+    Raises:
+        ValueError: ``calibration`` empty, not 1-D, or non-finite; ``alpha`` outside (0, 1).
+    """
+    alpha = check_alpha(alpha)
+    calibration = _checked_calibration(calibration)
+    n = calibration.size
+    allowed = np.flatnonzero((1.0 + np.arange(n + 1)) / (n + 1.0) <= alpha)  # the p-value's own arithmetic
+    if allowed.size == 0:
+        return None
+    return float(np.sort(calibration)[n - int(allowed[-1]) - 1])
 
 
 def check_alpha(alpha: float) -> float:
@@ -87,4 +122,5 @@ def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95, num_cal
     return float(betabinom.ppf((1.0 + level) / 2.0, num_normal, allowed, num_calibration + 1 - allowed)) / num_normal
 
 
-__all__ = ["DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "false_alarm_band", "smallest_p_value"]
+__all__ = ["DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "decision_threshold", "false_alarm_band",
+           "smallest_p_value"]

@@ -101,10 +101,10 @@ def _rows(files: list[str], scores: dict[str, np.ndarray], errors: list[str], re
     for i, path in enumerate(files):
         row = {"path": path, "error": errors[i]}
         if not errors[i]:
-            row["score"] = repr(float(scores[primary][i]))
-            row.update({name: repr(float(scores[name][i])) for name in score_names(record)})
+            row["score"] = float(scores[primary][i])  # floats are written by write_csv (flow.store.csv_value)
+            row.update({name: float(scores[name][i]) for name in score_names(record)})
             if p_values is not None:
-                row["p_value"] = repr(float(p_values[i]))
+                row["p_value"] = float(p_values[i])
                 row["anomalous"] = int(p_values[i] <= alpha)
                 flagged += row["anomalous"]
         rows.append(row)

@@ -7,12 +7,14 @@ import csv
 import io
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .store import PRIMARY_SCORES
+from .conformal import DEFAULT_ALPHA, decision_threshold
+from .store import PRIMARY_SCORES, read_calibration, score_names
 
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting", "score")
 
@@ -86,23 +88,58 @@ def markdown_table(rows: list[dict], metric: str = "auroc") -> str:
     return "\n".join(lines)
 
 
+#: The key of a record (in memory only, never in ``run.json``) saying that its run was kept, not fitted again.
+KEPT = "kept"
+
+
+@dataclass
+class FitTime:
+    """The fit wall time of one method's runs: the sum of their recorded ``wall_time_s`` (training only, seconds),
+    kept runs (fitted before, not fitted again) with the time recorded when they were fitted."""
+
+    runs: int = 0
+    seconds: float = 0.0
+    kept_runs: int = 0
+    kept_seconds: float = 0.0
+
+    def text(self) -> str:
+        """``"24.6 s"``, ``"24.6 s (12.3 s kept)"`` when some runs were kept, ``"12.3 s (kept)"`` when all were."""
+        if not self.kept_runs:
+            return f"{self.seconds:.1f} s"
+        if self.kept_runs == self.runs:
+            return f"{self.seconds:.1f} s (kept)"
+        return f"{self.seconds:.1f} s ({self.kept_seconds:.1f} s kept)"
+
+
+def fit_times(records: Sequence[dict]) -> dict[str, FitTime]:
+    """:class:`FitTime` per method (sorted by name) of ``run.json`` records; a record holding ``KEPT: True`` is a
+    kept run. The console summary of ``run`` and its report both show these, so they agree."""
+    out: dict[str, FitTime] = {}
+    for record in sorted(records, key=lambda r: r["method"]):
+        entry = out.setdefault(record["method"], FitTime())
+        seconds = float(record.get("wall_time_s", math.nan))
+        entry.runs += 1
+        entry.seconds += seconds
+        if record.get(KEPT):
+            entry.kept_runs += 1
+            entry.kept_seconds += seconds
+    return out
+
+
 def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
                  plots: Sequence[Path] = ()) -> Path:
     """A short markdown report: the AUROC summary table, AUPR and FPR at 95 % TPR means, and fit wall time
-    per method (the sum of the runs' ``wall_time_s``).
+    per method (:func:`fit_times`: the sum of the runs' ``wall_time_s``, kept runs marked).
 
     Args:
         path: the ``.md`` file to write.
         rows: AUROC rows of :func:`flow.runs.score_runs`.
-        records: the ``run.json`` records of the scored runs.
+        records: the ``run.json`` records of the scored runs; ``KEPT: True`` in those of runs kept from before.
         title: the report's heading.
         plots: PNG files to show at the end (linked relative to the report).
     """
-    seconds: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    for record in records:
-        seconds[record["method"]] += float(record.get("wall_time_s", math.nan))
-        count[record["method"]] += 1
+    times = fit_times(records)
+    count = {method: entry.runs for method, entry in times.items()}
     settings = []
     for method in sorted(count):
         mine = [r for r in records if r["method"] == method]
@@ -117,9 +154,11 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
              "AUROC (anomalous = positive; mean ± sample std over seeds where there are several):",
              "", markdown_table(rows, "auroc"), "", "AUPR:", "", markdown_table(rows, "aupr"), "",
              "FPR at 95 % TPR (lower is better):", "", markdown_table(rows, "fpr95"), "",
-             "| method | runs | fit time (s, sum of the runs' training) | per run (s) |", "|---|---|---|---|"]
-    for method in sorted(seconds):
-        parts.append(f"| {method} | {count[method]} | {seconds[method]:.1f} | {seconds[method] / count[method]:.1f} |")
+             "| method | runs | fit time (sum of the runs' training; kept: fitted before) | per run |",
+             "|---|---|---|---|"]
+    for method, entry in times.items():
+        runs = f"{entry.runs} ({entry.kept_runs} kept)" if entry.kept_runs else str(entry.runs)
+        parts.append(f"| {method} | {runs} | {entry.text()} | {entry.seconds / entry.runs:.1f} s |")
     if plots:
         parts += ["", "## Plots", ""]
         parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
@@ -145,21 +184,90 @@ def read_scores(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_plots(folder: Path, runs: list[tuple[Path, dict]]) -> list[Path]:
-    """PNG figures (matplotlib, Agg) of scored runs, one set per normal class, plus the training losses.
+#: Resolution of the saved PNGs (dots per inch): figure sizes in inches times this are their pixel sizes.
+PLOT_DPI = 110
+#: The score histograms' x range: these percentiles of the normal and anomalous scores together.
+HIST_PERCENTILES = (0.5, 99.5)
+#: Panels per row of the score histograms (3 x 3.6 in at PLOT_DPI: 1188 px wide, readable in a report).
+HIST_COLUMNS = 3
+
+
+@dataclass
+class HistPanel:
+    """One panel of :func:`score_histograms`: the scores (N,) of one (method, score) and their 0/1 labels (N,),
+    1 = anomalous; ``threshold``: the decision threshold of a calibrated run (None otherwise) at ``alpha``."""
+
+    label: str
+    truth: np.ndarray
+    values: np.ndarray
+    threshold: float | None = None
+    alpha: float | None = None
+
+
+def score_histograms(panels: Sequence[HistPanel], title: str):
+    """A matplotlib figure of score histograms: a grid of :data:`HIST_COLUMNS` panels a row (as many rows as
+    needed), each with the normal and anomalous test images' scores as densities over 60 shared bins, its x range
+    clipped to the :data:`HIST_PERCENTILES` of its scores (said on the axis label; scores outside are not drawn),
+    and, for a calibrated run, the decision threshold at alpha as a dashed vertical line (labelled with its value,
+    also when it lies outside the clipped range).
+
+    Args:
+        panels: one per (method, score); at least one.
+        title: the figure's title.
+
+    Returns:
+        The figure (the caller saves and closes it).
+    """
+    import matplotlib.pyplot as plt
+
+    ncols = min(HIST_COLUMNS, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows + 0.3), squeeze=False)
+    low_q, high_q = HIST_PERCENTILES
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    for ax, panel in zip(axes.flat, panels):
+        low, high = (float(v) for v in np.percentile(panel.values, [low_q, high_q]))
+        if high <= low:  # constant scores: a unit-wide range around them
+            low, high = low - 0.5, high + 0.5
+        bins = np.linspace(low, high, 61)
+        ax.hist(panel.values[panel.truth == 0], bins=bins, alpha=0.6, density=True, label="normal")
+        ax.hist(panel.values[panel.truth == 1], bins=bins, alpha=0.6, density=True, label="anomalous")
+        if panel.threshold is not None:
+            ax.axvline(panel.threshold, color="black", linestyle="--", linewidth=1,
+                       label=f"threshold (alpha {panel.alpha:g}): {panel.threshold:.4g}")
+        ax.set_xlim(low, high)
+        ax.set_title(panel.label, fontsize=9)
+        unit = SCORE_UNITS.get(panel.label.split("/")[-1], "score")
+        ax.set_xlabel(f"{unit}\n(clipped to {low_q:g}-{high_q:g}th percentile)", fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_plots(folder: Path, runs: list[tuple[Path, dict]], alpha: float = DEFAULT_ALPHA) -> list[Path]:
+    """PNG figures (matplotlib, Agg; :data:`PLOT_DPI`) of scored runs, one set per normal class, plus the training
+    losses.
 
     - ``roc_normal<k>.png``: ROC curves of every (method, score) of normal class k on one axes (flows: the
       lowest seed), with the AUROC in the legend (scikit-learn's ``roc_curve``).
-    - ``hist_normal<k>.png``: per (method, score), histograms of the scores of normal and anomalous test
-      images (60 shared bins).
+    - ``hist_normal<k>.png``: :func:`score_histograms` of every (method, score) of normal class k; a calibrated
+      run's panels show its decision threshold at ``alpha`` (:func:`flow.conformal.decision_threshold` of the
+      score's held-out normal scores).
     - ``loss.png``: train loss per epoch of every flow run (and held-out loss where recorded), nats/dim.
 
     Args:
         folder: where the PNGs go (created).
         runs: ``(run folder, run.json record)`` of runs that hold a ``scores.csv``.
+        alpha: significance level of the calibrated runs' thresholds.
 
     Returns:
         The written paths.
+
+    Raises:
+        RunError: a calibrated run's ``calibration.csv`` is missing or damaged.
     """
     import matplotlib
 
@@ -173,32 +281,24 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]]) -> list[Path]:
     for path, record in sorted(runs, key=lambda item: item[1]["seed"]):
         by_class[(record["normal_class"], record["normal_name"])].setdefault(record["method"], (path, record))
     for (k, name), methods in sorted(by_class.items()):
-        curves = []
-        for method, (path, _) in sorted(methods.items()):
+        panels = []
+        for method, (path, record) in sorted(methods.items()):
             scores = read_scores(path / "scores.csv")
-            for score, values in scores.items():
-                if score != "is_anomaly":
-                    curves.append((f"{method}/{score}", scores["is_anomaly"], values))
+            calibration = read_calibration(path, record)
+            for score in score_names(record):  # not the p_value / anomalous columns of a calibrated run
+                threshold = None if calibration is None else decision_threshold(calibration[score], alpha)
+                panels.append(HistPanel(f"{method}/{score}", scores["is_anomaly"], scores[score], threshold,
+                                        alpha if threshold is not None else None))
         fig, ax = plt.subplots(figsize=(5, 5))
-        for label, truth, values in curves:
-            fpr, tpr, _ = roc_curve(truth, values)
-            ax.plot(fpr, tpr, label=f"{label} ({roc_auc_score(truth, values):.3f})")
+        for panel in panels:
+            fpr, tpr, _ = roc_curve(panel.truth, panel.values)
+            ax.plot(fpr, tpr, label=f"{panel.label} ({roc_auc_score(panel.truth, panel.values):.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle=":")
         ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"normal class {k} {name}")
         ax.legend(fontsize=7, loc="lower right")
         written.append(_save(fig, folder / f"roc_normal{k}.png"))
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
-        for ax, (label, truth, values) in zip(axes[0], curves):
-            bins = np.histogram_bin_edges(values, bins=60)
-            ax.hist(values[truth == 0], bins=bins, alpha=0.6, density=True, label="normal")
-            ax.hist(values[truth == 1], bins=bins, alpha=0.6, density=True, label="anomalous")
-            ax.set_title(label, fontsize=8)
-            ax.set_xlabel(SCORE_UNITS.get(label.split("/")[-1], "score"), fontsize=7)
-            ax.tick_params(labelsize=6)
-            ax.legend(fontsize=5)
-        axes[0][0].set_ylabel("density", fontsize=7)
-        fig.suptitle(f"scores, normal class {k} {name}", fontsize=9)
-        written.append(_save(fig, folder / f"hist_normal{k}.png"))
+        written.append(_save(score_histograms(panels, f"scores, normal class {k} {name}"),
+                             folder / f"hist_normal{k}.png"))
     flows = [(path, record) for path, record in runs if record.get("epoch_losses")]
     if flows:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -222,13 +322,13 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
 
 
-__all__ = ["auroc_table", "markdown_table", "method_means", "read_scores", "summarize", "write_plots", "write_report",
-           "write_summary_csv"]
+__all__ = ["KEPT", "FitTime", "HistPanel", "auroc_table", "fit_times", "markdown_table", "method_means", "read_scores",
+           "score_histograms", "summarize", "write_plots", "write_report", "write_summary_csv"]
 
 
 def _label(row: dict) -> str:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cache import PARTIAL_SUFFIX, FeatureCache
+from cache import PARTIAL_SUFFIX, CacheError, FeatureCache, read_root_attrs
 from extract.encode import provenance
 
 from .baselines import BASELINES
@@ -77,7 +77,8 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
     """The cache file to use: ``cache`` when given, else the only ``*.h5`` in ``cache_dir``.
 
     Raises:
-        ValueError: no cache given and ``cache_dir`` holds none or several (the candidates are listed).
+        ValueError: no cache given and ``cache_dir`` holds none or several. Several are listed on one line, each
+            with what tells it apart from the others (:func:`describe_caches`).
     """
     if cache is not None:
         return Path(cache)
@@ -91,15 +92,64 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
                              f"({unfinished[0].name}); run the same extract command again to resume it")
         raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache")
     raise ValueError(f"--cache-dir {cache_dir} holds {len(found)} caches; pass --cache with one of: "
-                     + ", ".join(str(p) for p in found))
+                     + ", ".join(describe_caches(found)))
+
+
+#: The root attributes that tell caches apart, in the order shown, with their labels.
+CACHE_DIFFERENCES = (("dataset", "dataset"), ("backbone", "backbone"), ("input_size", "img size"),
+                     ("patch_grid", "patch grid"), ("data_source", "data source"), ("layer", "layer"),
+                     ("dtype", "dtype"), ("precision", "precision"), ("weights_source", "weights"))
+
+
+def describe_caches(paths: Sequence[Path]) -> list[str]:
+    """One ``"<path> (<what differs>)"`` per cache file: the :data:`CACHE_DIFFERENCES` attributes whose values are
+    not the same in every readable cache (when none are, the other root attributes that differ, e.g.
+    ``created``), read from the root attributes alone (:func:`cache.read_root_attrs`: no array is read). A file
+    whose attributes cannot be read is ``"<path> (unreadable: <reason>)"``.
+    """
+    attrs: dict[Path, dict] = {}
+    reasons: dict[Path, str] = {}
+    for path in paths:
+        try:
+            attrs[path] = read_root_attrs(path)
+        except CacheError as err:
+            reasons[path] = str(err).removeprefix(f"{path}: ")
+    labels = dict(CACHE_DIFFERENCES)
+
+    def differing(keys) -> list[str]:
+        return [k for k in keys if len({json.dumps(a.get(k), sort_keys=True) for a in attrs.values()}) > 1]
+
+    keys = differing(labels) or differing(sorted({k for a in attrs.values() for k in a}))
+    out = []
+    for path in paths:
+        if path in reasons:
+            out.append(f"{path} (unreadable: {reasons[path]})")
+            continue
+        shown = [f"{labels.get(k, k)} {_attr_text(k, attrs[path].get(k))}" for k in keys]
+        out.append(f"{path} ({', '.join(shown) if shown else 'the same attributes as another'})")
+    return out
+
+
+def _attr_text(key: str, value) -> str:
+    """A root attribute as :func:`describe_caches` shows it: ``224 px`` for input_size, ``8x8`` for a grid."""
+    if value is None:
+        return "-"
+    if key == "input_size" and isinstance(value, list) and len(value) == 3:
+        return f"{value[1]} px" if value[1] == value[2] else f"{value[1]}x{value[2]} px"
+    if key.endswith("_grid") and isinstance(value, list):
+        return "x".join(str(v) for v in value)
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 @dataclass
 class FitOutcome:
-    """One fitted run: where it was saved and its record (the content of ``run.json``)."""
+    """One fitted run: where it was saved, its record (the content of ``run.json``), and whether it was kept
+    (``keep_existing``: a run fitted before with the same settings, not fitted again; its record, its
+    ``wall_time_s`` included, is the earlier fit's)."""
 
     path: Path
     record: dict
+    kept: bool = False
 
 
 def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str | os.PathLike = "runs",
@@ -333,7 +383,7 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
     except RunError:
         return None
     log(f"kept {path}: fitted before with the same cache, method, seed and settings (--refit fits it again)")
-    return FitOutcome(path, record)
+    return FitOutcome(path, record, kept=True)
 
 
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
@@ -615,7 +665,7 @@ def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anom
     rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a)} for s, l, a in zip(sample_ids, labels, is_anomaly)]
     for key, values in scores.items():
         for row, value in zip(rows, values):
-            row[key] = int(value) if key == "anomalous" else repr(float(value))
+            row[key] = int(value) if key == "anomalous" else float(value)  # written by write_csv's csv_value
     write_csv(path, ("sample_id", "label", "is_anomaly", *scores), rows)
 
 

@@ -120,12 +120,12 @@ def primary_score(record: dict) -> str:
 
 def calibration_text(rows: Sequence[int], sample_ids: Sequence[str], scores: dict[str, np.ndarray]) -> str:
     """``calibration.csv``: one line per held-out normal train row: ``row`` (index in the cache's train split),
-    ``sample_id``, then every score (float64, written with ``repr``, so they read back exactly)."""
+    ``sample_id``, then every score (as :func:`csv_value` writes it: 9 significant digits)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["row", "sample_id", *scores])
     for i, (row, sample_id) in enumerate(zip(rows, sample_ids)):
-        writer.writerow([int(row), sample_id, *(repr(float(values[i])) for values in scores.values())])
+        writer.writerow([int(row), sample_id, *(csv_value(name, values[i]) for name, values in scores.items())])
     return buffer.getvalue()
 
 
@@ -429,12 +429,46 @@ def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in runs_dir.iterdir() if not p.name.startswith(".") and (p / "run.json").is_file())
 
 
+#: The columns of ``auroc.csv`` and ``auroc_by_anomaly.csv`` that hold a rate in [0, 1] measured on the test split,
+#: written with :data:`METRIC_DECIMALS` decimals.
+METRIC_COLUMNS = ("auroc", "aupr", "fpr95", "false_alarm_rate", "detection_rate")
+#: Decimals of a metric (:data:`METRIC_COLUMNS`) in a CSV.
+METRIC_DECIMALS = 6
+#: Significant digits of every other float in a CSV (scores, p-values, alpha).
+SIGNIFICANT_DIGITS = 9
+
+
+def csv_value(column: str, value):
+    """``value`` as every CSV of the project writes it (auroc.csv, auroc_by_anomaly.csv, scores.csv,
+    calibration.csv, predictions.csv): a fixed precision per kind of column, so no float prints as
+    ``0.6418999999999999``; anything but a float is returned unchanged (ints, strings, ``""``).
+
+    - Metrics (:data:`METRIC_COLUMNS`: AUROC, AUPR, FPR95, false-alarm and detection rates) get ``%.6f``:
+      they are shares of image pairs or images of the test split, whose sampling error is above 1e-3 for any
+      test split here, so 1e-6 loses nothing measurable (and every value of a split of up to 1,000 x 1,000
+      pairs or 10^6 images stays exact to rounding).
+    - Every other float (scores in nats or distances, ``z2``, p-values, alpha) gets 9 significant digits
+      (``%.9g``): float32's round-trip precision, so a score computed in float32 (the flows) reads back exactly,
+      and 1e-9 relative is far below how far scores are reproducible (1e-5 across batch sizes, README). The
+      conformal p-values read from ``calibration.csv`` compare new scores with these 9-digit held-out scores;
+      ``anomalous`` columns are decided on the unrounded p-value.
+
+    NaN and infinities print as ``nan`` / ``inf`` (as Python reads them back).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (float, np.floating)):
+        return value
+    if column in METRIC_COLUMNS:
+        return f"{float(value):.{METRIC_DECIMALS}f}"
+    return f"{float(value):.{SIGNIFICANT_DIGITS}g}"
+
+
 def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
-    """Write ``rows`` (dicts keyed by ``columns``) as a CSV file, atomically (a temporary file renamed)."""
+    """Write ``rows`` (dicts keyed by ``columns``) as a CSV file, atomically (a temporary file renamed); floats are
+    written by :func:`csv_value`."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: csv_value(key, value) for key, value in row.items()} for row in rows)
     atomic_write_text(path, buffer.getvalue())
 
 

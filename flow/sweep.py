@@ -4,7 +4,6 @@ process or shared among the ranks of a distributed job (each normal class a unit
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -80,7 +79,7 @@ def per_class(fits: Sequence[SweepFit]) -> list[SweepFit]:
 def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds: Sequence[int],
               features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int], runs_dir: str,
               train_config: TrainConfig, knn_k: int, device: str, refit: bool, log: Callable[[str], None] = print,
-              dist: DistContext = SINGLE) -> tuple[dict[Path, set[str]], dict[str, float]]:
+              dist: DistContext = SINGLE) -> tuple[dict[Path, set[str]], set[str]]:
     """Fit every run of a sweep (see :func:`sweep_fits`); a run already fitted with the same cache, method, seed
     and settings is kept unless ``refit``.
 
@@ -89,15 +88,15 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
     process up to float rounding. One progress bar on rank 0 counts the fits of every rank.
 
     Returns:
-        ``(fitted, seconds)`` on every rank: the run folder names fitted or kept, per cache, and the wall time
-        of each method's fits in seconds (summed over ranks: device-seconds).
+        ``(fitted, kept)`` on every rank: the run folder names fitted or kept, per cache, and the names of those
+        kept (fitted before; their ``run.json`` holds the earlier fit's ``wall_time_s``).
 
     Raises:
         As :func:`flow.runs.fit_cache`; in a distributed job :class:`extract.distributed.JobError` as described by
         :meth:`extract.distributed.DistContext.all_succeed`.
     """
     fitted: dict[Path, set[str]] = {}
-    times: dict[str, float] = {}
+    kept: set[str] = set()
     with dist.all_succeed():
         fits = sweep_fits(caches, normal, methods, seeds, features, blocks, hidden)
         if dist.distributed:
@@ -106,22 +105,20 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
     mine = dist.share(fits)
     with dist.all_succeed(), dist.progress(len(fits), "fit", "fit") as step:
         for fit in mine:
-            start = time.perf_counter()
             outcomes = fit_cache(fit.cache, normal=fit.normal, runs_dir=runs_dir, seed=fit.seed, method=fit.method,
                                  flow_config={"num_blocks": fit.num_blocks, "hidden": fit.hidden},
                                  train_config=train_config, device=device, log=log,
                                  baseline_params={"k": knn_k} if fit.method == "knn" else {}, setting=fit.setting,
                                  keep_existing=not refit, features=fit.features, progress=not dist.distributed)
             fitted.setdefault(fit.cache, set()).update(o.path.name for o in outcomes)
-            times[fit.method] = times.get(fit.method, 0.0) + time.perf_counter() - start
+            kept.update(o.path.name for o in outcomes if o.kept)
             step()
     if not dist.distributed:
-        return fitted, times
+        return fitted, kept
     merged_fitted: dict[Path, set[str]] = {}
-    merged_times: dict[str, float] = {}
-    for rank_fitted, rank_times in dist.gather((fitted, times)):
+    merged_kept: set[str] = set()
+    for rank_fitted, rank_kept in dist.gather((fitted, kept)):
         for cache, names in rank_fitted.items():
             merged_fitted.setdefault(cache, set()).update(names)
-        for method, seconds in rank_times.items():
-            merged_times[method] = merged_times.get(method, 0.0) + seconds
-    return merged_fitted, {m: merged_times[m] for m in methods if m in merged_times}
+        merged_kept.update(rank_kept)
+    return merged_fitted, merged_kept

@@ -230,7 +230,7 @@ def test_score_writes_auroc_and_per_run_scores(pipeline_run):
         values = np.array([float(s[row["score"]]) for s in scores])
         assert np.isfinite(values).all()
         expected = roc_auc_score([int(s["is_anomaly"]) for s in scores], values)
-        assert float(row["auroc"]) == pytest.approx(expected, abs=1e-12)
+        assert float(row["auroc"]) == pytest.approx(expected, abs=1e-6)  # written with 6 decimals
     for run in runs.values():
         _, scores = read_csv(run / "scores.csv")
         assert all(float(s["z2"]) >= 0 for s in scores)
@@ -327,7 +327,7 @@ def test_cache_dir_with_two_caches(pipeline_run, tmp_path):
     shutil.copyfile(pipeline_run["caches"][0], second)
     result = invoke("fit", "--cache-dir", str(cache_dir), "--runs-dir", str(tmp_path / "runs"))
     assert_input_error(result, f"--cache-dir {cache_dir} holds 2 caches; pass --cache with one of: "
-                               f"{first}, {second}")
+                               f"{first} (the same attributes as another), {second} (the same attributes as another)")
 
 
 def test_cache_dir_without_cache(tmp_path):
@@ -620,6 +620,30 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     assert len(read_csv(runs / "auroc.csv")[1]) == 2 * 2 * 2 + 2 * 2 + 2  # auroc.csv still lists every run
     bad = invoke(*args[:-4], "--methods", "sanf,nope")
     assert bad.exit_code == 2 and "'nope' is not one of sanf, sanf-nocaff, knn, gaussian" in bad.output
+
+
+def test_fit_time_is_the_same_in_the_console_and_the_report_kept_runs_marked(tree, tmp_path):
+    """A run kept from before (not fitted again) counts with the time recorded when it was fitted, marked kept, in
+    the console summary line as in the report."""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
+    args = ["run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1", "--normal", "blue",
+            "--runs-dir", str(runs)]
+    assert_ok(first := invoke(*args))
+    records = [json.loads((p / "run.json").read_text()) for p in runs.iterdir() if (p / "run.json").is_file()]
+    recorded = {r["method"]: r["wall_time_s"] for r in records}
+    (cache,) = cache_dir.glob("*.h5")
+    line = next(x for x in first.output.splitlines() if x.startswith("fit wall time per method"))
+    for method in ("sanf", "knn"):
+        assert f"{method} {recorded[method]:.1f} s" in line and "kept" not in line.split(": ", 1)[1], line
+        assert f"| {method} | 1 | {recorded[method]:.1f} s |" in (runs / f"{cache.stem}__report.md").read_text()
+    again = invoke(*args)
+    assert_ok(again)
+    line = next(x for x in again.output.splitlines() if x.startswith("fit wall time per method"))
+    report = (runs / f"{cache.stem}__report.md").read_text()
+    for method in ("sanf", "knn"):
+        assert f"{method} {recorded[method]:.1f} s (kept)" in line, line
+        assert f"| {method} | 1 (1 kept) | {recorded[method]:.1f} s (kept) |" in report, report
 
 
 def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):

@@ -172,6 +172,18 @@ def test_p_values_follow_the_held_out_scores(calibrated, odd_tree):
             assert row["anomalous"] == str(int(float(row["p_value"]) <= 0.05))
 
 
+def test_predictions_csv_writes_floats_with_9_significant_digits(calibrated, odd_tree):
+    """Scores and p-values are written at a fixed precision (flow.store.csv_value), not as repr's 17 digits."""
+    out = calibrated["work"] / "digits.csv"
+    assert_ok(invoke("predict", str(run_of(calibrated["runs_dir"], "gaussian")), str(odd_tree / "a"), "--out",
+                     str(out), "--num-workers", "0", "--device", "cpu"))
+    _, rows = read_csv(out)
+    assert len(rows) == 2
+    for row in rows:
+        for column in ("score", "mahalanobis", "p_value"):
+            assert f"{float(row[column]):.9g}" == row[column], (column, row[column])
+
+
 def test_uncalibrated_run_predicts_scores_only(calibrated, tmp_path, odd_tree):
     runs = tmp_path / "runs"
     assert_ok(invoke(*fit_args(calibrated["cache_dir"], runs, "gaussian")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flow.conformal import check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
+from flow.conformal import check_alpha, conformal_p_values, decision_threshold, false_alarm_band, smallest_p_value
 
 
 def test_p_values_exact_on_hand_made_scores():
@@ -78,3 +78,17 @@ def test_beta_binomial_band_holds_in_simulation():
     rates = np.array([np.mean(conformal_p_values(rng.normal(size=n), rng.normal(size=m)) <= alpha)
                       for _ in range(400)])
     assert 0.01 < np.mean(rates > hi) < 0.05  # about 2.5 % above the upper end of a central 95 % band
+
+
+@pytest.mark.parametrize("n", [1, 3, 19, 20, 57, 400])
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.1, 0.29, 0.5])
+def test_decision_threshold_flags_exactly_the_scores_whose_p_value_is_at_most_alpha(n, alpha):
+    rng = np.random.default_rng(n)
+    calibration = np.round(rng.normal(size=n), 1)  # rounded: ties among the held-out scores
+    scores = np.concatenate([calibration, calibration + 1e-9, rng.normal(size=200), [-9.0, 9.0]])
+    threshold = decision_threshold(calibration, alpha)
+    flagged = conformal_p_values(calibration, scores) <= alpha
+    if threshold is None:
+        assert alpha < smallest_p_value(n) and not flagged.any()
+    else:
+        np.testing.assert_array_equal(flagged, scores > threshold)

@@ -64,6 +64,44 @@ def test_find_cache(tmp_path):
     assert find_cache(tmp_path / "b.h5", tmp_path) == tmp_path / "b.h5"
 
 
+def test_several_caches_are_listed_with_what_tells_them_apart(tmp_path):
+    """Only the attributes that differ, read from the root attributes; an unreadable candidate is named as such."""
+    import h5py
+
+    splits, names = gaussian_splits(n_train=2, n_test=2, grid=(2, 2)), ["a", "b", "c"]
+    a = write_cache(tmp_path / "a.h5", splits, names, backbone="vit_small_patch16_224", input_size=[3, 224, 224])
+    b = write_cache(tmp_path / "b.h5", gaussian_splits(n_train=2, n_test=2, grid=(1, 1)), names, patch_grid=(1, 1),
+                    backbone="vit_base_patch16_384", input_size=[3, 384, 384], data_source="folder /data/x",
+                    dtype="float16")
+    (tmp_path / "c.h5").write_bytes(b"not hdf5")
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(ValueError) as err:
+        find_cache(None, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message  # one line: the CLI prints an error's first line
+    assert message == (
+        f"--cache-dir {tmp_path} holds 4 caches; pass --cache with one of: "
+        f"{a} (backbone vit_small_patch16_224, img size 224 px, patch grid 2x2, data source tests, dtype float32), "
+        f"{b} (backbone vit_base_patch16_384, img size 384 px, patch grid 1x1, data source folder /data/x, "
+        f"dtype float16), "
+        f"{tmp_path / 'c.h5'} (unreadable: not a readable HDF5 file (truncated or of another kind)), "
+        f"{tmp_path / 'd.h5'} (unreadable: not a sanf-ad-features cache (format attribute: 'something-else'))")
+
+
+def test_caches_alike_in_every_setting_are_told_apart_by_what_else_differs(tmp_path):
+    import h5py
+
+    splits, names = gaussian_splits(n_train=2, n_test=2), ["a", "b", "c"]
+    a, b = (write_cache(tmp_path / name, splits, names) for name in ("a.h5", "b.h5"))
+    for path, when in ((a, "2024-01-01T00:00:00"), (b, "2024-02-01T00:00:00")):
+        with h5py.File(path, "a") as f:  # two extractions of the same settings, at different times
+            f.attrs["created"] = when
+    with pytest.raises(ValueError, match=f"one of: {a} \\(created 2024-01-01T00:00:00\\), "
+                                         f"{b} \\(created 2024-02-01T00:00:00\\)$"):
+        find_cache(None, tmp_path)
+
+
 def test_split_holdout_is_disjoint_and_seeded():
     fit, val = split_holdout(50, 0.2, seed=0)
     assert len(val) == 10 and len(fit) == 40
@@ -322,3 +360,77 @@ def test_summary_cells_are_mean_and_sample_std_over_seeds():
     _, partial = summarize(rows[:3])
     assert partial[0]["mean"] == "0.8000" and partial[0]["c1"] == "0.7000"
     assert "| sanf / nll | 0.8500 ± 0.0707 | 0.6000 ± 0.1414 | 0.7250 ± 0.1061 |" in markdown_table(rows)
+
+
+def test_csv_value_writes_a_fixed_precision_per_kind_of_column():
+    from flow.store import csv_value
+
+    assert csv_value("auroc", 0.6418999999999999) == "0.641900" and csv_value("fpr95", 1.0) == "1.000000"
+    assert csv_value("false_alarm_rate", float("nan")) == "nan"
+    assert csv_value("nll", 0.1 + 0.2) == "0.3" and csv_value("p_value", 1 / 3) == "0.333333333"
+    assert csv_value("nll", np.float64(123456.78901234)) == "123456.789"
+    f32 = np.float32(1234.56789)
+    assert np.float32(float(csv_value("z2", float(f32)))) == f32  # float32 scores read back exactly
+    assert csv_value("seed", 3) == 3 and csv_value("run", "x") == "x" and csv_value("aupr", "") == ""
+
+
+def _floats_written_fixed(path, metric_columns=()):
+    """Every float cell of a CSV: metrics with 6 decimals, the rest at most 9 significant digits."""
+    import re
+
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows
+    checked = 0
+    for row in rows:
+        for column, cell in row.items():
+            if column in metric_columns:
+                assert re.fullmatch(r"[01]\.\d{6}|nan", cell), (path.name, column, cell)
+                checked += 1
+            elif re.fullmatch(r"-?\d*\.\d+(e[-+]\d+)?", cell):
+                assert f"{float(cell):.9g}" == cell, (path.name, column, cell)
+                checked += 1
+    assert checked
+
+
+def test_every_csv_of_fit_and_score_writes_floats_with_a_fixed_precision(gaussian_cache, tmp_path):
+    """auroc.csv, auroc_by_anomaly.csv, scores.csv and calibration.csv: no float printed as 0.6418999999999999;
+    the rounded files still read back (score's p-values from calibration.csv, the AUROC from scores.csv)."""
+    from flow.report import read_scores
+    from flow.store import read_calibration, read_run_record
+
+    metrics = ("auroc", "aupr", "fpr95", "false_alarm_rate", "detection_rate")
+    runs = tmp_path / "runs"
+    for method in ("knn", "gaussian"):
+        fit_cache(gaussian_cache, normal="0", runs_dir=runs, method=method, val_fraction=0.25, log=quiet)
+    rows = score_runs(runs, device="cpu", log=quiet)
+    _floats_written_fixed(runs / "auroc.csv", metrics)
+    _floats_written_fixed(runs / "auroc_by_anomaly.csv", metrics)
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
+        _floats_written_fixed(run / "scores.csv")
+        _floats_written_fixed(run / "calibration.csv")
+        assert read_calibration(run, read_run_record(run)) is not None
+        scores = read_scores(run / "scores.csv")
+        row = next(r for r in rows if r["run"] == run.name)
+        assert auroc(scores["is_anomaly"], scores[row["score"]]) == pytest.approx(row["auroc"], abs=1e-9)
+
+
+def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_readme_says(gaussian_cache, tmp_path):
+    """model.safetensors: float32 weights (4 bytes a parameter), 2 int64 permutations of D per block, a header; the
+    README's disk figures for D = 1280 follow from the same count."""
+    import re
+    from pathlib import Path
+
+    from flow.model import FlowConfig, parameter_count
+
+    outcome = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
+                        train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]
+    size = (outcome.path / "model.safetensors").stat().st_size
+    weights = 4 * outcome.record["num_parameters"] + 2 * SMALL_FLOW["num_blocks"] * 6 * 8  # D = 6
+    assert weights < size < weights + 16_384
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    full = parameter_count(FlowConfig(dim=1280))
+    assert f"{full:,} parameters x 4 bytes =\n  **{4 * full / 1e6:.1f} MB**" in readme
+    narrow = parameter_count(FlowConfig(dim=1280, hidden=256))
+    mlp = parameter_count(FlowConfig(dim=1280, use_caff=False))
+    assert re.search(rf"`--hidden 256`: {4 * narrow / 1e6:.0f} MB; `sanf-nocaff`: {4 * mlp / 1e6:.0f} MB", readme)

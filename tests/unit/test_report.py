@@ -1,0 +1,75 @@
+"""Report figures (flow/report.py): the score histograms' layout, clipping and decision threshold, inspected through
+matplotlib's objects (not pixels)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flow.runs import fit_cache, score_runs
+from flow.store import list_runs, read_run_record
+
+SMALL_FLOW = {"num_blocks": 2, "hidden": 8, "num_heads": 2}
+
+
+@pytest.fixture
+def figures(gaussian_cache, tmp_path, monkeypatch):
+    """The figures write_plots makes for normal class 0 of a sanf run, a calibrated knn run (val_fraction 0.5: 20
+    held-out rows, enough to flag at alpha 0.05) and an uncalibrated gaussian run, scored: ``{file name: figure}``
+    (kept open, not saved), and ``{"runs": the runs folder}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flow import TrainConfig, report
+
+    runs = tmp_path / "runs"
+    fit_cache(gaussian_cache, normal="0", runs_dir=runs, flow_config=SMALL_FLOW, train_config=TrainConfig(epochs=1),
+              device="cpu", progress=False, log=lambda _: None)
+    fit_cache(gaussian_cache, normal="0", runs_dir=runs, method="knn", val_fraction=0.5, log=lambda _: None)
+    fit_cache(gaussian_cache, normal="0", runs_dir=runs, method="gaussian", log=lambda _: None)
+    score_runs(runs, device="cpu", log=lambda _: None)
+    made = {}
+
+    def keep(fig, path):
+        made[path.name] = fig
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    report.write_plots(tmp_path / "plots", [(run, read_run_record(run)) for run in list_runs(runs)])
+    yield made, runs
+    plt.close("all")
+
+
+def test_score_histograms_are_a_grid_readable_at_report_size(figures):
+    fig = figures[0]["hist_normal0.png"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["gaussian/mahalanobis", "knn/l2", "knn/cosine", "sanf/nll", "sanf/z2"]  # scores only
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 3)}  # 2 rows of 3, one left empty
+    width, height = fig.get_size_inches() * 110  # saved at 110 dpi
+    assert width < 1600 and height < 1000 and width / height < 2.5
+
+
+def test_score_histograms_clip_the_x_range_and_say_so(figures):
+    for ax in figures[0]["hist_normal0.png"].axes:
+        assert ax.get_xlabel().endswith("(clipped to 0.5-99.5th percentile)"), ax.get_xlabel()
+    nll = next(ax for ax in figures[0]["hist_normal0.png"].axes if ax.get_title() == "sanf/nll")
+    assert nll.get_xlabel() == "nll (nats)\n(clipped to 0.5-99.5th percentile)"
+
+
+def test_the_decision_threshold_is_drawn_for_a_calibrated_run_only(figures):
+    from flow.conformal import decision_threshold
+    from flow.store import read_calibration
+
+    made, runs = figures
+    (knn,) = [run for run in list_runs(runs) if read_run_record(run)["method"] == "knn"]
+    calibration = read_calibration(knn, read_run_record(knn))
+    for ax in made["hist_normal0.png"].axes:
+        lines = [line for line in ax.get_lines() if line.get_label().startswith("threshold")]
+        if ax.get_title().startswith("knn/"):
+            (line,) = lines
+            expected = decision_threshold(calibration[ax.get_title().split("/")[1]], 0.05)
+            assert line.get_xdata()[0] == pytest.approx(expected)
+            assert line.get_label() == f"threshold (alpha 0.05): {expected:.4g}"
+        else:
+            assert not lines, ax.get_title()
