@@ -23,7 +23,7 @@ from .schema import (
     SPLITS,
     CacheError,
 )
-from .chunks import PARTIAL_SUFFIX, partial_progress
+from .chunks import PARTIAL_SUFFIX, lock_holder, partial_progress
 
 
 def _decode_attr(key: str, value: Any) -> Any:
@@ -140,8 +140,9 @@ class FeatureCache:
         path: the ``.h5`` cache file.
 
     Raises:
-        CacheError: the file is missing, not HDF5, of another format or version, incomplete, or
-            inconsistent. The message names the file and what is wrong.
+        CacheError: the file is missing (the message says whether its extraction is running, naming the pid
+            that holds its lock, or was interrupted), not HDF5, of another format or version,
+            incomplete, or inconsistent. The message names the file and what is wrong.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -195,14 +196,22 @@ class FeatureCache:
     def _validate(self) -> dict[str, Any]:
         where = str(self.path)
         if self.path.is_dir() and self.path.name.endswith(PARTIAL_SUFFIX):
+            cache = self.path.with_name(self.path.name[:-len(PARTIAL_SUFFIX)])
+            holder = lock_holder(cache)
+            if holder is not None:
+                raise CacheError(f"{where} is the work folder of an extraction being written by pid {holder}, not a "
+                                 f"cache; wait for it to finish, then use {cache}")
             raise CacheError(f"{where} is the work folder of an interrupted extraction, not a cache; run the same "
                              "extract command again to resume it")
         if not self.path.exists():
             progress = partial_progress(self.path)
             hint = ""
             if progress is not None:
-                hint = (f" (its extraction was interrupted with {progress[0]} of {progress[1] or '?'} chunks "
-                        "committed; run the same extract command again to resume)")
+                done = f"{progress[0]} of {progress[1] or '?'} chunks committed"
+                holder = lock_holder(self.path)
+                hint = (f" (its extraction was interrupted with {done}; run the same extract command again to resume)"
+                        if holder is None else
+                        f" yet: its extraction is being written by pid {holder} ({done}); wait for it to finish")
             raise CacheError(f"cache file {where} does not exist{hint}")
         try:
             f = h5py.File(self.path, "r")

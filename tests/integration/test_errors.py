@@ -8,11 +8,13 @@ missing cache at ``score``) are not repeated here.
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
 
-from conftest import gaussian_splits, make_image_tree, write_cache
+from conftest import RUNNING_EXTRACTION, gaussian_splits, make_image_tree, process_holding, write_cache
 from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
 
 FIT = ("--epochs", "1", "--hidden", "8", "--device", "cpu")
@@ -78,6 +80,23 @@ def test_truncated_hdf5_cache(small_cache, tmp_path):
                  ("info", str(small_cache))):
         assert_input_error(invoke(*args), f"{small_cache} is not a readable HDF5 file (truncated or of another kind)")
     assert no_runs(tmp_path / "runs")
+
+
+def test_a_cache_whose_extraction_is_running_is_named_by_the_pid_writing_it(tmp_path):
+    cache = tmp_path / "cache" / "c.h5"
+    cache.parent.mkdir()
+    plan = {"batch_size": 1, "chunk_rows": 2, "splits": {"train": {"num_rows": 4}, "test": {"num_rows": 2}}}
+    runs = tmp_path / "runs"
+    with process_holding(RUNNING_EXTRACTION, str(cache), json.dumps(plan)) as proc:
+        result = invoke("fit", "--cache-dir", str(cache.parent), "--runs-dir", str(runs), *FIT)
+        assert_input_error(result, f"no complete cache in --cache-dir {cache.parent} yet: c.h5 is being written by "
+                                   f"pid {proc.pid}; wait for its extraction to finish")
+        result = invoke("fit", "--cache", str(cache), "--runs-dir", str(runs), *FIT)
+        assert_input_error(result, f"cache file {cache} does not exist yet: its extraction is being written by pid "
+                                   f"{proc.pid} (0 of 3 chunks committed); wait for it to finish")
+    assert no_runs(runs)
+    result = invoke("fit", "--cache-dir", str(cache.parent), "--runs-dir", str(runs), *FIT)  # killed: interrupted
+    assert_input_error(result, "only an interrupted extraction (c.h5.partial); run the same extract command again")
 
 
 def test_foreign_hdf5_file(tmp_path):
