@@ -99,6 +99,17 @@ def test_a_cache_whose_extraction_is_running_is_named_by_the_pid_writing_it(tmp_
     assert_input_error(result, "only an interrupted extraction (c.h5.partial); run the same extract command again")
 
 
+def test_a_cache_open_for_writing_elsewhere_is_reported_as_locked(small_cache, tmp_path):
+    code = "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r+'); print('ready', flush=True); time.sleep(60)"
+    with process_holding(code, str(small_cache)):
+        for args in (("fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), *FIT),
+                     ("info", str(small_cache))):
+            assert_input_error(invoke(*args), f"{small_cache} is locked by another process that has it open for "
+                                              "writing (HDF5 file locking); wait for that process to finish")
+    assert no_runs(tmp_path / "runs")
+    assert_ok(invoke("info", str(small_cache)))  # the writer is gone: readable again
+
+
 def test_foreign_hdf5_file(tmp_path):
     foreign = tmp_path / "other.h5"
     with h5py.File(foreign, "w") as f:
