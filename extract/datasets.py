@@ -157,12 +157,30 @@ class VisibleImageFolder(ImageFolder):
 
 
 def _folder_split(root: Path, split: str, transform: Callable, option: str = "--data-root",
-                  classes: list[str] | None = None) -> tuple[list[str], SplitSource]:
+                  classes: list[str] | None = None, empty_hint: str = "") -> tuple[list[str], SplitSource]:
+    """Index ``root/split/<class>/<image>`` (every class folder, or the ``classes`` folders in that order).
+
+    Raises:
+        DatasetError: the folder cannot be indexed, image files lie in it outside any class folder, or a class
+            folder holds no images (the message adds ``empty_hint``).
+    """
     folder = root / split
+    names = "<class>" if classes is None else classes[0] if len(classes) == 1 else "{" + ",".join(classes) + "}"
+    expected = f"{folder}/{names}/<image>"
     try:
-        dataset = VisibleImageFolder(str(folder), classes, transform=transform)
+        stray = sorted(e.name for e in os.scandir(folder) if e.is_file() and _visible_image(e.path))
+        dataset = VisibleImageFolder(str(folder), classes, transform=transform, allow_empty=True)
     except (FileNotFoundError, OSError) as err:
         raise DatasetError(f"{option} {root}: cannot index {folder}: {err}") from None
+    if stray:  # ImageFolder would leave them out without a word
+        raise DatasetError(f"{option} {root}: {split}/ holds {len(stray)} image files outside any class folder "
+                           f"({_few(stray)}); images must lie in {expected}: move them into class folders")
+    counts = np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=len(dataset.classes))
+    empty = [c for c, n in zip(dataset.classes, counts) if n == 0]
+    if empty:
+        raise DatasetError(f"{option} {root}: the class folder{'s' if len(empty) > 1 else ''} "
+                           f"{', '.join(f'{split}/{c}/' for c in empty)} hold{'' if len(empty) > 1 else 's'} no "
+                           f"images; every class needs images in {expected}{empty_hint}")
     ids = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return list(dataset.classes), SplitSource(dataset, ids, labels)
@@ -187,14 +205,20 @@ def build_folder(root: Path, transform: Callable, name: str = "folder") -> Datas
     """A generic tree ``root/{train,test}/<class>/<image>``; classes sorted by name (torchvision ImageFolder).
 
     Raises:
-        DatasetError: a split folder is missing, holds no images, or train and test classes differ.
+        DatasetError: a split folder is missing or holds no class folder, a class folder holds no images (for
+            ``folder``, the message points to ``--layout good-defect``), image files lie outside the class folders,
+            or train and test classes differ.
     """
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DatasetError(f"--data-root {root}: expected folders {root}/train/<class>/ and "
                                f"{root}/test/<class>/; {root / split} is missing")
-    train_classes, train = _folder_split(root, "train", transform)
-    test_classes, test = _folder_split(root, "test", transform)
+    # --layout classes takes every class folder as a class of both splits; a tree of normal train images only
+    # (MVTec-style) is what --layout good-defect reads
+    hint = (f"; for normal images only in train/ ({root}/train/good/, {root}/test/good/, {root}/test/<defect type>/) "
+            "pass --layout good-defect" if name == "folder" else "")
+    train_classes, train = _folder_split(root, "train", transform, empty_hint=hint)
+    test_classes, test = _folder_split(root, "test", transform, empty_hint=hint)
     if train_classes != test_classes:
         hint = ("; for MVTec-style good/defect folders pass --layout good-defect"
                 if train_classes == ["good"] and "good" in test_classes else "")
@@ -690,8 +714,8 @@ def build_good_defect(root: Path, transform: Callable, name: str, option: str = 
     train split holds only ``good``.
 
     Raises:
-        DatasetError: ``train/good`` or ``test/good`` missing, other folders under ``train/``, no defect type, or an
-            image reached twice (a link).
+        DatasetError: ``train/good`` or ``test/good`` missing, other folders under ``train/``, no defect type, a
+            folder without images, image files outside those folders, or an image reached twice (a link).
     """
     for needed in (root / "train" / "good", root / "test" / "good"):
         if not needed.is_dir():

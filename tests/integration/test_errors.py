@@ -330,3 +330,38 @@ def test_early_stop_without_held_out_rows_is_refused(tmp_path):
     ok = invoke("fit", "--cache", str(cache), "--normal", "a", "--early-stop", "--val-fraction", "0.25",
                 "--runs-dir", str(tmp_path / "runs"), *FIT)
     assert_ok(ok)
+
+
+@pytest.mark.parametrize("layout,split,expected", [
+    ("classes", "train", "train/<class>/<image>"), ("classes", "test", "test/<class>/<image>"),
+    ("good-defect", "train", "train/good/<image>"), ("good-defect", "test", "test/{good,red}/<image>")])
+def test_images_outside_the_class_folders_are_refused(tmp_path, layout, split, expected):
+    root = make_image_tree(tmp_path / "data", classes=("good", "red"), per_split={"train": 2, "test": 1})
+    if layout == "good-defect":
+        for stray in (root / "train" / "red").iterdir():
+            stray.unlink()
+        (root / "train" / "red").rmdir()
+    for name in ("a.png", "b.jpg"):
+        (root / split / name).write_bytes((root / "test" / "good" / "000.png").read_bytes())
+    (root / split / "notes.txt").write_text("not an image: not counted")
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, "--layout", layout, backbone=SMALL))
+    assert_input_error(result, f"--data-root {root}: {split}/ holds 2 image files outside any class folder (a.png, "
+                               f"b.jpg); images must lie in {root}/{expected}: move them into class folders")
+    assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_class_folder_points_to_the_good_defect_layout(tmp_path, split):
+    """Normal images only in train/ (an empty defect folder there), or none of a class in test/: --layout classes
+    needs every class in both splits; the message points to --layout good-defect."""
+    root = make_image_tree(tmp_path / "data", classes=("defect", "good"), per_split={"train": 2, "test": 1})
+    for image in (root / split / "defect").iterdir():
+        image.unlink()
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, backbone=SMALL))
+    assert_input_error(result, f"--data-root {root}: the class folder {split}/defect/ holds no images; every class "
+                               f"needs images in {root}/{split}/<class>/<image>; for normal images only in train/ "
+                               f"({root}/train/good/, {root}/test/good/, {root}/test/<defect type>/) pass --layout "
+                               "good-defect")
+    assert not cache_dir.exists()
