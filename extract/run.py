@@ -20,7 +20,7 @@ from torchvision import transforms
 from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
 from .backbone import DEFAULT_LAYER, TokenEncoder, create_backbone, parse_layer
-from .datasets import ToRGB, build_dataset
+from .datasets import ToRGB, build_dataset, check_readable, unchecked_files
 from .distributed import SINGLE, DistContext
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,7 +138,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         DatasetError, BackboneError, CacheError: bad input (see those types); CacheError also when another
             process is extracting the same cache or an interrupted extraction of it used other settings.
         ExtractionError: non-finite backbone output.
-        ImageReadError: an image file cannot be decoded.
+        ImageReadError: an image file cannot be decoded: found before encoding for image-folder trees (every
+            unreadable file of the chunks to encode is named), else when it is reached.
         JobError: in a distributed job, on ranks other than 0, or on rank 0 for another rank's error.
     """
     if precision not in PRECISIONS:
@@ -202,6 +203,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                     store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log))
                     # listed once, here: a rank listing the folder itself could see another rank's fresh commits
                     todo = [(split, a, b) for split in source.splits for a, b in store.pending(split)]
+                    _check_images(source, store, todo, progress)
         finished, todo = dist.broadcast((finished, todo))
         if finished is not None:
             return finished
@@ -225,6 +227,18 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     if dist.is_main:
         log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
     return final
+
+
+def _check_images(source, store: ChunkStore, todo: list[tuple[str, int, int]], progress: bool) -> None:
+    """Decode the image files of the chunks still to encode before encoding any (see
+    :func:`extract.datasets.check_readable`), so that every unreadable one is named at once, not one per run.
+
+    Raises:
+        ImageReadError: an image file cannot be read.
+    """
+    files = {split: unchecked_files(part.dataset) for split, part in source.splits.items()}
+    resumed = len(todo) < sum(len(store.chunks(split)) for split in store.splits)
+    check_readable([path for split, a, b in todo for path in files[split][a:b]], progress=progress, resumed=resumed)
 
 
 def _quiet(line: str) -> None:

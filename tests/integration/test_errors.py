@@ -60,6 +60,18 @@ def test_truncated_image_is_named(tmp_path):
     assert not list(cache_dir.glob("*.h5"))
 
 
+def test_unreadable_images_are_all_named_before_any_is_encoded(tmp_path):
+    root = make_image_tree(tmp_path / "data", per_split={"train": 2, "test": 1})
+    bad = [root / "train" / "red" / "001.png", root / "test" / "blue" / "000.png"]
+    bad[0].write_bytes(b"not a png at all")
+    bad[1].write_bytes(bad[1].read_bytes()[:60])  # truncated
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, backbone=SMALL))
+    assert_input_error(result, f"cannot read image {bad[0]}: cannot identify image file (and 1 more unreadable: "
+                               f"{bad[1]}); remove or replace them, then run the same command again")
+    assert "encoded" not in result.output and list(cache_dir.iterdir()) == []  # nothing committed, no work folder
+
+
 def test_unwritable_cache_dir(image_tree, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
