@@ -203,7 +203,6 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                     store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log))
                     # listed once, here: a rank listing the folder itself could see another rank's fresh commits
                     todo = [(split, a, b) for split in source.splits for a, b in store.pending(split)]
-                    _check_images(source, store, todo, progress)
         finished, todo = dist.broadcast((finished, todo))
         if finished is not None:
             return finished
@@ -212,6 +211,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                 store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log, follower=True))
         total, start = 0, time.perf_counter()
         mine = dist.share(todo)  # chunk i of the list -> rank i mod world size
+        with dist.all_succeed():  # each rank decodes the images it is to encode before any is encoded
+            _check_images(source, store, todo, mine, progress=progress and not dist.distributed)
         with dist.all_succeed(), dist.progress(len(todo), "extract", "chunk", enabled=progress) as step:
             for split, part in source.splits.items():
                 total += _encode_chunks(store, split, part, [(a, b) for s, a, b in mine if s == split], encoder,
@@ -229,8 +230,9 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     return final
 
 
-def _check_images(source, store: ChunkStore, todo: list[tuple[str, int, int]], progress: bool) -> None:
-    """Decode the image files of the chunks still to encode before encoding any (see
+def _check_images(source, store: ChunkStore, todo: list[tuple[str, int, int]], mine: list[tuple[str, int, int]],
+                  progress: bool) -> None:
+    """Decode the image files of this rank's chunks (``mine``, of the job's ``todo``) before encoding any (see
     :func:`extract.datasets.check_readable`), so that every unreadable one is named at once, not one per run.
 
     Raises:
@@ -238,7 +240,7 @@ def _check_images(source, store: ChunkStore, todo: list[tuple[str, int, int]], p
     """
     files = {split: unchecked_files(part.dataset) for split, part in source.splits.items()}
     resumed = len(todo) < sum(len(store.chunks(split)) for split in store.splits)
-    check_readable([path for split, a, b in todo for path in files[split][a:b]], progress=progress, resumed=resumed)
+    check_readable([path for split, a, b in mine for path in files[split][a:b]], progress=progress, resumed=resumed)
 
 
 def _quiet(line: str) -> None:
