@@ -2,7 +2,7 @@
 
 from .reader import CacheSplit, FeatureCache, read_root_attrs
 from .schema import FORMAT_NAME, FORMAT_VERSION, READABLE_VERSIONS, CacheError
-from .chunks import LOCK_SUFFIX, PARTIAL_SUFFIX, CacheLock, ChunkStore, partial_dir, partial_progress
+from .chunks import LOCK_SUFFIX, PARTIAL_SUFFIX, CacheLock, ChunkStore, lock_holder, partial_dir, partial_progress
 from .writer import TEMP_SUFFIX, CacheWriter
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "PARTIAL_SUFFIX",
     "READABLE_VERSIONS",
     "TEMP_SUFFIX",
+    "lock_holder",
     "partial_dir",
     "partial_progress",
     "read_root_attrs",

@@ -67,6 +67,36 @@ def _ranges(num_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows)]
 
 
+def _recorded_pid(fd: int) -> str:
+    """The pid that the lock holder wrote into its lock file, or ``?`` before it has written it."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """The pid (as written in ``<path>.lock``) of the process extracting the cache ``path`` now, or None when none is.
+
+    The lock is tested with a shared, non-blocking ``flock`` that is dropped at once, so the test never waits and
+    holds the lock for microseconds only (an extraction starting in that instant is refused, as by a running one).
+    The lock file is not created. ``?`` stands for a holder that has not written its pid yet.
+    """
+    lock = Path(path).with_name(Path(path).name + LOCK_SUFFIX)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file: no extraction has started, or the last one released it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _recorded_pid(fd)
+    except OSError:  # a filesystem without flock: nobody can hold it there either
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class CacheLock:
     """An exclusive, non-blocking ``fcntl.flock`` lock on ``<cache>.lock``.
 
@@ -87,7 +117,7 @@ class CacheLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                holder = _recorded_pid(fd)
                 os.close(fd)
                 raise CacheError(f"another extraction (pid {holder}) is writing {self.cache_path}; wait for it to "
                                  f"finish or stop it (lock {self.path})") from None

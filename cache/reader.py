@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +25,7 @@ from .schema import (
     SPLITS,
     CacheError,
 )
-from .chunks import PARTIAL_SUFFIX, partial_progress
+from .chunks import PARTIAL_SUFFIX, lock_holder, partial_progress
 
 
 def _decode_attr(key: str, value: Any) -> Any:
@@ -84,6 +86,37 @@ def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate(([0], breaks))
     stops = np.concatenate((breaks, [rows.size]))
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+#: errno values of HDF5's "unable to lock file" when another process holds the file; any other (ENOSYS, ENOLCK,
+#: EOPNOTSUPP: some network and read-only mounts) means that the filesystem offers no locks.
+_LOCKED = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only.
+
+    Raises:
+        CacheError: the file is locked by a process that has it open for writing (HDF5's file locking), its
+            filesystem does not support that locking, or it is not a readable HDF5 file (truncated or of another
+            kind). The message names the file.
+    """
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        text = str(err)
+        code = err.errno
+        if code is None:  # h5py gives the errno in the text of some errors only: "errno = 11, error message = ..."
+            found = re.search(r"errno = (\d+)", text)
+            code = int(found.group(1)) if found else None
+        if "unable to lock file" in text and code in _LOCKED:
+            raise CacheError(f"{path} is locked by another process that has it open for writing (HDF5 file "
+                             "locking); wait for that process to finish and run again") from None
+        if "unable to lock file" in text:
+            raise CacheError(f"{path} cannot be locked for reading on its filesystem (HDF5 file locking: "
+                             f"{os.strerror(code) if code else text}); set HDF5_USE_FILE_LOCKING=FALSE in the "
+                             "environment to read it without locking") from None
+        raise CacheError(f"{path} is not a readable HDF5 file (truncated or of another kind)") from None
 
 
 class CacheSplit:
@@ -180,8 +213,9 @@ class FeatureCache:
         path: the ``.h5`` cache file.
 
     Raises:
-        CacheError: the file is missing, not HDF5, of another format or version, incomplete, or
-            inconsistent. The message names the file and what is wrong.
+        CacheError: the file is missing (the message says whether its extraction is running, naming the pid
+            that holds its lock, or was interrupted), locked by a process writing it, not HDF5, of another format
+            or version, incomplete, or inconsistent. The message names the file and what is wrong.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -210,7 +244,7 @@ class FeatureCache:
         if self._file is not None and self._owner_pid != os.getpid():
             self._file = None  # the parent's handle: leave it alone, open our own
         if self._file is None or not self._file.id.valid:
-            self._file = h5py.File(self.path, "r")
+            self._file = _open_hdf5(self.path)
             self._owner_pid = os.getpid()
         return self._file
 
@@ -235,20 +269,24 @@ class FeatureCache:
     def _validate(self) -> dict[str, Any]:
         where = str(self.path)
         if self.path.is_dir() and self.path.name.endswith(PARTIAL_SUFFIX):
+            cache = self.path.with_name(self.path.name[:-len(PARTIAL_SUFFIX)])
+            holder = lock_holder(cache)
+            if holder is not None:
+                raise CacheError(f"{where} is the work folder of an extraction being written by pid {holder}, not a "
+                                 f"cache; wait for it to finish, then use {cache}")
             raise CacheError(f"{where} is the work folder of an interrupted extraction, not a cache; run the same "
                              "extract command again to resume it")
         if not self.path.exists():
             progress = partial_progress(self.path)
             hint = ""
             if progress is not None:
-                hint = (f" (its extraction was interrupted with {progress[0]} of {progress[1] or '?'} chunks "
-                        "committed; run the same extract command again to resume)")
+                done = f"{progress[0]} of {progress[1] or '?'} chunks committed"
+                holder = lock_holder(self.path)
+                hint = (f" (its extraction was interrupted with {done}; run the same extract command again to resume)"
+                        if holder is None else
+                        f" yet: its extraction is being written by pid {holder} ({done}); wait for it to finish")
             raise CacheError(f"cache file {where} does not exist{hint}")
-        try:
-            f = h5py.File(self.path, "r")
-        except OSError:
-            raise CacheError(f"{where} is not a readable HDF5 file (truncated or of another kind)") from None
-        self._file = f
+        self._file = f = _open_hdf5(self.path)
         raw = dict(f.attrs)
         fmt = _decode_attr("format", raw.get("format"))
         if fmt != FORMAT_NAME:

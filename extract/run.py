@@ -20,7 +20,7 @@ from torchvision import transforms
 from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
 from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, create_backbone, parse_layer
-from .datasets import ToRGB, build_dataset
+from .datasets import ToRGB, build_dataset, check_readable, unchecked_files
 from .distributed import SINGLE, DistContext
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,7 +139,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         DatasetError, BackboneError, CacheError: bad input (see those types); CacheError also when another
             process is extracting the same cache or an interrupted extraction of it used other settings.
         ExtractionError: non-finite backbone output.
-        ImageReadError: an image file cannot be decoded.
+        ImageReadError: an image file cannot be decoded: found before encoding for image-folder trees (every
+            unreadable file of the chunks to encode is named), else when it is reached.
         JobError: in a distributed job, on ranks other than 0, or on rank 0 for another rank's error.
     """
     if precision not in PRECISIONS:
@@ -213,6 +214,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                 store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log, follower=True))
         total, start = 0, time.perf_counter()
         mine = dist.share(todo)  # chunk i of the list -> rank i mod world size
+        with dist.all_succeed():  # each rank decodes the images it is to encode before any is encoded
+            _check_images(source, store, todo, mine, progress=progress and not dist.distributed)
         with dist.all_succeed(), dist.progress(len(todo), "extract", "chunk", enabled=progress) as step:
             for split, part in source.splits.items():
                 total += _encode_chunks(store, split, part, [(a, b) for s, a, b in mine if s == split], encoder,
@@ -228,6 +231,19 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     if dist.is_main:
         log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
     return final
+
+
+def _check_images(source, store: ChunkStore, todo: list[tuple[str, int, int]], mine: list[tuple[str, int, int]],
+                  progress: bool) -> None:
+    """Decode the image files of this rank's chunks (``mine``, of the job's ``todo``) before encoding any (see
+    :func:`extract.datasets.check_readable`), so that every unreadable one is named at once, not one per run.
+
+    Raises:
+        ImageReadError: an image file cannot be read.
+    """
+    files = {split: unchecked_files(part.dataset) for split, part in source.splits.items()}
+    resumed = len(todo) < sum(len(store.chunks(split)) for split in store.splits)
+    check_readable([path for split, a, b in mine for path in files[split][a:b]], progress=progress, resumed=resumed)
 
 
 def _quiet(line: str) -> None:

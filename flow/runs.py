@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cache import PARTIAL_SUFFIX, CacheError, FeatureCache, read_root_attrs
+from cache import PARTIAL_SUFFIX, CacheError, FeatureCache, lock_holder, read_root_attrs
 from extract.encode import provenance
 
 from .baselines import BASELINES
@@ -78,7 +78,9 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
 
     Raises:
         ValueError: no cache given and ``cache_dir`` holds none or several. Several are listed on one line, each
-            with what tells it apart from the others (:func:`describe_caches`).
+            with what tells it apart from the others (:func:`describe_caches`); when it holds only the work folder
+            of an extraction, the message says whether that extraction is running (the pid holding its lock) or
+            was interrupted.
     """
     if cache is not None:
         return Path(cache)
@@ -88,6 +90,11 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
     if not found:
         unfinished = sorted(Path(cache_dir).glob(f"*.h5{PARTIAL_SUFFIX}"))
         if unfinished:
+            cache = unfinished[0].with_name(unfinished[0].name[:-len(PARTIAL_SUFFIX)])
+            holder = lock_holder(cache)
+            if holder is not None:
+                raise ValueError(f"no complete cache in --cache-dir {cache_dir} yet: {cache.name} is being written by "
+                                 f"pid {holder}; wait for its extraction to finish")
             raise ValueError(f"no complete cache in --cache-dir {cache_dir}, only an interrupted extraction "
                              f"({unfinished[0].name}); run the same extract command again to resume it")
         raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache")

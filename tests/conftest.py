@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,3 +97,24 @@ def make_image_tree(root: Path, classes=("blue", "red"), per_split=None, size=12
 def image_tree(tmp_path) -> Path:
     """A tiny two-class image-folder dataset (4 train / 3 test per class, 12 x 12 px)."""
     return make_image_tree(tmp_path / "images")
+
+
+@contextlib.contextmanager
+def process_holding(code: str, *args: str):
+    """A Python process running ``code`` (with ``args`` in ``sys.argv[1:]``) from the project root, yielded once it
+    printed ``ready``; killed (SIGKILL) and reaped on leaving the block."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+
+
+#: ``process_holding`` code: a process that opens (or resumes) the extraction of the cache ``argv[1]`` with the plan
+#: ``argv[2]`` (JSON, see :class:`cache.ChunkStore`) and keeps working on it, holding its lock.
+RUNNING_EXTRACTION = ("import json, sys, time; from cache import ChunkStore; "
+                      "store = ChunkStore(sys.argv[1], json.loads(sys.argv[2]), log=lambda _: None); "
+                      "print('ready', flush=True); time.sleep(60)")

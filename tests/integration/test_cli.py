@@ -405,7 +405,9 @@ def _reap_loader_workers(before: set) -> None:
     gc.collect()
 
 
-def _extract_with_a_bad_image(tmp_path, workers: str):
+def _extract_with_a_bad_image(tmp_path, workers: str, monkeypatch):
+    """An image that goes bad after the check before encoding (or that the check lets through): met mid-extraction."""
+    monkeypatch.setattr("extract.run.check_readable", lambda *args, **kwargs: None)
     root = make_image_tree(tmp_path / "data", per_split={"train": 2, "test": 1})
     bad = root / "test" / "red" / "000.png"
     bad.write_bytes(b"not a png at all")
@@ -420,13 +422,15 @@ def _children() -> set:
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_unreadable_image_is_named(tmp_path, workers):
+def test_unreadable_image_is_named(tmp_path, workers, monkeypatch):
     before = _children()
     try:
-        bad, cache_dir, result = _extract_with_a_bad_image(tmp_path, workers)
+        bad, cache_dir, result = _extract_with_a_bad_image(tmp_path, workers, monkeypatch)
     finally:
         _reap_loader_workers(before)
-    assert_input_error(result, f"cannot read image {bad}")
+    assert_input_error(result, f"cannot read image {bad}", "; replace it with a readable image and run the same "
+                               "command again to resume, or remove it and run again with --overwrite to start over "
+                               "(the image list changes)")
     # the train split (one chunk) was committed before the test image failed: kept for a resume, no .h5
     work = [p for p in cache_dir.iterdir()]
     assert len(work) == 1 and work[0].name.endswith(".h5.partial") and work[0].is_dir()
@@ -443,10 +447,10 @@ def test_unreadable_image_is_named(tmp_path, workers):
     assert [p.suffix for p in cache_dir.iterdir()] == [".h5"]
 
 
-def test_failed_extraction_leaves_no_worker_processes(tmp_path):
+def test_failed_extraction_leaves_no_worker_processes(tmp_path, monkeypatch):
     before = _children()
     try:
-        _, _, result = _extract_with_a_bad_image(tmp_path, "1")
+        _, _, result = _extract_with_a_bad_image(tmp_path, "1", monkeypatch)
         assert result.exit_code == 2
         assert _children() - before == set()
     finally:

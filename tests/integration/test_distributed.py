@@ -188,6 +188,8 @@ def test_a_running_torchrun_job_refuses_a_plain_extraction(uninterrupted, tmp_pa
 
 
 def test_an_unreadable_image_on_rank_1_stops_the_job_with_one_line(tmp_path):
+    """Each rank decodes the images of its own chunks before encoding any: rank 1 finds the file, nothing is
+    committed."""
     root = make_image_tree(tmp_path / "data", size=16)  # train: blue 000-003, red 000-003 (rows 4-7)
     victim = root / "train" / "red" / "001.png"  # train row 5: chunk 5 of the list, rank 1's
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -199,8 +201,8 @@ def test_an_unreadable_image_on_rank_1_stops_the_job_with_one_line(tmp_path):
     lines = error_lines(done.stdout + "\n" + done.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"Error: [rank 1] cannot read image {victim}"), \
         done.stdout + done.stderr
-    assert not list(cache_dir.glob("*.h5"))
-    assert len(committed(cache_dir)) >= 2  # the chunks committed before the error stay for a resume
+    assert lines[0].endswith("; remove or replace it, then run the same command again")
+    assert not list(cache_dir.glob("*.h5")) and committed(cache_dir) == []
     assert not list(cache_dir.glob("*.lock"))
 
 

@@ -8,11 +8,13 @@ missing cache at ``score``) are not repeated here.
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
 
-from conftest import gaussian_splits, make_image_tree, write_cache
+from conftest import RUNNING_EXTRACTION, gaussian_splits, make_image_tree, process_holding, write_cache
 from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
 
 FIT = ("--epochs", "1", "--hidden", "8", "--device", "cpu")
@@ -58,6 +60,18 @@ def test_truncated_image_is_named(tmp_path):
     assert not list(cache_dir.glob("*.h5"))
 
 
+def test_unreadable_images_are_all_named_before_any_is_encoded(tmp_path):
+    root = make_image_tree(tmp_path / "data", per_split={"train": 2, "test": 1})
+    bad = [root / "train" / "red" / "001.png", root / "test" / "blue" / "000.png"]
+    bad[0].write_bytes(b"not a png at all")
+    bad[1].write_bytes(bad[1].read_bytes()[:60])  # truncated
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, backbone=SMALL))
+    assert_input_error(result, f"cannot read image {bad[0]}: cannot identify image file (and 1 more unreadable: "
+                               f"{bad[1]}); remove or replace them, then run the same command again")
+    assert "encoded" not in result.output and list(cache_dir.iterdir()) == []  # nothing committed, no work folder
+
+
 def test_unwritable_cache_dir(image_tree, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -78,6 +92,34 @@ def test_truncated_hdf5_cache(small_cache, tmp_path):
                  ("info", str(small_cache))):
         assert_input_error(invoke(*args), f"{small_cache} is not a readable HDF5 file (truncated or of another kind)")
     assert no_runs(tmp_path / "runs")
+
+
+def test_a_cache_whose_extraction_is_running_is_named_by_the_pid_writing_it(tmp_path):
+    cache = tmp_path / "cache" / "c.h5"
+    cache.parent.mkdir()
+    plan = {"batch_size": 1, "chunk_rows": 2, "splits": {"train": {"num_rows": 4}, "test": {"num_rows": 2}}}
+    runs = tmp_path / "runs"
+    with process_holding(RUNNING_EXTRACTION, str(cache), json.dumps(plan)) as proc:
+        result = invoke("fit", "--cache-dir", str(cache.parent), "--runs-dir", str(runs), *FIT)
+        assert_input_error(result, f"no complete cache in --cache-dir {cache.parent} yet: c.h5 is being written by "
+                                   f"pid {proc.pid}; wait for its extraction to finish")
+        result = invoke("fit", "--cache", str(cache), "--runs-dir", str(runs), *FIT)
+        assert_input_error(result, f"cache file {cache} does not exist yet: its extraction is being written by pid "
+                                   f"{proc.pid} (0 of 3 chunks committed); wait for it to finish")
+    assert no_runs(runs)
+    result = invoke("fit", "--cache-dir", str(cache.parent), "--runs-dir", str(runs), *FIT)  # killed: interrupted
+    assert_input_error(result, "only an interrupted extraction (c.h5.partial); run the same extract command again")
+
+
+def test_a_cache_open_for_writing_elsewhere_is_reported_as_locked(small_cache, tmp_path):
+    code = "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r+'); print('ready', flush=True); time.sleep(60)"
+    with process_holding(code, str(small_cache)):
+        for args in (("fit", "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"), *FIT),
+                     ("info", str(small_cache))):
+            assert_input_error(invoke(*args), f"{small_cache} is locked by another process that has it open for "
+                                              "writing (HDF5 file locking); wait for that process to finish")
+    assert no_runs(tmp_path / "runs")
+    assert_ok(invoke("info", str(small_cache)))  # the writer is gone: readable again
 
 
 def test_foreign_hdf5_file(tmp_path):
@@ -300,3 +342,38 @@ def test_early_stop_without_held_out_rows_is_refused(tmp_path):
     ok = invoke("fit", "--cache", str(cache), "--normal", "a", "--early-stop", "--val-fraction", "0.25",
                 "--runs-dir", str(tmp_path / "runs"), *FIT)
     assert_ok(ok)
+
+
+@pytest.mark.parametrize("layout,split,expected", [
+    ("classes", "train", "train/<class>/<image>"), ("classes", "test", "test/<class>/<image>"),
+    ("good-defect", "train", "train/good/<image>"), ("good-defect", "test", "test/{good,red}/<image>")])
+def test_images_outside_the_class_folders_are_refused(tmp_path, layout, split, expected):
+    root = make_image_tree(tmp_path / "data", classes=("good", "red"), per_split={"train": 2, "test": 1})
+    if layout == "good-defect":
+        for stray in (root / "train" / "red").iterdir():
+            stray.unlink()
+        (root / "train" / "red").rmdir()
+    for name in ("a.png", "b.jpg"):
+        (root / split / name).write_bytes((root / "test" / "good" / "000.png").read_bytes())
+    (root / split / "notes.txt").write_text("not an image: not counted")
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, "--layout", layout, backbone=SMALL))
+    assert_input_error(result, f"--data-root {root}: {split}/ holds 2 image files outside any class folder (a.png, "
+                               f"b.jpg); images must lie in {root}/{expected}: move them into class folders")
+    assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_class_folder_points_to_the_good_defect_layout(tmp_path, split):
+    """Normal images only in train/ (an empty defect folder there), or none of a class in test/: --layout classes
+    needs every class in both splits; the message points to --layout good-defect."""
+    root = make_image_tree(tmp_path / "data", classes=("defect", "good"), per_split={"train": 2, "test": 1})
+    for image in (root / split / "defect").iterdir():
+        image.unlink()
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(root, cache_dir, backbone=SMALL))
+    assert_input_error(result, f"--data-root {root}: the class folder {split}/defect/ holds no images; every class "
+                               f"needs images in {root}/{split}/<class>/<image>; for normal images only in train/ "
+                               f"({root}/train/good/, {root}/test/good/, {root}/test/<defect type>/) pass --layout "
+                               "good-defect")
+    assert not cache_dir.exists()

@@ -346,6 +346,19 @@ def test_truncated_hdf5_file(tmp_path):
             FeatureCache(damaged)
 
 
+def test_a_filesystem_without_locks_points_to_hdf5_use_file_locking(tmp_path, monkeypatch):
+    path = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"])
+
+    def unlockable(*args, **kwargs):  # what h5py raises where flock is not implemented (some network mounts)
+        raise OSError("Unable to synchronously open file (unable to lock file, errno = 38, error message = "
+                      "'Function not implemented')")
+
+    monkeypatch.setattr(h5py, "File", unlockable)
+    with pytest.raises(CacheError, match=r"c\.h5 cannot be locked for reading on its filesystem \(HDF5 file locking: "
+                                         r"Function not implemented\); set HDF5_USE_FILE_LOCKING=FALSE"):
+        FeatureCache(path)
+
+
 def test_other_format_name(tmp_path):
     path = tmp_path / "other.h5"
     with h5py.File(path, "w") as f:

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from cache import CacheError, CacheLock, ChunkStore, FeatureCache, partial_dir, partial_progress
-from conftest import ROOT, cache_attrs
+from cache import CacheError, CacheLock, ChunkStore, FeatureCache, lock_holder, partial_dir, partial_progress
+from conftest import ROOT, RUNNING_EXTRACTION, cache_attrs, process_holding
 
 D, P = 3, 2
 
@@ -99,6 +99,26 @@ def test_interrupted_store_resumes_only_the_missing_chunks(tmp_path):
         store.assemble(attrs())
     with FeatureCache(path) as fc:
         np.testing.assert_array_equal(fc.split("test").read(slice(None))[0][:, 0], [0.5, 1.5, 2.5])
+
+
+def test_a_running_extraction_is_named_by_the_pid_holding_its_lock_not_called_interrupted(tmp_path):
+    path = tmp_path / "c.h5"
+    assert lock_holder(path) is None  # no lock file
+    with pytest.raises(KeyboardInterrupt), ChunkStore(path, plan(), log=lambda _: None) as store:
+        commit_all(store, only={("train", 0), ("test", 2)})
+        raise KeyboardInterrupt
+    with process_holding(RUNNING_EXTRACTION, str(path), json.dumps(plan())) as proc:
+        assert lock_holder(path) == str(proc.pid)
+        with pytest.raises(CacheError, match=rf"c\.h5 does not exist yet: its extraction is being written by pid "
+                                             rf"{proc.pid} \(2 of 5 chunks committed\); wait for it to finish$"):
+            FeatureCache(path)
+        with pytest.raises(CacheError, match=rf"c\.h5\.partial is the work folder of an extraction being written by "
+                                             rf"pid {proc.pid}, not a cache; wait for it to finish, then use .*c\.h5$"):
+            FeatureCache(partial_dir(path))
+        assert lock_holder(path) == str(proc.pid)  # testing did not take the lock from it
+    assert (tmp_path / "c.h5.lock").is_file() and lock_holder(path) is None  # a stale lock file of a killed holder
+    with pytest.raises(CacheError, match="its extraction was interrupted with 2 of 5 chunks committed"):
+        FeatureCache(path)
 
 
 def test_a_different_plan_is_refused_and_overwrite_starts_over(tmp_path):

@@ -26,7 +26,9 @@ from extract.datasets import (
     build_digits,
     build_fashion_mnist,
     build_folder,
+    check_readable,
     load_image,
+    unchecked_files,
 )
 from conftest import make_image_tree
 
@@ -635,6 +637,24 @@ def test_unreadable_image_names_the_file(tmp_path):
     train.dataset[row - 1]  # its neighbours still read
     with pytest.raises(ImageReadError, match=rf"cannot read image {truncated}"):
         source.splits["test"].dataset[0]
+
+
+def test_check_readable_decodes_every_file_and_says_how_to_resume(tmp_path):
+    root = make_image_tree(tmp_path / "data", per_split={"train": 2, "test": 1}, size=16)
+    source = build_folder(root, np.asarray)
+    files = unchecked_files(source.splits["train"].dataset)
+    assert files == [str(root / "train" / c / f"{i:03d}.png") for c in ("blue", "red") for i in range(2)]
+    check_readable(files)  # all readable
+    jpeg = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])  # headers intact, entropy-coded data cut: PIL's verify() passes it
+    with pytest.raises(ImageReadError, match=rf"^cannot read image {jpeg}: image file is truncated .*; remove or "
+                                             r"replace it, then run the same command again$"):
+        check_readable([*files, str(jpeg)])
+    with pytest.raises(ImageReadError, match=r"; replace it with a readable image and run the same command again to "
+                                             r"resume, or remove it and run again with --overwrite"):
+        check_readable([str(jpeg)], resumed=True)  # committed chunks exist: removing the file changes the list
+    assert unchecked_files(build_digits(np.asarray).splits["train"].dataset) == []  # images held in arrays
 
 
 def test_load_image_modes(tmp_path):
