@@ -157,7 +157,7 @@ def test_info_prints_attributes_shapes_and_counts(pipeline_run):
     assert "dataset: folder" in lines
     assert "feature_dim: 192" in lines
     assert "format: sanf-ad-features" in lines
-    assert "format_version: 1" in lines
+    assert "format_version: 2" in lines
     assert "complete: True" in lines
     assert "[train] cls (8, 192)  patches (8, 4, 192)  label (8,)" in lines
     assert "[test] cls (6, 192)  patches (6, 4, 192)  label (6,)" in lines

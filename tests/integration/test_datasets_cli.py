@@ -74,7 +74,7 @@ def test_mvtec_score_reports_auroc_per_defect_type(mvtec_run):
     for row in bottle:
         keep = [s for s in scores if s["label"] in ("0", row["anomaly_class"])]
         expected = auroc(np.array([int(s["is_anomaly"]) for s in keep]), np.array([float(s["nll"]) for s in keep]))
-        assert float(row["auroc"]) == pytest.approx(expected, abs=1e-12)
+        assert float(row["auroc"]) == pytest.approx(expected, abs=5e-7)  # auroc.csv: 6 decimals
     # the overall row pools every defect type
     total = [r for r in overall if r["dataset"] == "mvtec-bottle" and r["method"] == "sanf" and r["score"] == "nll"]
     assert total[0]["n_anomalous"] == "5"
