@@ -653,7 +653,7 @@ def _image_problems(paths: list[str], progress: bool = False) -> list[str | None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(tqdm(pool.map(_image_problem, paths, chunksize=64), total=len(paths), desc="check images",
-                         unit="image", disable=not progress, leave=False))
+                         unit="image", disable=not progress or not paths, leave=False))
 
 
 def _readable(paths: list[str]) -> list[bool]:

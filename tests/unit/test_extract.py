@@ -657,6 +657,16 @@ def test_check_readable_decodes_every_file_and_says_how_to_resume(tmp_path):
     assert unchecked_files(build_digits(np.asarray).splits["train"].dataset) == []  # images held in arrays
 
 
+def test_check_readable_shows_its_progress_bar_only_when_there_are_files(tmp_path, capsys):
+    """Datasets held in arrays have no files to check: no empty "check images" bar (a new-user trial saw one)."""
+    root = make_image_tree(tmp_path / "data", per_split={"train": 1, "test": 1}, size=16)
+    files = unchecked_files(build_folder(root, np.asarray).splits["train"].dataset)
+    check_readable([], progress=True)
+    assert "check images" not in capsys.readouterr().err
+    check_readable(files, progress=True)
+    assert "check images" in capsys.readouterr().err
+
+
 def test_load_image_modes(tmp_path):
     gray = tmp_path / "g.png"
     Image.fromarray(np.full((4, 4), 7, np.uint8)).save(gray)
