@@ -152,6 +152,21 @@ def _alpha_option(fn):
                              "p-value is <= alpha, so at most this share of normal images is flagged.")(fn)
 
 
+def _val_fraction_option(fn):
+    return click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
+                        help="Hold out this fraction of the normal class's train rows (chosen by --seed): their "
+                             "scores calibrate the run's p-values and decisions (predict, score), and the flows "
+                             "log their loss per epoch (to choose --epochs without the test split).")(fn)
+
+
+def _early_stop_option(fn):
+    return click.option("--early-stop", is_flag=True,
+                        help="Flows: stop after the first epoch whose mean train loss is below the held-out loss "
+                             "(needs --val-fraction; --epochs/--steps are then the most). The held-out rows also "
+                             "calibrate the run, so they took part in choosing its length; docs/results.md, "
+                             "'Training length'.")(fn)
+
+
 def _device_option(fn):
     return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                         help="Where to run; auto = CUDA when available.")(fn)
@@ -293,11 +308,7 @@ def _fit_options(fn):
         click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
                      help="Passes over the normal class's train rows."),
         _steps_option,
-        click.option("--early-stop", is_flag=True,
-                     help="Flows: stop after the first epoch whose mean train loss is below the held-out loss "
-                          "(needs --val-fraction; --epochs/--steps are then the most). The held-out rows also "
-                          "calibrate the run, so they took part in choosing its length; docs/results.md, "
-                          "'Training length'."),
+        _early_stop_option,
         click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Samples per step (paper: 32)."),
         click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=5e-5,
                      help="Adam learning rate (paper: 5e-5)."),
@@ -319,10 +330,7 @@ def _fit_options(fn):
                           "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),
         _knn_k_option,
         click.option("--features", type=click.Choice(FEATURES_CHOICES), default=DEFAULT_FEATURES, help=_FEATURES_HELP),
-        click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
-                     help="Hold out this fraction of the normal class's train rows (chosen by --seed): their "
-                          "scores calibrate the run's p-values and decisions (predict, score), and the flows "
-                          "log their loss per epoch (to choose --epochs without the test split)."),
+        _val_fraction_option,
         _device_option,
     ]
     for option in reversed(options):
@@ -483,39 +491,51 @@ def _bounded_int(low: int, high: int):
 @click.option("--refit", is_flag=True,
               help="Fit every run again; by default a run already fitted with the same cache, method, seed and "
                    "settings is kept, so an interrupted run resumes.")
+@_val_fraction_option
+@_early_stop_option
+@_alpha_option
 @job_command
-def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_k, features, runs_dir, refit, job,
-        **options) -> None:
+def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_k, features, runs_dir, refit,
+        val_fraction, early_stop, alpha, job, **options) -> None:
     """Extract (only if the cache is missing), fit every method on every normal class, score, summarise.
 
     Writes <runs-dir>/<cache>__summary.csv (one row per method and score, one column per normal class,
     mean ± std over seeds), <runs-dir>/<cache>__report.md and <runs-dir>/<cache>__plots/. The flows use the
-    paper's architecture and optimiser and this project's default epoch count. Under torchrun the extraction's
-    chunks and then the fits are shared among the ranks; rank 0 scores and writes.
+    paper's architecture and optimiser and this project's default epoch count. With --val-fraction every run is
+    calibrated: p-values and decisions at --alpha in scores.csv, false-alarm and detection rates in auroc.csv, the
+    decision threshold in the histograms. Under torchrun the extraction's chunks and then the fits are shared among
+    the ranks; rank 0 scores and writes.
     """
     from extract.run import extract_categories
     from flow.sweep import fit_sweep
 
-    train_config = TrainConfig(**_train_length(epochs, steps))
+    train_config = TrainConfig(**_train_length(epochs, steps), early_stop=early_stop)
+    try:  # before the extraction, which may take an hour
+        train_config.check_held_out(val_fraction > 0)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
     echo = job.log(click.echo)
     # one cache per MVTec AD category with --category all, else one
     caches = extract_categories(download=not no_download, skip_existing=True, log=echo, dist=job, **options)
     fitted, kept = fit_sweep(caches, normal=normal, methods=methods, seeds=seeds, features=features, blocks=blocks,
                               hidden=hidden, runs_dir=runs_dir, train_config=train_config, knn_k=knn_k,
-                              device=options["device"], refit=refit, log=echo, dist=job)
+                              device=options["device"], refit=refit, log=echo, dist=job, val_fraction=val_fraction)
     if job.is_main:
-        _summarise(caches, fitted, kept, runs_dir, options["device"])
+        _summarise(caches, fitted, kept, runs_dir, options["device"], alpha)
 
 
 def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str], runs_dir: str,
-               device: str) -> None:
-    """``run``'s last step: score every run under ``runs_dir``, write the summary, report and plots of the runs
-    fitted or kept (``kept``: their names), print the AUROC table and the fit times (those of the report)."""
-    from flow.report import KEPT, auroc_table, fit_times, write_plots, write_report, write_summary_csv
+               device: str, alpha: float, means: bool = False) -> None:
+    """``run``'s and ``demo``'s last step: score every run under ``runs_dir``, write the summary, report and plots
+    of the runs fitted or kept (``kept``: their names), print the AUROC table (and with ``means`` each method's mean)
+    and the fit times (those of the report); ``alpha``: the significance level of the calibrated runs' decisions and
+    histogram thresholds."""
+    from flow.report import KEPT, auroc_table, fit_times, method_means, write_plots, write_report
+    from flow.report import write_summary_csv
     from flow.runs import read_run_record, score_runs
 
     # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits
-    all_rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
+    all_rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo, alpha=alpha)
     written, records = [], []
     for cache in caches:
         rows = [r for r in all_rows if r["run"] in fitted.get(cache, set())]
@@ -524,10 +544,12 @@ def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str],
         records += [r for _, r in scored]
         stem = Path(runs_dir) / Path(cache).stem
         summary = write_summary_csv(stem.with_name(stem.name + "__summary.csv"), rows)
-        plots = write_plots(stem.with_name(stem.name + "__plots"), scored)
+        plots = write_plots(stem.with_name(stem.name + "__plots"), scored, alpha=alpha)
         report = write_report(stem.with_name(stem.name + "__report.md"), rows, [r for _, r in scored],
                               f"{rows[0]['dataset']} / {rows[0]['backbone']}" if rows else str(cache), plots)
         click.echo(auroc_table(rows))
+        if means:
+            click.echo(method_means(rows))
         written.append(f"{summary}, {report} ({len(plots)} plots)")
     click.echo("fit wall time per method, the sum of its runs' training (kept: fitted before, their recorded time): "
                + ", ".join(f"{m} {t.text()}" for m, t in fit_times(records).items()))
@@ -548,25 +570,22 @@ def demo(cache_dir: str, runs_dir: str, epochs: int, steps: int | None, device: 
     """The main job on the embedded default: digits, EfficientNet-Lite0 (packaged ImageNet weights).
 
     Extracts (unless the cache exists), fits a flow for every digit as normal class and the k-NN and Gaussian
-    baselines on the same features (seconds), scores, and prints the AUROC table with the mean of each method.
-    Needs no download.
+    baselines on the same features (seconds), scores, prints the AUROC table with the mean of each method, and
+    writes the summary, report and plots of ``run``. Needs no download.
     """
     from extract import extract_features
-    from flow.report import auroc_table, method_means
-    from flow.runs import fit_cache, score_runs
+    from flow.conformal import DEFAULT_ALPHA
+    from flow.runs import fit_cache
 
     train_config = TrainConfig(**_train_length(epochs, steps))
     cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,
                              device=device, num_workers=0, skip_existing=True, log=click.echo)
-    fit_cache(cache, normal="all", runs_dir=runs_dir, seed=0, train_config=train_config,
-              device=device, log=click.echo)  # the paper's flow and optimiser defaults
+    outcomes = fit_cache(cache, normal="all", runs_dir=runs_dir, seed=0, train_config=train_config,
+                         device=device, log=click.echo)  # the paper's flow and optimiser defaults
     for method in ("knn", "gaussian"):  # the honest comparison: the same cached features, seconds to fit
-        fit_cache(cache, normal="all", runs_dir=runs_dir, method=method, log=click.echo)
-    rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo)
-    mine = [r for r in rows if r["cache"] == str(Path(cache).resolve())]
-    click.echo(auroc_table(mine))
-    click.echo(method_means(mine))
-    click.echo(f"wrote {Path(runs_dir) / 'auroc.csv'}")
+        outcomes += fit_cache(cache, normal="all", runs_dir=runs_dir, method=method, log=click.echo)
+    _summarise([cache], {cache: {o.path.name for o in outcomes}}, set(), runs_dir, device, DEFAULT_ALPHA,
+               means=True)
 
 
 def main() -> None:

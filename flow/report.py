@@ -144,16 +144,15 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
     for method in sorted(count):
         mine = [r for r in records if r["method"] == method]
         seeds = sorted({r["seed"] for r in mine})
-        epochs = sorted({r["epochs"] for r in mine if "epochs" in r})
-        extra = f", {'/'.join(map(str, epochs))} epochs" if epochs else ""
-        extra += f", params {mine[0]['params']}" if mine[0].get("params") else ""
-        settings.append(f"- {method}: {len(mine)} runs, seeds {' '.join(map(str, seeds))}{extra}")
+        settings.append(f"- {method}: {_plural(len(mine), 'run')}, seeds {' '.join(map(str, seeds))}"
+                        + "".join(f", {part}" for part in _settings_of(mine)))
     counts = sorted({(int(r["normal_class"]), r["normal_name"], r["n_normal"], r["n_anomalous"]) for r in rows})
     parts = [f"# {title}", "", f"Cache: `{records[0]['cache'] if records else '?'}`. Test images per normal class: "
              + ", ".join(f"{name} {n} normal / {a} anomalous" for _, name, n, a in counts) + ".", "", *settings, "",
              "AUROC (anomalous = positive; mean ± sample std over seeds where there are several):",
              "", markdown_table(rows, "auroc"), "", "AUPR:", "", markdown_table(rows, "aupr"), "",
              "FPR at 95 % TPR (lower is better):", "", markdown_table(rows, "fpr95"), "",
+             *_calibration_part(rows),
              "| method | runs | fit time (sum of the runs' training; kept: fitted before) | per run |",
              "|---|---|---|---|"]
     for method, entry in times.items():
@@ -165,6 +164,48 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _settings_of(records: list[dict]) -> list[str]:
+    """The settings of one method's runs for the report, each value or the values seen joined by ``/``: epochs
+    made (their range when they differ), the flow's K and H, the feature transform, the baseline's parameters,
+    the held-out fraction."""
+
+    def values(get) -> str:
+        seen = sorted({str(v) for v in map(get, records) if v not in (None, "")})
+        return "/".join(seen)
+
+    parts = []
+    epochs = sorted({int(r["epochs"]) for r in records if r.get("epochs") is not None})
+    if epochs:  # passes made: early stopping varies them per run
+        parts.append(f"{epochs[0]} epochs" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]} epochs")
+    flow = [r["flow"] for r in records if isinstance(r.get("flow"), dict)]
+    if flow:
+        parts.append(f"K {values(lambda r: r.get('flow', {}).get('num_blocks'))}, "
+                     f"H {values(lambda r: r.get('flow', {}).get('hidden'))}")
+    transform = values(lambda r: r.get("feature_transform"))
+    parts += [f"features {transform}"] if transform else []
+    parts += [f"params {records[0]['params']}"] if records[0].get("params") else []
+    held_out = values(lambda r: r.get("val_fraction") or None)
+    parts += [f"val fraction {held_out} (calibrated)"] if held_out else []
+    return parts
+
+
+def _calibration_part(rows: list[dict]) -> list[str]:
+    """The report's realised false-alarm and detection rates of the calibrated runs ([] when there are none)."""
+    calibrated = [r for r in rows if r.get("false_alarm_rate") not in (None, "")]
+    if not calibrated:
+        return []
+    alphas = "/".join(sorted({str(r["alpha"]) for r in calibrated}))
+    return [(f"Calibrated runs (conformal p-values from held-out normal rows; anomalous when p <= alpha = {alphas}). "
+             "False-alarm rate, the share of normal test images flagged (at most alpha in expectation):"), "",
+            markdown_table(calibrated, "false_alarm_rate"), "",
+            "Detection rate, the share of anomalous test images flagged:", "",
+            markdown_table(calibrated, "detection_rate"), ""]
 
 
 #: x-axis labels of the score histograms.

@@ -79,9 +79,10 @@ def per_class(fits: Sequence[SweepFit]) -> list[SweepFit]:
 def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds: Sequence[int],
               features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int], runs_dir: str,
               train_config: TrainConfig, knn_k: int, device: str, refit: bool, log: Callable[[str], None] = print,
-              dist: DistContext = SINGLE) -> tuple[dict[Path, set[str]], set[str]]:
+              dist: DistContext = SINGLE, val_fraction: float = 0.0) -> tuple[dict[Path, set[str]], set[str]]:
     """Fit every run of a sweep (see :func:`sweep_fits`); a run already fitted with the same cache, method, seed
-    and settings is kept unless ``refit``.
+    and settings is kept unless ``refit``. ``val_fraction`` > 0 holds out that share of each normal class's train
+    rows in every run, flows and baselines alike, calibrating it (:func:`flow.runs.fit_cache`).
 
     In a distributed job the fits are split per normal class (:func:`per_class`) and fit ``i`` goes to rank
     ``i mod world size``, on the rank's device; each flow is seeded alone, so the runs are those of one
@@ -109,7 +110,8 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
                                  flow_config={"num_blocks": fit.num_blocks, "hidden": fit.hidden},
                                  train_config=train_config, device=device, log=log,
                                  baseline_params={"k": knn_k} if fit.method == "knn" else {}, setting=fit.setting,
-                                 keep_existing=not refit, features=fit.features, progress=not dist.distributed)
+                                 keep_existing=not refit, features=fit.features, progress=not dist.distributed,
+                                 val_fraction=val_fraction)
             fitted.setdefault(fit.cache, set()).update(o.path.name for o in outcomes)
             kept.update(o.path.name for o in outcomes if o.kept)
             step()

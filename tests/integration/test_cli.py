@@ -708,3 +708,62 @@ def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
     bad = invoke(*args[:-2], "--features", "raw,whiten", "--runs-dir", str(runs))
     assert bad.exit_code == 2
     assert "'whiten' is not one of auto, raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output
+
+
+def test_run_with_val_fraction_calibrates_every_run(tree, tmp_path):
+    """run --val-fraction: every run (flows and baselines) holds out normal rows and is calibrated, so scores.csv
+    holds p-values and decisions at --alpha, auroc.csv the realised rates, and the report both rates and the
+    settings; --early-stop without --val-fraction is refused before anything is extracted."""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
+    args = ["run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "3", "--runs-dir", str(runs)]
+    refused = invoke(*args, "--early-stop")
+    assert_input_error(refused, "--early-stop needs held-out normal rows", "--val-fraction")
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())
+    result = invoke(*args, "--val-fraction", "0.5", "--alpha", "0.5", "--early-stop")
+    assert_ok(result)
+    (cache,) = cache_dir.glob("*.h5")
+    _, auroc_rows = read_csv(runs / "auroc.csv")
+    assert len(auroc_rows) == 2 * (2 + 2)  # 2 classes x (sanf nll, z2 + knn l2, cosine)
+    for row in auroc_rows:
+        assert (row["alpha"], row["n_calibration"]) == ("0.5", "2")  # half of the 4 train images held out
+        assert 0 <= float(row["false_alarm_rate"]) <= 1 and 0 <= float(row["detection_rate"]) <= 1
+        record = json.loads((runs / row["run"] / "run.json").read_text())
+        assert record["val_fraction"] == 0.5
+        header, scores = read_csv(runs / row["run"] / "scores.csv")
+        assert "p_value" in header and "anomalous" in header and len(scores) == 6
+    report = (runs / f"{cache.stem}__report.md").read_text()
+    assert "False-alarm rate" in report and "Detection rate" in report and "alpha = 0.5" in report
+    assert "- knn: 2 runs, seeds 0, features " in report and "val fraction 0.5 (calibrated)" in report
+    assert "K 4, H 8" in report
+    again = invoke(*args, "--val-fraction", "0.5", "--alpha", "0.5", "--early-stop")
+    assert_ok(again)
+    assert again.output.count("kept ") == 4  # the same settings: every run kept
+    uncalibrated = invoke(*args, "--normal", "blue")
+    assert_ok(uncalibrated)
+    assert "kept " not in uncalibrated.output  # another val fraction: fitted, not taken for the calibrated runs
+
+
+def test_demo_writes_the_report_and_plots_of_run(tmp_path, monkeypatch):
+    """demo = run's summary, report and plots on the digits, plus each method's mean (the backbone swapped for a
+    small random ViT here: the demo's own EfficientNet-Lite0 extraction takes minutes)."""
+    import extract
+
+    real = extract.extract_features
+
+    def small(**kwargs):
+        return real(**{**kwargs, "backbone": "test_vit", "random_init": True, "img_size": 32, "patch_grid": 0})
+
+    monkeypatch.setattr(extract, "extract_features", small)
+    runs = tmp_path / "runs"
+    result = invoke("demo", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(runs), "--steps", "1",
+                    "--device", "cpu")
+    assert_ok(result)
+    (cache,) = (tmp_path / "cache").glob("*.h5")
+    assert "mean AUROC over the normal classes, same features: sanf nll " in result.output
+    header, rows = read_csv(runs / f"{cache.stem}__summary.csv")
+    assert header[-1] == "mean" and len(header) == 7 + 10 + 1  # the keys, a column per digit, the mean
+    assert sorted({r["method"] for r in rows}) == ["gaussian", "knn", "sanf"]
+    report = (runs / f"{cache.stem}__report.md").read_text()
+    assert report.startswith("# digits / test_vit") and "| sanf / nll |" in report
+    assert len(list((runs / f"{cache.stem}__plots").glob("hist_normal*.png"))) == 10
