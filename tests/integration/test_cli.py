@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import multiprocessing
+import os
 import signal
 import shutil
 import subprocess
@@ -767,3 +768,17 @@ def test_demo_writes_the_report_and_plots_of_run(tmp_path, monkeypatch):
     report = (runs / f"{cache.stem}__report.md").read_text()
     assert report.startswith("# digits / test_vit") and "| sanf / nll |" in report
     assert len(list((runs / f"{cache.stem}__plots").glob("hist_normal*.png"))) == 10
+
+
+def test_the_sanf_ad_console_script_is_the_pipeline_main():
+    """The installed ``sanf-ad`` command is ``pipeline.main`` (as ``python pipeline.py``), not the bare click group:
+    on rank 1 of a torchrun job a command-line error is left to rank 0 to print."""
+    script = Path(sys.executable).parent / "sanf-ad"
+    if not script.is_file():
+        pytest.skip(f"the package is not installed in this environment ({script} is absent)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    alone = subprocess.run([str(script), "fit", "--epochs", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 2 and "Usage: sanf-ad fit" in alone.stderr and "--epochs" in alone.stderr
+    rank1 = subprocess.run([str(script), "fit", "--epochs", "0"], env={**env, "RANK": "1", "WORLD_SIZE": "2"},
+                           capture_output=True, text=True, timeout=120)
+    assert rank1.returncode == 2 and rank1.stderr == "" and rank1.stdout == ""
