@@ -41,6 +41,10 @@ class KNNDetector:
     def params(self) -> dict[str, Any]:
         return {"k": self.k}
 
+    def min_train_rows(self) -> int:
+        """The fewest train vectors :meth:`fit` accepts: k."""
+        return self.k
+
     def fit(self, cls: np.ndarray) -> "KNNDetector":
         """Keep the (N, D) normal train vectors (float32)."""
         cls = np.asarray(cls, dtype=np.float32)
@@ -90,6 +94,10 @@ class GaussianDetector:
 
     def params(self) -> dict[str, Any]:
         return {}
+
+    def min_train_rows(self) -> int:
+        """The fewest train vectors :meth:`fit` accepts: 2 (a covariance)."""
+        return 2
 
     def fit(self, cls: np.ndarray) -> "GaussianDetector":
         """Fit mean and shrunk covariance on the (N, D) normal train vectors (float64)."""

@@ -27,7 +27,8 @@ from extract.encode import provenance
 
 from .baselines import BASELINES
 from .features import AUTO, DEFAULT_FEATURES, FITTED, PAPER_FEATURES, FeatureTransform, check_features, resolve_features
-from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, smallest_p_value
+from .conformal import (DEFAULT_ALPHA, check_alpha, conformal_p_values, false_alarm_band, min_calibration_rows,
+                        smallest_p_value)
 from .metrics import MetricError, aupr, auroc, fpr_at_tpr
 from .model import FlowConfig, count_flops, parameter_count
 from .store import (CALIBRATION_FILE, FLOW_METHODS, METHODS, PRIMARY_SCORES, RUN_FORMAT,  # noqa: F401 (re-exported)
@@ -320,8 +321,15 @@ def _open_for_fit(cache, normal, runs_dir: Path):
     ``runs_dir`` is known to be writable (what every method checks before it fits)."""
     with FeatureCache(cache) as fc:
         classes = normal_classes(fc, normal)
+        created = not runs_dir.exists()
         check_writable_dir(runs_dir, "--runs-dir")
-        yield fc, classes, fc.fingerprint()
+        try:
+            yield fc, classes, fc.fingerprint()
+        except BaseException:
+            if created:  # a refused or failed fit leaves no empty --runs-dir behind
+                with contextlib.suppress(OSError):
+                    runs_dir.rmdir()  # only when empty
+            raise
 
 
 def normal_classes(fc: FeatureCache, normal: str | int) -> list[int]:
@@ -344,22 +352,47 @@ def normal_classes(fc: FeatureCache, normal: str | int) -> list[int]:
 
 def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
                  seed: int, setting: str = "", features: str = PAPER_FEATURES,
-                 val_fraction: float = 0.0) -> dict[int, str]:
-    """Run names per class; refuses, before anything is fitted, a class without train rows (or with fewer than 2
-    rows to fit a transform's statistics on) or a run slot taken by something that is not a run."""
+                 val_fraction: float = 0.0, baseline_params: dict | None = None) -> dict[int, str]:
+    """Run names per class; refuses, before anything is fitted, a class without train rows, with fewer rows left
+    after holding out than a transform's statistics (2) or the baseline (:meth:`min_train_rows`) need, or a run
+    slot taken by something that is not a run."""
     names = {k: run_name(Path(cache).stem, method, k, fc.class_names[k], seed, setting) for k in classes}
     train = fc.split("train")
     for k in classes:
         n = train.rows_of_class(k).size
         if n == 0:
             raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
-        if features in FITTED and n - int(split_holdout(n, val_fraction, seed)[1].numel()) < 2:
+        n_fit = n - int(split_holdout(n, val_fraction, seed)[1].numel())
+        if features in FITTED and n_fit < 2:
             raise ValueError(f"--features {features} needs at least 2 train rows to fit its statistics on; normal "
                              f"class {fc.class_names[k]!r} has {n}" + (" before holding out" if val_fraction else ""))
+        need = BASELINES[method](**(baseline_params or {})).min_train_rows() if method in BASELINES else 1
+        if n_fit < need:
+            kept = f", {n_fit} after --val-fraction {val_fraction} holds out {n - n_fit}" if val_fraction else ""
+            advice = "; lower --val-fraction" if val_fraction and n >= need else ""
+            raise ValueError(f"--method {method} needs at least {need} train rows; normal class "
+                             f"{fc.class_names[k]!r} has {n}{kept}{advice}")
         blocked = runs_dir / names[k]
         if os.path.lexists(blocked) and not (blocked / "run.json").is_file():
             raise RunError(f"{blocked} exists and is not a run folder; move it away")
     return names
+
+
+def check_fit(cache: str | os.PathLike, normal: str | int, runs_dir: str | os.PathLike, seed: int, method: str,
+              features: str = DEFAULT_FEATURES, val_fraction: float = 0.0, baseline_params: dict | None = None,
+              setting: str = "") -> None:
+    """Refuse, without fitting anything, what :func:`fit_cache` with these arguments would refuse before its first
+    fit: a bad ``normal``, too few train rows for the method once ``val_fraction`` is held out, a run slot taken by
+    something that is not a run. A sweep checks every fit first, so that it does not stop after hours of fits.
+
+    Raises:
+        ValueError, RunError, CacheError: as :func:`fit_cache`.
+    """
+    with FeatureCache(cache) as fc:
+        resolved = resolve_features(features, fc.attrs) if features == AUTO else features
+        classes = normal_classes(fc, normal)
+        _check_slots(fc, cache, method, classes, Path(runs_dir), seed, run_setting(setting, resolved), resolved,
+                     val_fraction, baseline_params)
 
 
 def _record_head(fc: FeatureCache, method: str, k: int, seed: int) -> dict:
@@ -401,7 +434,7 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
     runs_dir = Path(runs_dir)
     outcomes = []
     with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction)
+        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction, params)
         train = fc.split("train")
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
@@ -445,8 +478,8 @@ def _calibration(train, rows: np.ndarray, scores: dict[str, np.ndarray], val_fra
     (``rows``: indices into the cache's train split)."""
     if smallest_p_value(len(rows)) > DEFAULT_ALPHA:
         log(f"note: {len(rows)} held-out row{'s' if len(rows) != 1 else ''}: no p-value can be <= {DEFAULT_ALPHA} "
-            f"(the smallest is 1/{len(rows) + 1}); hold out at least {round(1 / DEFAULT_ALPHA) - 1} rows to flag "
-            f"anything at alpha {DEFAULT_ALPHA}")
+            f"(the smallest is 1/{len(rows) + 1}); hold out at least {min_calibration_rows(DEFAULT_ALPHA)} rows to "
+            f"flag anything at alpha {DEFAULT_ALPHA}")
     ids = train.sample_ids
     text = calibration_text(rows, [ids[r] for r in rows], scores)
     entry = {"file": CALIBRATION_FILE, "num_rows": int(len(rows)),

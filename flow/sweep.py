@@ -12,7 +12,7 @@ from cache import FeatureCache
 from extract.distributed import SINGLE, DistContext
 
 from .features import AUTO, resolve_features
-from .runs import FLOW_METHODS, fit_cache, flow_setting, normal_classes
+from .runs import FLOW_METHODS, check_fit, fit_cache, flow_setting, normal_classes
 from .train import TrainConfig
 
 #: The flow setting of the baselines' single row (they ignore it).
@@ -100,6 +100,9 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
     kept: set[str] = set()
     with dist.all_succeed():
         fits = sweep_fits(caches, normal, methods, seeds, features, blocks, hidden)
+        for fit in fits:  # every fit's input checks before the first fit, not after hours of them
+            check_fit(fit.cache, fit.normal, runs_dir, fit.seed, fit.method, fit.features, val_fraction,
+                      {"k": knn_k} if fit.method == "knn" else {}, fit.setting)
         if dist.distributed:
             fits = per_class(fits)
             device = str(dist.device(device))

@@ -493,7 +493,7 @@ def test_diverging_training_is_a_one_line_error(pipeline_run, tmp_path):
     result = invoke("fit", "--cache-dir", str(pipeline_run["cache_dir"]), "--runs-dir", str(tmp_path / "runs"),
                     "--normal", "blue", "--epochs", "3", "--hidden", "16", "--lr", "1e30", "--device", "cpu")
     assert_input_error(result, "non-finite")
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # nothing saved, and the --runs-dir it created removed again
 
 
 def test_unwritable_runs_dir_is_refused_before_training(pipeline_run, tmp_path):
@@ -782,3 +782,21 @@ def test_the_sanf_ad_console_script_is_the_pipeline_main():
     rank1 = subprocess.run([str(script), "fit", "--epochs", "0"], env={**env, "RANK": "1", "WORLD_SIZE": "2"},
                            capture_output=True, text=True, timeout=120)
     assert rank1.returncode == 2 and rank1.stderr == "" and rank1.stdout == ""
+
+
+def test_run_checks_every_fit_before_the_first_and_leaves_no_empty_runs_dir(tree, tmp_path):
+    """--val-fraction 0.7 holds out 3 of the 4 train images: the flow could fit on 1 row, k-NN (k = 2) cannot; run
+    refuses before fitting the flow (it used to fit it, then stop at k-NN with an error not naming --val-fraction),
+    and a refused fit leaves no empty --runs-dir (a new-user trial found both)."""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
+    result = invoke("run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1",
+                    "--val-fraction", "0.7", "--runs-dir", str(runs))
+    assert_input_error(result, "--method knn needs at least 2 train rows; normal class 'blue' has 4, 1 after "
+                               "--val-fraction 0.7 holds out 3; lower --val-fraction")
+    assert "fitted" not in result.output and not runs.exists()
+    (cache,) = cache_dir.glob("*.h5")
+    fit = invoke("fit", "--cache", str(cache), "--method", "gaussian", "--val-fraction", "0.7", "--runs-dir", str(runs))
+    assert_input_error(fit, "--method gaussian needs at least 2 train rows")
+    assert not runs.exists()
+    assert_ok(invoke("fit", "--cache", str(cache), "--method", "knn", "--val-fraction", "0.5", "--runs-dir", str(runs)))
