@@ -149,14 +149,15 @@ def cli() -> None:
 def _alpha_option(fn):
     return click.option("--alpha", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
                         help="Significance level of calibrated runs: an image is anomalous when its conformal "
-                             "p-value is <= alpha, so at most this share of normal images is flagged.")(fn)
+                             "p-value is <= alpha, so on average (over the draw of the held-out rows) at most this "
+                             "share of normal images is flagged.")(fn)
 
 
-def _val_fraction_option(fn):
+def _val_fraction_option(chosen_by: str):
     return click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0,
-                        help="Hold out this fraction of the normal class's train rows (chosen by --seed): their "
+                        help=f"Hold out this fraction of the normal class's train rows (chosen by {chosen_by}): their "
                              "scores calibrate the run's p-values and decisions (predict, score), and the flows "
-                             "log their loss per epoch (to choose --epochs without the test split).")(fn)
+                             "log their loss per epoch (to choose --epochs without the test split).")
 
 
 def _early_stop_option(fn):
@@ -330,7 +331,7 @@ def _fit_options(fn):
                           "tokens: k-NN distance (L2 and cosine) or Ledoit-Wolf Mahalanobis distance."),
         _knn_k_option,
         click.option("--features", type=click.Choice(FEATURES_CHOICES), default=DEFAULT_FEATURES, help=_FEATURES_HELP),
-        _val_fraction_option,
+        _val_fraction_option("--seed"),
         _device_option,
     ]
     for option in reversed(options):
@@ -491,7 +492,7 @@ def _bounded_int(low: int, high: int):
 @click.option("--refit", is_flag=True,
               help="Fit every run again; by default a run already fitted with the same cache, method, seed and "
                    "settings is kept, so an interrupted run resumes.")
-@_val_fraction_option
+@_val_fraction_option("each run's seed: the flows' --seeds, 0 for the baselines")
 @_early_stop_option
 @_alpha_option
 @job_command
@@ -551,8 +552,10 @@ def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str],
         if means:
             click.echo(method_means(rows))
         written.append(f"{summary}, {report} ({len(plots)} plots)")
-    click.echo("fit wall time per method, the sum of its runs' training (kept: fitted before, their recorded time): "
-               + ", ".join(f"{m} {t.text()}" for m, t in fit_times(records).items()))
+    times = fit_times(records)
+    click.echo("fit wall time per method, the sum of its runs' training"
+               + (" (kept: fitted before, their recorded time)" if any(t.kept_runs for t in times.values()) else "")
+               + ": " + ", ".join(f"{m} {t.text()}" for m, t in times.items()))
     click.echo(f"wrote {'; '.join(written)} and {Path(runs_dir) / 'auroc.csv'}")
 
 

@@ -15,6 +15,8 @@ draw of the held-out rows too); for the realised rate on a test set, see :func:`
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 #: The default significance level of ``predict`` and ``score``: at most 5 % of normal images flagged.
@@ -96,6 +98,17 @@ def smallest_p_value(num_calibration: int) -> float:
     return 1.0 / (num_calibration + 1.0)
 
 
+def min_calibration_rows(alpha: float) -> int:
+    """The fewest held-out rows n whose smallest p-value 1 / (n + 1) is <= ``alpha`` (19 at alpha 0.05): with
+    fewer, no image can be flagged."""
+    n = max(0, math.ceil(1 / alpha) - 1)
+    while smallest_p_value(n) > alpha:
+        n += 1
+    while n > 0 and smallest_p_value(n - 1) <= alpha:
+        n -= 1
+    return n
+
+
 def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95, num_calibration: int | None = None) -> float:
     """The upper end of the central ``level`` band of the false-alarm rate realised on ``num_normal`` new normal
     images, as a share.
@@ -110,8 +123,6 @@ def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95, num_cal
     "Conditional validity of inductive conformal predictors", ACML 2012; A. Angelopoulos, S. Bates, "A gentle
     introduction to conformal prediction", 2021, section 3). Source of the quantiles: scipy.stats.
     """
-    import math
-
     from scipy.stats import betabinom, binom
 
     if num_calibration is None:

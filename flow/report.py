@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .conformal import DEFAULT_ALPHA, decision_threshold
+from .conformal import DEFAULT_ALPHA, decision_threshold, min_calibration_rows, smallest_p_value
 from .store import PRIMARY_SCORES, read_calibration, score_names
 
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting", "score")
@@ -153,7 +153,8 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
              "", markdown_table(rows, "auroc"), "", "AUPR:", "", markdown_table(rows, "aupr"), "",
              "FPR at 95 % TPR (lower is better):", "", markdown_table(rows, "fpr95"), "",
              *_calibration_part(rows),
-             "| method | runs | fit time (sum of the runs' training; kept: fitted before) | per run |",
+             "| method | runs | fit time (sum of the runs' training"
+             + ("; kept: fitted before" if any(t.kept_runs for t in times.values()) else "") + ") | per run |",
              "|---|---|---|---|"]
     for method, entry in times.items():
         runs = f"{entry.runs} ({entry.kept_runs} kept)" if entry.kept_runs else str(entry.runs)
@@ -200,9 +201,18 @@ def _calibration_part(rows: list[dict]) -> list[str]:
     calibrated = [r for r in rows if r.get("false_alarm_rate") not in (None, "")]
     if not calibrated:
         return []
-    alphas = "/".join(sorted({str(r["alpha"]) for r in calibrated}))
-    return [(f"Calibrated runs (conformal p-values from held-out normal rows; anomalous when p <= alpha = {alphas}). "
-             "False-alarm rate, the share of normal test images flagged (at most alpha in expectation):"), "",
+    alphas = sorted({float(r["alpha"]) for r in calibrated})
+    sizes = sorted({int(r["n_calibration"]) for r in calibrated})
+    held_out = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    blind = sorted({int(r["n_calibration"]) for r in calibrated
+                    if smallest_p_value(int(r["n_calibration"])) > float(r["alpha"])})
+    warning = [(f"**No image can be flagged** by the runs with {'/'.join(map(str, blind))} held-out rows: the "
+                "smallest p-value with n held-out rows is 1/(n + 1), above alpha; their rates below are 0 by "
+                f"construction. Hold out at least {min_calibration_rows(alphas[0])} rows (a larger --val-fraction) "
+                "or raise --alpha."), ""] if blind else []
+    return [(f"Calibrated runs (conformal p-values from {held_out} held-out normal rows per run; anomalous when "
+             f"p <= alpha = {'/'.join(f'{a:g}' for a in alphas)}). False-alarm rate, the share of normal test "
+             "images flagged (at most alpha in expectation):"), "", *warning,
             markdown_table(calibrated, "false_alarm_rate"), "",
             "Detection rate, the share of anomalous test images flagged:", "",
             markdown_table(calibrated, "detection_rate"), ""]
@@ -320,25 +330,25 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]], alpha: float = DEFA
     written = []
     by_class: dict[tuple[int, str], dict[str, tuple[Path, dict]]] = defaultdict(dict)
     for path, record in sorted(runs, key=lambda item: item[1]["seed"]):
-        by_class[(record["normal_class"], record["normal_name"])].setdefault(record["method"], (path, record))
+        by_class[(record["normal_class"], record["normal_name"])].setdefault(_label(record), (path, record))
     for (k, name), methods in sorted(by_class.items()):
         panels = []
-        for method, (path, record) in sorted(methods.items()):
+        for label, (path, record) in sorted(methods.items()):
             scores = read_scores(path / "scores.csv")
             calibration = read_calibration(path, record)
             for score in score_names(record):  # not the p_value / anomalous columns of a calibrated run
                 threshold = None if calibration is None else decision_threshold(calibration[score], alpha)
-                panels.append(HistPanel(f"{method}/{score}", scores["is_anomaly"], scores[score], threshold,
+                panels.append(HistPanel(f"{label}/{score}", scores["is_anomaly"], scores[score], threshold,
                                         alpha if threshold is not None else None))
         fig, ax = plt.subplots(figsize=(5, 5))
         for panel in panels:
             fpr, tpr, _ = roc_curve(panel.truth, panel.values)
             ax.plot(fpr, tpr, label=f"{panel.label} ({roc_auc_score(panel.truth, panel.values):.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle=":")
-        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"normal class {k} {name}")
+        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"normal class {class_label(k, name)}")
         ax.legend(fontsize=7, loc="lower right")
         written.append(_save(fig, folder / f"roc_normal{k}.png"))
-        written.append(_save(score_histograms(panels, f"scores, normal class {k} {name}"),
+        written.append(_save(score_histograms(panels, f"scores, normal class {class_label(k, name)}"),
                              folder / f"hist_normal{k}.png"))
     flows = [(path, record) for path, record in runs if record.get("epoch_losses")]
     if flows:
@@ -372,6 +382,11 @@ __all__ = ["KEPT", "FitTime", "HistPanel", "auroc_table", "fit_times", "markdown
            "score_histograms", "summarize", "write_plots", "write_report", "write_summary_csv"]
 
 
+def class_label(k: int, name: str) -> str:
+    """A normal class as tables and plots name it: ``3 cat``, or ``3`` alone when its name is its index (digits)."""
+    return str(name) if str(name) == str(k) else f"{k} {name}"
+
+
 def _label(row: dict) -> str:
     """``sanf`` or, for a sweep's non-default setting, ``sanf[K2-H1024]``."""
     return f"{row['method']}[{row['setting']}]" if row.get("setting") else row["method"]
@@ -394,12 +409,12 @@ def auroc_table(rows: list[dict]) -> str:
             cell.setdefault((r["normal_class"], _label(r), r["score"]), []).append(r["auroc"])
         names = [f"{m}/{s}" for m, s in columns]
         width = max(12, *(len(n) for n in names))
-        first = max(14, *(len(f"{k} {n}") for k, n in classes))
+        first = max(14, *(len(class_label(k, n)) for k, n in classes))
         out.append(f"AUROC  dataset={dataset}  backbone={backbone}")
         out.append("normal class".ljust(first) + "".join(n.rjust(width + 2) for n in names))
         means = {c: [] for c in columns}
         for k, name in classes:
-            line = f"{k} {name}".ljust(first)
+            line = class_label(k, name).ljust(first)
             for c in columns:
                 values = cell.get((k, *c))
                 if values:

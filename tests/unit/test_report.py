@@ -73,3 +73,21 @@ def test_the_decision_threshold_is_drawn_for_a_calibrated_run_only(figures):
             assert line.get_label() == f"threshold (alpha 0.05): {expected:.4g}"
         else:
             assert not lines, ax.get_title()
+
+
+def test_the_report_says_when_a_calibrated_run_cannot_flag_anything():
+    """18 held-out rows at alpha 0.05 (smallest p-value 1/19): the rates are 0 by construction, and the report says so
+    and how many rows would do; with 19 it does not warn. The held-out count is stated either way."""
+    from flow.report import _calibration_part
+
+    def rows(n_calibration):
+        return [{"dataset": "d", "backbone": "b", "method": "knn", "setting": "", "score": "cosine",
+                 "normal_class": 0, "normal_name": "a", "seed": 0, "alpha": 0.05, "n_calibration": n_calibration,
+                 "false_alarm_rate": 0.0, "detection_rate": 0.0}]
+
+    text = "\n".join(_calibration_part(rows(18)))
+    assert "from 18 held-out normal rows per run" in text and "alpha = 0.05" in text
+    assert "**No image can be flagged** by the runs with 18 held-out rows" in text and "at least 19 rows" in text
+    text = "\n".join(_calibration_part(rows(19)))
+    assert "from 19 held-out normal rows per run" in text and "No image can be flagged" not in text
+    assert _calibration_part([{**rows(0)[0], "false_alarm_rate": ""}]) == []
