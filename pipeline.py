@@ -531,7 +531,7 @@ def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str],
     of the runs fitted or kept (``kept``: their names), print the AUROC table (and with ``means`` each method's mean)
     and the fit times (those of the report); ``alpha``: the significance level of the calibrated runs' decisions and
     histogram thresholds."""
-    from flow.report import KEPT, auroc_table, fit_times, method_means, write_plots, write_report
+    from flow.report import KEPT, any_kept, auroc_table, fit_times, method_means, write_plots, write_report
     from flow.report import write_summary_csv
     from flow.runs import read_run_record, score_runs
 
@@ -554,7 +554,7 @@ def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str],
         written.append(f"{summary}, {report} ({len(plots)} plots)")
     times = fit_times(records)
     click.echo("fit wall time per method, the sum of its runs' training"
-               + (" (kept: fitted before, their recorded time)" if any(t.kept_runs for t in times.values()) else "")
+               + (" (kept: fitted before, their recorded time)" if any_kept(times) else "")
                + ": " + ", ".join(f"{m} {t.text()}" for m, t in times.items()))
     click.echo(f"wrote {'; '.join(written)} and {Path(runs_dir) / 'auroc.csv'}")
 

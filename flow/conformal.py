@@ -101,11 +101,9 @@ def smallest_p_value(num_calibration: int) -> float:
 def min_calibration_rows(alpha: float) -> int:
     """The fewest held-out rows n whose smallest p-value 1 / (n + 1) is <= ``alpha`` (19 at alpha 0.05): with
     fewer, no image can be flagged."""
-    n = max(0, math.ceil(1 / alpha) - 1)
+    n = max(0, math.floor(1 / alpha) - 2)  # at or below the answer, whatever the rounding of 1 / alpha
     while smallest_p_value(n) > alpha:
         n += 1
-    while n > 0 and smallest_p_value(n - 1) <= alpha:
-        n -= 1
     return n
 
 

@@ -154,7 +154,7 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
              "FPR at 95 % TPR (lower is better):", "", markdown_table(rows, "fpr95"), "",
              *_calibration_part(rows),
              "| method | runs | fit time (sum of the runs' training"
-             + ("; kept: fitted before" if any(t.kept_runs for t in times.values()) else "") + ") | per run |",
+             + ("; kept: fitted before" if any_kept(times) else "") + ") | per run |",
              "|---|---|---|---|"]
     for method, entry in times.items():
         runs = f"{entry.runs} ({entry.kept_runs} kept)" if entry.kept_runs else str(entry.runs)
@@ -165,6 +165,11 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path
+
+
+def any_kept(times: dict[str, FitTime]) -> bool:
+    """Whether any of :func:`fit_times`' entries counts a kept run (the fit-time wording then explains 'kept')."""
+    return any(t.kept_runs for t in times.values())
 
 
 def _plural(n: int, word: str) -> str:
@@ -184,8 +189,7 @@ def _settings_of(records: list[dict]) -> list[str]:
     epochs = sorted({int(r["epochs"]) for r in records if r.get("epochs") is not None})
     if epochs:  # passes made: early stopping varies them per run
         parts.append(f"{epochs[0]} epochs" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]} epochs")
-    flow = [r["flow"] for r in records if isinstance(r.get("flow"), dict)]
-    if flow:
+    if any(isinstance(r.get("flow"), dict) for r in records):
         parts.append(f"K {values(lambda r: r.get('flow', {}).get('num_blocks'))}, "
                      f"H {values(lambda r: r.get('flow', {}).get('hidden'))}")
     transform = values(lambda r: r.get("feature_transform"))
@@ -378,8 +382,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-__all__ = ["KEPT", "FitTime", "HistPanel", "auroc_table", "fit_times", "markdown_table", "method_means", "read_scores",
-           "score_histograms", "summarize", "write_plots", "write_report", "write_summary_csv"]
+__all__ = ["KEPT", "FitTime", "HistPanel", "any_kept", "auroc_table", "class_label", "fit_times", "markdown_table",
+           "method_means", "read_scores", "score_histograms", "summarize", "write_plots", "write_report",
+           "write_summary_csv"]
 
 
 def class_label(k: int, name: str) -> str:

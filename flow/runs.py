@@ -389,7 +389,7 @@ def check_fit(cache: str | os.PathLike, normal: str | int, runs_dir: str | os.Pa
         ValueError, RunError, CacheError: as :func:`fit_cache`.
     """
     with FeatureCache(cache) as fc:
-        resolved = resolve_features(features, fc.attrs) if features == AUTO else features
+        resolved = resolve_features(features, fc.attrs)  # auto -> the cache's choice, others unchanged
         classes = normal_classes(fc, normal)
         _check_slots(fc, cache, method, classes, Path(runs_dir), seed, run_setting(setting, resolved), resolved,
                      val_fraction, baseline_params)

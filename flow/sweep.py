@@ -76,6 +76,11 @@ def per_class(fits: Sequence[SweepFit]) -> list[SweepFit]:
     return out
 
 
+def _baseline_params(fit: SweepFit, knn_k: int) -> dict:
+    """The baseline constructor's keyword arguments of a fit (k for knn; none otherwise)."""
+    return {"k": knn_k} if fit.method == "knn" else {}
+
+
 def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds: Sequence[int],
               features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int], runs_dir: str,
               train_config: TrainConfig, knn_k: int, device: str, refit: bool, log: Callable[[str], None] = print,
@@ -102,7 +107,7 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
         fits = sweep_fits(caches, normal, methods, seeds, features, blocks, hidden)
         for fit in fits:  # every fit's input checks before the first fit, not after hours of them
             check_fit(fit.cache, fit.normal, runs_dir, fit.seed, fit.method, fit.features, val_fraction,
-                      {"k": knn_k} if fit.method == "knn" else {}, fit.setting)
+                      _baseline_params(fit, knn_k), fit.setting)
         if dist.distributed:
             fits = per_class(fits)
             device = str(dist.device(device))
@@ -112,7 +117,7 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
             outcomes = fit_cache(fit.cache, normal=fit.normal, runs_dir=runs_dir, seed=fit.seed, method=fit.method,
                                  flow_config={"num_blocks": fit.num_blocks, "hidden": fit.hidden},
                                  train_config=train_config, device=device, log=log,
-                                 baseline_params={"k": knn_k} if fit.method == "knn" else {}, setting=fit.setting,
+                                 baseline_params=_baseline_params(fit, knn_k), setting=fit.setting,
                                  keep_existing=not refit, features=fit.features, progress=not dist.distributed,
                                  val_fraction=val_fraction)
             fitted.setdefault(fit.cache, set()).update(o.path.name for o in outcomes)
