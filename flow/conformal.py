@@ -100,7 +100,7 @@ def smallest_p_value(num_calibration: int) -> float:
 
 def min_calibration_rows(alpha: float) -> int:
     """The fewest held-out rows n whose smallest p-value 1 / (n + 1) is <= ``alpha`` (19 at alpha 0.05): with
-    fewer, no image can be flagged."""
+    fewer, no image can be flagged. ``alpha`` in (0, 1), as :func:`check_alpha` allows."""
     n = max(0, math.floor(1 / alpha) - 2)  # at or below the answer, whatever the rounding of 1 / alpha
     while smallest_p_value(n) > alpha:
         n += 1
