@@ -2,8 +2,8 @@
 """SANF-AD command line: ``extract`` features once, ``fit`` flows on the cache, ``score`` the test split.
 
 Each subcommand is a thin layer over one library function whose keyword names match its options:
-``extract`` -> :func:`extract.extract_features`, ``fit`` -> :func:`flow.runs.fit_cache`,
-``score`` -> :func:`flow.runs.score_runs`. ``demo`` chains the three on the embedded default (digits,
+``extract`` -> :func:`extract.extract_features`, ``fit`` -> :func:`flow.experiments.fitting.fit_cache`,
+``score`` -> :func:`flow.experiments.scoring.score_runs`. ``demo`` chains the three on the embedded default (digits,
 EfficientNet-Lite0 with its packaged ImageNet weights). Bad input exits with code 2 and a one-line error.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import click
 
-from flow.train import TrainConfig
+from flow.model.train import TrainConfig
 
 #: extract.datasets.DATASETS, repeated here so that --help does not import torch (a test checks they agree)
 DATASET_CHOICES = ["cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
                    "folder"]
-#: flow.features.FEATURE_CHOICES and DEFAULT_FEATURES, repeated for the same reason (a test checks they agree)
+#: flow.detectors.transforms.FEATURE_CHOICES and DEFAULT_FEATURES, repeated for the same reason (a test checks they agree)
 FEATURES_CHOICES = ["auto", "raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
 DEFAULT_FEATURES = "auto"
 _FEATURES_HELP = ("Feature transform applied to class and patch tokens before the detector: auto (ssqrt-l2 on a "
@@ -82,9 +82,10 @@ def user_errors(fn):
         from cache import CacheError
         from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
         from extract.distributed import JobError
-        from flow import FlowTrainingError, MetricError
-        from flow.export import ExportError
-        from flow.store import RunError
+        from flow.deploy.export import ExportError
+        from flow.experiments.metrics import MetricError
+        from flow.model.train import FlowTrainingError
+        from flow.store.run_folder import RunError
 
         try:
             return fn(*args, **kwargs)
@@ -345,7 +346,7 @@ def _fit_options(fn):
 def fit(cache, cache_dir, normal, runs_dir, seed, epochs, steps, early_stop, batch_size, lr, beta1, beta2, adam_eps,
         weight_decay, blocks, hidden, heads, clamp, no_caff, method, knn_k, features, device, val_fraction) -> None:
     """Train the CAFF flow (or a baseline) on the cached train rows of one normal class (or of each)."""
-    from flow.runs import find_cache, fit_cache
+    from flow.experiments.fitting import find_cache, fit_cache
 
     train_config = TrainConfig(**_train_length(epochs, steps), early_stop=early_stop, batch_size=batch_size, lr=lr,
                                betas=(beta1, beta2), eps=adam_eps, weight_decay=weight_decay)
@@ -371,8 +372,8 @@ def score(runs_dir: str, batch_size: int, device: str, alpha: float) -> None:
 
     For runs fitted with --val-fraction (calibrated), scores.csv also holds the conformal p-value and the
     decision at --alpha, and auroc.csv the realised false-alarm and detection rates on the test split."""
-    from flow.report import auroc_table
-    from flow.runs import score_runs
+    from flow.experiments.report import auroc_table
+    from flow.experiments.scoring import score_runs
 
     rows = score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=click.echo, alpha=alpha)
     click.echo(auroc_table(rows))
@@ -400,7 +401,7 @@ def predict(run_dir, paths, out, alpha, onnx_model, weights, batch_size, num_wor
     Columns: path, score (the method's primary score: nll for the flows, cosine for knn, mahalanobis for
     gaussian), every score of the method, p_value and anomalous (runs fitted with --val-fraction: conformal
     p-value, and p_value <= --alpha), error (why a file could not be scored)."""
-    from flow.predict import predict as predict_images
+    from flow.deploy.predict import predict as predict_images
 
     summary = predict_images(run_dir, list(paths), out=out, alpha=alpha, batch_size=batch_size,
                              num_workers=num_workers, device=device, onnx=onnx_model, weights=weights, log=click.echo)
@@ -422,7 +423,7 @@ def export(run_dir, out, alpha, opset, check_images, weights) -> None:
     """Write the fitted run RUN as one ONNX graph: float32 images (B, 3, H, W) in [0, 1], resized and cropped to
     the run's input size -> every score, and p_value / anomalous for a calibrated run. Checked with onnxruntime
     against PyTorch right after export."""
-    from flow.export import export_onnx
+    from flow.deploy.export import export_onnx
 
     export_onnx(run_dir, out, alpha=alpha, opset=opset, check_images=list(check_images) or None, weights=weights,
                 log=click.echo)
@@ -448,7 +449,7 @@ def _comma_list(kind):
 
 
 def _method(name: str) -> str:
-    from flow.runs import METHODS
+    from flow.store.run_folder import METHODS
 
     if name not in METHODS:
         raise ValueError(f"{name!r} is not one of {', '.join(METHODS)}")
@@ -508,7 +509,7 @@ def run(no_download, normal, methods, seeds, epochs, steps, blocks, hidden, knn_
     the ranks; rank 0 scores and writes.
     """
     from extract.run import extract_categories
-    from flow.sweep import fit_sweep
+    from flow.experiments.sweep import fit_sweep
 
     train_config = TrainConfig(**_train_length(epochs, steps), early_stop=early_stop)
     try:  # before the extraction, which may take an hour
@@ -531,9 +532,18 @@ def _summarise(caches: list[Path], fitted: dict[Path, set[str]], kept: set[str],
     of the runs fitted or kept (``kept``: their names), print the AUROC table (and with ``means`` each method's mean)
     and the fit times (those of the report); ``alpha``: the significance level of the calibrated runs' decisions and
     histogram thresholds."""
-    from flow.report import KEPT, any_kept, auroc_table, fit_times, method_means, write_plots, write_report
-    from flow.report import write_summary_csv
-    from flow.runs import read_run_record, score_runs
+    from flow.experiments.report import (
+        KEPT,
+        any_kept,
+        auroc_table,
+        fit_times,
+        method_means,
+        write_plots,
+        write_report,
+        write_summary_csv,
+    )
+    from flow.experiments.scoring import score_runs
+    from flow.store.run_folder import read_run_record
 
     # score refreshes every run under --runs-dir (auroc.csv stays complete); the summaries are of this run's fits
     all_rows = score_runs(runs_dir=runs_dir, device=device, log=click.echo, alpha=alpha)
@@ -577,8 +587,8 @@ def demo(cache_dir: str, runs_dir: str, epochs: int, steps: int | None, device: 
     writes the summary, report and plots of ``run``. Needs no download.
     """
     from extract import extract_features
-    from flow.conformal import DEFAULT_ALPHA
-    from flow.runs import fit_cache
+    from flow.detectors.calibration import DEFAULT_ALPHA
+    from flow.experiments.fitting import fit_cache
 
     train_config = TrainConfig(**_train_length(epochs, steps))
     cache = extract_features(dataset="digits", backbone="tf_efficientnet_lite0", cache_dir=cache_dir,

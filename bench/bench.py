@@ -294,8 +294,8 @@ def _timed_extract(args, tree: Path, cache_dir: Path, spent: dict) -> tuple[Path
 
 def _detector_aurocs(path: Path, normals: list[int], dtype=None) -> dict[str, float]:
     from cache import FeatureCache
-    from flow.baselines import GaussianDetector, KNNDetector
-    from flow.metrics import auroc
+    from flow.detectors.baselines import GaussianDetector, KNNDetector
+    from flow.experiments.metrics import auroc
 
     out = {}
     with FeatureCache(path) as fc:
@@ -354,7 +354,7 @@ def section_precision(args, work: Path) -> list[Row]:
 
 
 def _train_steps(model, optimizer, y, tokens, steps: int, precision: str, device) -> float:
-    from flow.model import flow_loss
+    from flow.model.sanf import flow_loss
 
     def step():
         with autocast(device, precision):
@@ -395,8 +395,8 @@ def _flow_equivalence(config, y, tokens, dev, steps: int = 5) -> list[Row]:
 
     ``fused=False`` on a CPU is torch's default there, the per-tensor for-loop (foreach is the default on CUDA).
     """
-    from flow.model import SANFFlow, flow_loss
-    from flow.train import TrainConfig, make_optimizer
+    from flow.model.sanf import SANFFlow, flow_loss
+    from flow.model.train import TrainConfig, make_optimizer
 
     torch.manual_seed(0)
     model = SANFFlow(config).to(dev).eval()
@@ -423,9 +423,9 @@ def _flow_equivalence(config, y, tokens, dev, steps: int = 5) -> list[Row]:
 
 
 def section_flow(args, work: Path) -> list[Row]:
-    from flow.model import FlowConfig, SANFFlow, count_flops
-    from flow.coupling import CAFFSubnet
-    from flow.train import TrainConfig, make_optimizer
+    from flow.model.coupling import CAFFSubnet
+    from flow.model.sanf import FlowConfig, SANFFlow, count_flops
+    from flow.model.train import TrainConfig, make_optimizer
 
     D, P, batch = 768, 64, 32
     config = FlowConfig(dim=D, num_blocks=4, hidden=1024)
@@ -557,7 +557,7 @@ def big_cache(path: Path, rows: int, dim: int, patches: int, classes: int = 10, 
 
 
 def section_memory(args, work: Path) -> list[Row]:
-    from flow.model import FlowConfig, parameter_count
+    from flow.model.sanf import FlowConfig, parameter_count
 
     rows_n, D, P = args.sizes["big_rows"], 768, 16
     path = big_cache(work / "big.h5", rows_n, D, P)
@@ -565,8 +565,8 @@ def section_memory(args, work: Path) -> list[Row]:
     # the fixed cost of the modules fit and score import (torch, h5py, scikit-learn, ...), before any work
     # the runtime floor: the modules fit imports, with torch's CPU kernels and thread pools initialised by a few
     # steps of a tiny flow (fixed costs that no cache or model size changes)
-    floor_code = ("import pipeline, flow.runs, flow.report, cache, torch\n"
-                  "from flow.model import FlowConfig\nfrom flow.train import TrainConfig, fit_flow\n"
+    floor_code = ("import pipeline, flow.experiments.fitting, flow.experiments.scoring, flow.experiments.report, cache, torch\n"
+                  "from flow.model.sanf import FlowConfig\nfrom flow.model.train import TrainConfig, fit_flow\n"
                   "fit_flow(torch.randn(64, 8), torch.randn(64, 4, 8), FlowConfig(dim=8, hidden=8), "
                   "TrainConfig(epochs=1), progress=False)\nprint(peak_kib())")
     import_floor = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE + floor_code], capture_output=True, text=True,
@@ -608,8 +608,8 @@ def section_memory(args, work: Path) -> list[Row]:
 
 
 def section_scaling(args, work: Path) -> list[Row]:
-    from flow.model import FlowConfig
-    from flow.train import TrainConfig, fit_flow
+    from flow.model.sanf import FlowConfig
+    from flow.model.train import TrainConfig, fit_flow
 
     rows = []
     base = args.sizes["scale_images"]
@@ -642,7 +642,7 @@ def section_scaling(args, work: Path) -> list[Row]:
 
 def section_forwards(args, work: Path) -> list[Row]:
     from extract.backbone import TokenEncoder
-    from flow.runs import fit_cache
+    from flow.experiments.fitting import fit_cache
 
     protocol = 10 * 5000 + 10000  # each image once
     reference = 10 * (5000 + 10000)  # per normal class: its train images + the whole test set
@@ -658,7 +658,7 @@ def section_forwards(args, work: Path) -> list[Row]:
     TokenEncoder.forward = counting
     try:
         path, _ = run_extract(args, tree, work / "s6cache", args.precision)
-        from flow.train import TrainConfig
+        from flow.model.train import TrainConfig
 
         fit_cache(path, normal="all", runs_dir=work / "s6runs", method="knn", log=lambda s: None)
         fit_cache(path, normal="0", runs_dir=work / "s6runs", train_config=TrainConfig(epochs=1),
@@ -681,12 +681,12 @@ def section_onnx(args, work: Path) -> list[Row]:
     """ONNX Runtime vs PyTorch images/s (CPU) for one exported run: backbone + flow on the same decoded batches."""
     import onnxruntime as ort
 
-    from flow.export import ScoringGraph, detector_graph, export_onnx
-    from flow.predict import run_features
-    from flow.runs import fit_cache
-    from flow.store import load_scorer, primary_score, read_calibration, read_run_record, score_names
-    from flow.train import TrainConfig
     from extract.encode import preprocessing_only, rebuild_encoder
+    from flow.deploy.export import ScoringGraph, detector_graph, export_onnx
+    from flow.deploy.predict import run_features
+    from flow.experiments.fitting import fit_cache
+    from flow.model.train import TrainConfig
+    from flow.store.run_folder import load_scorer, primary_score, read_calibration, read_run_record, score_names
 
     per = args.sizes["onnx_images"]
     tree = cifar_tree(work / "s7", {"train": per // 10, "test": per // 10})

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections import defaultdict
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 TRANSFORMS = ["raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flow.store import PRIMARY_SCORES as PRIMARY  # noqa: E402  (each method's primary score)
+from flow.store.run_folder import PRIMARY_SCORES as PRIMARY
 
 
 def read(folder: Path) -> list[dict]:

@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.reader import FeatureCache  # noqa: E402
-from flow.features import FeatureTransform  # noqa: E402
-from flow.metrics import auroc  # noqa: E402
-from flow.model import FlowConfig, SANFFlow  # noqa: E402
-from flow.runs import resolve_normal, split_holdout  # noqa: E402
-from flow.train import TrainConfig, fit_flow, score_batches  # noqa: E402
+from flow.detectors.transforms import FeatureTransform
+from flow.experiments.fitting import resolve_normal, split_holdout
+from flow.experiments.metrics import auroc
+from flow.model.sanf import FlowConfig, SANFFlow
+from flow.model.train import TrainConfig, fit_flow, score_batches
 
 COLUMNS = ["dataset", "normal", "method", "features", "n", "n_fit", "n_val", "epoch", "step", "train_loss",
            "val_loss", "auroc_nll", "auroc_z2", "seconds", "rule"]

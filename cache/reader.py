@@ -13,19 +13,19 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from .chunks import PARTIAL_SUFFIX, lock_holder, partial_progress
 from .schema import (
     DEFAULT_LAYER,
+    FINE_LABEL,
     FORMAT_NAME,
     JSON_ATTRS,
     READABLE_VERSIONS,
-    FINE_LABEL,
     REQUIRED_ROOT_ATTRS,
     SPLIT_DATASETS,
-    STRING_ATTRS,
     SPLITS,
+    STRING_ATTRS,
     CacheError,
 )
-from .chunks import PARTIAL_SUFFIX, lock_holder, partial_progress
 
 
 def _decode_attr(key: str, value: Any) -> Any:

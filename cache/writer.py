@@ -11,13 +11,13 @@ import h5py
 import numpy as np
 
 from .schema import (
+    FINE_LABEL,
     FORMAT_NAME,
     FORMAT_VERSION,
     JSON_ATTRS,
     REQUIRED_ROOT_ATTRS,
     SPLITS,
     STORAGE_DTYPES,
-    FINE_LABEL,
     CacheError,
     chunk_rows,
 )

@@ -20,8 +20,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbone import (DEFAULT_LAYER, PACKAGED_BACKBONE, BackboneError, TokenEncoder, create_backbone, file_sha256,
-                       parse_layer)
+from .backbone import (
+    DEFAULT_LAYER,
+    PACKAGED_BACKBONE,
+    BackboneError,
+    TokenEncoder,
+    create_backbone,
+    file_sha256,
+    parse_layer,
+)
 from .datasets import ImageReadError, load_image
 from .run import PRECISIONS, build_transform, non_finite_rows
 

@@ -14,11 +14,12 @@ import numpy as np
 import timm
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from torchvision import transforms
+from tqdm.auto import tqdm
 
 from cache import ChunkStore
 from cache.chunks import remove_finished_leftovers
+
 from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, create_backbone, parse_layer
 from .datasets import ToRGB, build_dataset, check_readable, unchecked_files
 from .distributed import SINGLE, DistContext

@@ -1,30 +1,12 @@
-"""The SANF-AD flow (SPEC.md section 3): layers, model, training loop, scoring and runs.
+"""The SANF-AD flow stage: everything after the feature cache.
 
-``flow`` reads tensors through :mod:`cache` and knows nothing about images.
+Sub-packages, from the bottom layer up (the import rules are the import-linter contracts in setup.cfg):
+
+- :mod:`flow.model`: the normalizing flow (coupling layers, class attention, :class:`SANFFlow`) and its training
+  loop; tensors only, no files, images or HDF5.
+- :mod:`flow.detectors`: the detectors (the flow, its ablation, k-NN, Gaussian), the feature transforms that come
+  before them and the conformal calibration that comes after; no run folders, no command line.
+- :mod:`flow.store`: run folders on disk (atomic writes, ``run.json``, loading a fitted detector back).
+- :mod:`flow.experiments`: fitting on a cache, scoring its test split, sweeps, metrics and reports.
+- :mod:`flow.deploy`: a fitted run on new images: predict and ONNX export.
 """
-
-from .coupling import CAFFSubnet, ClassAttention, FlowLayer, soft_clamp
-from .metrics import MetricError, aupr, auroc, fpr_at_tpr
-from .model import FlowConfig, SANFFlow, count_flops, count_parameters, flow_loss
-from .train import FlowTrainingError, TrainConfig, TrainResult, fit_flow, score_batches
-
-__all__ = [
-    "CAFFSubnet",
-    "ClassAttention",
-    "FlowConfig",
-    "FlowLayer",
-    "FlowTrainingError",
-    "MetricError",
-    "SANFFlow",
-    "TrainConfig",
-    "TrainResult",
-    "aupr",
-    "auroc",
-    "count_flops",
-    "count_parameters",
-    "fit_flow",
-    "fpr_at_tpr",
-    "flow_loss",
-    "score_batches",
-    "soft_clamp",
-]

@@ -11,8 +11,8 @@ import json
 import math
 import multiprocessing
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +23,12 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from cache import FeatureCache
-from conftest import ROOT, make_image_tree
 from extract.datasets import CIFAR10_CLASSES
-from flow.runs import AUROC_COLUMNS
-from flow.store import load_run
+from flow.experiments.scoring import AUROC_COLUMNS
+from flow.store.run_folder import load_run
 from pipeline import cli
+
+from conftest import ROOT, make_image_tree
 
 REQUIRED_AUROC_COLUMNS = ["dataset", "backbone", "normal_class", "normal_name", "method", "score", "seed", "auroc",
                           "n_normal", "n_anomalous", "run"]
@@ -506,7 +507,7 @@ def test_unwritable_runs_dir_is_refused_before_training(pipeline_run, tmp_path):
 
 
 def test_a_file_in_the_place_of_a_run_folder_is_refused(pipeline_run, tmp_path):
-    from flow.store import run_name
+    from flow.store.run_folder import run_name
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from flow.store.run_folder import list_runs, load_run
+
 from conftest import ROOT, gaussian_splits, write_cache
-from flow.store import list_runs, load_run
 
 
 def _fit(cache, runs, normal: str) -> subprocess.Popen:

@@ -67,7 +67,7 @@ def test_mvtec_score_reports_auroc_per_defect_type(mvtec_run):
     screw = [r["anomaly_name"] for r in by_defect if r["dataset"] == "mvtec-screw"]
     assert set(screw) == {"scratch_head"} and len(screw) == 4  # sanf nll, z2; knn l2, cosine
     # each defect type's AUROC is the AUROC of the normal test images against that type's images alone
-    from flow.metrics import auroc
+    from flow.experiments.metrics import auroc
 
     run = mvtec_run["runs"] / bottle[0]["run"]
     scores = read_rows(run / "scores.csv")

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cache import CacheLock, partial_dir
-from conftest import ROOT, make_image_tree
 from test_cli import read_csv
 from test_resume import assert_same_cache, digits_args, invoke, uninterrupted  # noqa: F401 (a fixture)
+
+from cache import CacheLock, partial_dir
+
+from conftest import ROOT, make_image_tree
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 NUM_CHUNKS = 58

@@ -13,9 +13,9 @@ import json
 import h5py
 import numpy as np
 import pytest
+from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
 
 from conftest import RUNNING_EXTRACTION, gaussian_splits, make_image_tree, process_holding, write_cache
-from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
 
 FIT = ("--epochs", "1", "--hidden", "8", "--device", "cpu")
 
@@ -257,7 +257,7 @@ def test_empty_folder_paths_are_refused(small_cache, tmp_path, option, monkeypat
 
 
 def test_fit_all_checks_every_run_slot_before_training(small_cache, tmp_path):
-    from flow.store import run_name
+    from flow.store.run_folder import run_name
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -309,7 +309,7 @@ def test_a_flow_too_large_for_this_machine_is_refused_before_allocating(small_ca
 
 
 def test_dangling_link_in_a_run_slot_is_refused_before_training(small_cache, tmp_path):
-    from flow.store import run_name
+    from flow.store.run_folder import run_name
 
     runs = tmp_path / "runs"
     runs.mkdir()

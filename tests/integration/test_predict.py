@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke, read_csv
+
+from flow.detectors.calibration import conformal_p_values
+from flow.detectors.transforms import FEATURE_TRANSFORMS
+from flow.store.run_folder import read_calibration, read_run_record, score_names
 
 from conftest import make_image_tree
-from flow.conformal import conformal_p_values
-from flow.features import FEATURE_TRANSFORMS
-from flow.store import read_calibration, read_run_record, score_names
-from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke, read_csv
 
 METHODS = ("sanf", "knn", "gaussian")
 
@@ -173,7 +174,7 @@ def test_p_values_follow_the_held_out_scores(calibrated, odd_tree):
 
 
 def test_predictions_csv_writes_floats_with_9_significant_digits(calibrated, odd_tree):
-    """Scores and p-values are written at a fixed precision (flow.store.csv_value), not as repr's 17 digits."""
+    """Scores and p-values are written at a fixed precision (flow.store.run_folder.csv_value), not as repr's 17 digits."""
     out = calibrated["work"] / "digits.csv"
     assert_ok(invoke("predict", str(run_of(calibrated["runs_dir"], "gaussian")), str(odd_tree / "a"), "--out",
                      str(out), "--num-workers", "0", "--device", "cpu"))
@@ -312,7 +313,7 @@ def test_a_path_that_does_not_exist_is_refused(calibrated, tmp_path):
     result = invoke("predict", str(run), str(calibrated["tree"] / "test"), str(tmp_path / "typo"), "--out",
                     str(tmp_path / "p.csv"))
     assert result.exit_code == 2 and "does not exist" in result.output
-    from flow.predict import predict
+    from flow.deploy.predict import predict
 
     with pytest.raises(ValueError, match="does not exist"):
         predict(run, [str(tmp_path / "typo")], out=tmp_path / "p.csv", log=lambda s: None)
@@ -419,14 +420,14 @@ def test_onnx_with_a_patch_grid_that_does_not_divide_the_token_grid(tmp_path):
 
 
 def test_export_refuses_when_onnxruntime_disagrees(calibrated, tmp_path, monkeypatch):
-    import flow.export
+    import flow.deploy.export as export_module
 
-    real = flow.export._reference
+    real = export_module._reference
 
     def off_by_a_percent(*args):
         return {k: v * 1.01 for k, v in real(*args).items()}
 
-    monkeypatch.setattr(flow.export, "_reference", off_by_a_percent)
+    monkeypatch.setattr(export_module, "_reference", off_by_a_percent)
     result = invoke("export", str(run_of(calibrated["runs_dir"], "gaussian")), "--out", str(tmp_path / "m.onnx"))
     assert_input_error(result, "onnxruntime and PyTorch disagree on mahalanobis", "nothing written")
     assert list(tmp_path.iterdir()) == []

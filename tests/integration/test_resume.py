@@ -19,8 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 from cache import CacheLock, FeatureCache, partial_dir
-from conftest import ROOT
 from pipeline import cli
+
+from conftest import ROOT
 
 TIMING_ATTRS = {"created", "extract_seconds", "images_per_second"}
 

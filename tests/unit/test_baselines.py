@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
-from flow import auroc
-from flow.baselines import BASELINES, GaussianDetector, KNNDetector
+from flow.detectors.baselines import BASELINES, GaussianDetector, KNNDetector
+from flow.experiments.metrics import auroc
 
 
 def test_knn_exact_distances():

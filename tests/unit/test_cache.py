@@ -19,6 +19,7 @@ from cache import (
     FeatureCache,
 )
 from cache.schema import CHUNK_BYTES, REQUIRED_ROOT_ATTRS, chunk_rows
+
 from conftest import cache_attrs, gaussian_splits, write_cache
 
 KIB = 1024

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cache import CacheError, CacheLock, ChunkStore, FeatureCache, lock_holder, partial_dir, partial_progress
+
 from conftest import ROOT, RUNNING_EXTRACTION, cache_attrs, process_holding
 
 D, P = 3, 2

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flow.conformal import check_alpha, conformal_p_values, decision_threshold, false_alarm_band, smallest_p_value
+from flow.detectors.calibration import (
+    check_alpha,
+    conformal_p_values,
+    decision_threshold,
+    false_alarm_band,
+    smallest_p_value,
+)
 
 
 def test_p_values_exact_on_hand_made_scores():
@@ -96,7 +102,7 @@ def test_decision_threshold_flags_exactly_the_scores_whose_p_value_is_at_most_al
 
 def test_min_calibration_rows_is_the_fewest_that_can_flag_an_image():
     """1 / (n + 1) <= alpha first at n = 19 for 0.05, 33 for 0.03 (round(1/alpha) - 1 = 32 said before: too few)."""
-    from flow.conformal import min_calibration_rows
+    from flow.detectors.calibration import min_calibration_rows
 
     for alpha, n in ((0.05, 19), (0.03, 33), (0.1, 9), (0.5, 1), (0.01, 99), (0.2, 4)):
         assert min_calibration_rows(alpha) == n

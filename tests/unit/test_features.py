@@ -11,11 +11,19 @@ import pytest
 import torch
 
 from cache import FeatureCache
+from flow.detectors.baselines import GaussianDetector, KNNDetector
+from flow.detectors.transforms import (
+    FEATURE_CHOICES,
+    FEATURE_TRANSFORMS,
+    FeatureTransform,
+    check_features,
+    resolve_features,
+)
+from flow.experiments.fitting import fit_cache, split_holdout
+from flow.experiments.scoring import score_runs
+from flow.store.run_folder import TRANSFORM_FILE, RunError, load_feature_transform, load_scorer, read_run_record
+
 from conftest import gaussian_splits, write_cache
-from flow.baselines import GaussianDetector, KNNDetector
-from flow.features import FEATURE_CHOICES, FEATURE_TRANSFORMS, FeatureTransform, check_features, resolve_features
-from flow.runs import fit_cache, score_runs, split_holdout
-from flow.store import TRANSFORM_FILE, RunError, load_feature_transform, load_scorer, read_run_record
 
 
 def _tokens(n=30, d=8, p=4, seed=0):
@@ -151,7 +159,7 @@ def test_statistics_come_from_the_fitted_normal_train_rows_only(tmp_path, method
 
 
 def _short():
-    from flow.train import TrainConfig
+    from flow.model.train import TrainConfig
 
     return TrainConfig(epochs=1, batch_size=16)
 
@@ -181,7 +189,7 @@ def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name
         expected = GaussianDetector().fit(transform(train_cls)).scores(transform(test_cls))
     else:
         scorer = load_scorer(outcome.path)
-        from flow.train import score_batches
+        from flow.model.train import score_batches
 
         expected = score_batches(scorer.detector, torch.from_numpy(transform(test_cls)),
                                  torch.from_numpy(transform(test_patches)))
@@ -204,7 +212,7 @@ def test_a_damaged_transform_file_is_a_run_error(tmp_path, gaussian_cache):
 
 def test_every_transform_is_offered_by_the_cli():
     import pipeline
-    from flow import features
+    from flow.detectors import transforms as features
 
     assert pipeline.FEATURES_CHOICES == list(FEATURE_CHOICES) == ["auto", *FEATURE_TRANSFORMS]
     assert pipeline.DEFAULT_FEATURES == features.DEFAULT_FEATURES == "auto"

@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from flow import (
-    CAFFSubnet,
-    ClassAttention,
-    FlowConfig,
-    FlowLayer,
-    FlowTrainingError,
-    SANFFlow,
-    TrainConfig,
-    count_parameters,
-    fit_flow,
-    flow_loss,
-    score_batches,
-    soft_clamp,
-)
+from flow.model.coupling import CAFFSubnet, ClassAttention, FlowLayer, soft_clamp
+from flow.model.sanf import FlowConfig, SANFFlow, count_parameters, flow_loss
+from flow.model.train import FlowTrainingError, TrainConfig, fit_flow, score_batches
 
 CONFIGS = [
     pytest.param(dict(dim=8, use_caff=True), id="caff-even-D"),
@@ -218,7 +207,7 @@ def test_class_attention_is_finite_where_its_logits_overflow_float32():
 
 def test_class_attention_stable_logits_are_bit_exact_on_ordinary_inputs():
     """Power-of-two scaling changes no bit where nothing overflows: same output as softmax of the plain product."""
-    from flow.coupling import stable_logits
+    from flow.model.coupling import stable_logits
 
     g = torch.Generator().manual_seed(6)
     for scale in (0.1, 1.0, 37.0, 3e4):
@@ -252,7 +241,7 @@ def test_flow_is_finite_for_extreme_finite_rows():
 
 
 def test_make_optimizer_is_fused_adam_with_the_train_config():
-    from flow.train import make_optimizer
+    from flow.model.train import make_optimizer
 
     config = TrainConfig(lr=1e-3, betas=(0.7, 0.9), eps=1e-6, weight_decay=1e-3)
     params = []
@@ -440,7 +429,7 @@ def test_scores_do_not_depend_on_the_batch_size():
 
 def test_trained_flow_separates_shifted_gaussians():
     """Normal N(0, I), anomalies N(6, I): the likelihood ranks every anomaly above every normal sample."""
-    from flow import auroc
+    from flow.experiments.metrics import auroc
 
     y, tokens = gaussian_tensors(256, seed=0)
     model, _ = fit_flow(y, tokens, FlowConfig(dim=6, num_blocks=2, hidden=32),
@@ -467,7 +456,7 @@ def test_flop_count_matches_the_hand_count_of_the_matrix_products():
     products over the 1 + P tokens on CPU, 0.2 % here) and as computed (the query-side form of
     ClassAttention: W_k^T q, the logits and the weighted token sum per head, W_v on that sum).
     """
-    from flow import count_flops
+    from flow.model.sanf import count_flops
 
     d, H, P, da, heads = 512, 1024, 64, 512, 4
     common = d * H + 2 * H * H + d * da + da * H + 2 * H * 2 * d  # MLP, W_q, W_o, FC

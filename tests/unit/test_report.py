@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from flow.runs import fit_cache, score_runs
-from flow.store import list_runs, read_run_record
+from flow.experiments.fitting import fit_cache
+from flow.experiments.scoring import score_runs
+from flow.store.run_folder import list_runs, read_run_record
 
 SMALL_FLOW = {"num_blocks": 2, "hidden": 8, "num_heads": 2}
 
@@ -21,7 +22,8 @@ def figures(gaussian_cache, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flow import TrainConfig, report
+    from flow.experiments import report
+    from flow.model.train import TrainConfig
 
     runs = tmp_path / "runs"
     fit_cache(gaussian_cache, normal="0", runs_dir=runs, flow_config=SMALL_FLOW, train_config=TrainConfig(epochs=1),
@@ -58,8 +60,8 @@ def test_score_histograms_clip_the_x_range_and_say_so(figures):
 
 
 def test_the_decision_threshold_is_drawn_for_a_calibrated_run_only(figures):
-    from flow.conformal import decision_threshold
-    from flow.store import read_calibration
+    from flow.detectors.calibration import decision_threshold
+    from flow.store.run_folder import read_calibration
 
     made, runs = figures
     (knn,) = [run for run in list_runs(runs) if read_run_record(run)["method"] == "knn"]
@@ -78,7 +80,7 @@ def test_the_decision_threshold_is_drawn_for_a_calibrated_run_only(figures):
 def test_the_report_says_when_a_calibrated_run_cannot_flag_anything():
     """18 held-out rows at alpha 0.05 (smallest p-value 1/19): the rates are 0 by construction, and the report says so
     and how many rows would do; with 19 it does not warn. The held-out count is stated either way."""
-    from flow.report import _calibration_part
+    from flow.experiments.report import _calibration_part
 
     def rows(n_calibration):
         return [{"dataset": "d", "backbone": "b", "method": "knn", "setting": "", "score": "cosine",

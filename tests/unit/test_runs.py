@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from flow import MetricError, TrainConfig, auroc
-from flow.report import auroc_table
-from flow.runs import AUROC_COLUMNS, find_cache, fit_cache, resolve_normal, score_runs, split_holdout
-from flow.store import RunError, load_run
+from flow.experiments.fitting import find_cache, fit_cache, resolve_normal, split_holdout
+from flow.experiments.metrics import MetricError, auroc
+from flow.experiments.report import auroc_table
+from flow.experiments.scoring import AUROC_COLUMNS, score_runs
+from flow.model.train import TrainConfig
+from flow.store.run_folder import RunError, load_run
 
 from conftest import gaussian_splits, write_cache
 
@@ -143,7 +145,7 @@ def test_saved_run_reloads_to_identical_scores(gaussian_cache, tmp_path):
     import torch
 
     from cache import FeatureCache
-    from flow import score_batches
+    from flow.model.train import score_batches
 
     outcome = fit_cache(gaussian_cache, normal="b", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
                         train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]
@@ -261,7 +263,7 @@ def test_auroc_table_mean_is_the_mean_of_its_rows():
 
 
 def test_run_names_are_single_path_components():
-    from flow.store import run_name
+    from flow.store.run_folder import run_name
 
     assert run_name("c", "sanf", 0, "T-shirt/top", 2) == "c__sanf__normal0-T-shirt-top__seed2"
     assert run_name("c", "sanf-nocaff", 3, "cat", 0) == "c__sanf-nocaff__normal3-cat__seed0"
@@ -286,7 +288,7 @@ def test_run_files_follow_the_umask(gaussian_cache, tmp_path):
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_replacing_a_run_leaves_no_window_and_no_leftovers(tmp_path, monkeypatch, exchange):
-    import flow.store as runs_module
+    import flow.store.run_folder as runs_module
 
     if not exchange:  # the portable path: rename the old run aside, then the new one in
         monkeypatch.setattr(runs_module, "_exchange", lambda a, b: False)
@@ -305,7 +307,7 @@ def test_replacing_a_run_leaves_no_window_and_no_leftovers(tmp_path, monkeypatch
 def test_exchange_swaps_two_folders_atomically_on_linux(tmp_path):
     import sys
 
-    from flow.store import _exchange
+    from flow.store.run_folder import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -319,7 +321,7 @@ def test_exchange_swaps_two_folders_atomically_on_linux(tmp_path):
 
 
 def test_aupr_and_fpr_at_95_tpr_exact_values_on_hand_made_scores():
-    from flow import aupr, fpr_at_tpr
+    from flow.experiments.metrics import aupr, fpr_at_tpr
 
     labels = np.array([0, 0, 1, 1])
     assert aupr(labels, [0.1, 0.2, 0.8, 0.9]) == 1.0
@@ -342,7 +344,7 @@ def test_aupr_and_fpr_at_95_tpr_exact_values_on_hand_made_scores():
 
 
 def test_summary_cells_are_mean_and_sample_std_over_seeds():
-    from flow.report import markdown_table, summarize
+    from flow.experiments.report import markdown_table, summarize
 
     def row(k, seed, value, method="sanf"):
         return dict(dataset="d", backbone="b", method=method, score="nll", normal_class=k, normal_name=f"c{k}",
@@ -363,7 +365,7 @@ def test_summary_cells_are_mean_and_sample_std_over_seeds():
 
 
 def test_csv_value_writes_a_fixed_precision_per_kind_of_column():
-    from flow.store import csv_value
+    from flow.store.run_folder import csv_value
 
     assert csv_value("auroc", 0.6418999999999999) == "0.641900" and csv_value("fpr95", 1.0) == "1.000000"
     assert csv_value("false_alarm_rate", float("nan")) == "nan"
@@ -396,8 +398,8 @@ def _floats_written_fixed(path, metric_columns=()):
 def test_every_csv_of_fit_and_score_writes_floats_with_a_fixed_precision(gaussian_cache, tmp_path):
     """auroc.csv, auroc_by_anomaly.csv, scores.csv and calibration.csv: no float printed as 0.6418999999999999;
     the rounded files still read back (score's p-values from calibration.csv, the AUROC from scores.csv)."""
-    from flow.report import read_scores
-    from flow.store import read_calibration, read_run_record
+    from flow.experiments.report import read_scores
+    from flow.store.run_folder import read_calibration, read_run_record
 
     metrics = ("auroc", "aupr", "fpr95", "false_alarm_rate", "detection_rate")
     runs = tmp_path / "runs"
@@ -421,7 +423,7 @@ def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_readme_says(gaussian_cache
     import re
     from pathlib import Path
 
-    from flow.model import FlowConfig, parameter_count
+    from flow.model.sanf import FlowConfig, parameter_count
 
     outcome = fit_cache(gaussian_cache, normal="0", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
                         train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]

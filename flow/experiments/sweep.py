@@ -10,10 +10,10 @@ from typing import Callable, Sequence
 
 from cache import FeatureCache
 from extract.distributed import SINGLE, DistContext
-
-from .features import AUTO, resolve_features
-from .runs import FLOW_METHODS, check_fit, fit_cache, flow_setting, normal_classes
-from .train import TrainConfig
+from flow.detectors.transforms import AUTO, resolve_features
+from flow.experiments.fitting import check_fit, fit_cache, flow_setting, normal_classes
+from flow.model.train import TrainConfig
+from flow.store.run_folder import FLOW_METHODS
 
 #: The flow setting of the baselines' single row (they ignore it).
 _BASELINE_SIZE = (4, 1024)
@@ -21,7 +21,7 @@ _BASELINE_SIZE = (4, 1024)
 
 @dataclass(frozen=True)
 class SweepFit:
-    """One :func:`flow.runs.fit_cache` call of a sweep: ``normal`` may be ``all`` (one call fits every class)."""
+    """One :func:`flow.experiments.fitting.fit_cache` call of a sweep: ``normal`` may be ``all`` (one call fits every class)."""
 
     cache: Path
     method: str
@@ -37,7 +37,7 @@ def sweep_fits(caches: Sequence[Path], normal: str, methods: Sequence[str], seed
                features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int]) -> list[SweepFit]:
     """The fits of a sweep in the order one process fits them: cache, method, then seed x transform x setting
     (the baselines once, seed 0, without a setting). A setting label (``K<K>-H<H>``) only when several
-    sizes are swept. ``auto`` is resolved for each cache (:func:`flow.features.resolve_features`) and a transform
+    sizes are swept. ``auto`` is resolved for each cache (:func:`flow.detectors.transforms.resolve_features`) and a transform
     asked for twice that way is fitted once.
 
     Raises:
@@ -64,7 +64,7 @@ def per_class(fits: Sequence[SweepFit]) -> list[SweepFit]:
 
     Raises:
         CacheError: a cache cannot be read.
-        ValueError: a bad ``normal`` (see :func:`flow.runs.normal_classes`).
+        ValueError: a bad ``normal`` (see :func:`flow.experiments.fitting.normal_classes`).
     """
     classes: dict[tuple[Path, str], list[str]] = {}
     out = []
@@ -87,7 +87,7 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
               dist: DistContext = SINGLE, val_fraction: float = 0.0) -> tuple[dict[Path, set[str]], set[str]]:
     """Fit every run of a sweep (see :func:`sweep_fits`); a run already fitted with the same cache, method, seed
     and settings is kept unless ``refit``. ``val_fraction`` > 0 holds out that share of each normal class's train
-    rows in every run, flows and baselines alike, calibrating it (:func:`flow.runs.fit_cache`).
+    rows in every run, flows and baselines alike, calibrating it (:func:`flow.experiments.fitting.fit_cache`).
 
     In a distributed job the fits are split per normal class (:func:`per_class`) and fit ``i`` goes to rank
     ``i mod world size``, on the rank's device; each flow is seeded alone, so the runs are those of one
@@ -98,7 +98,7 @@ def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds
         kept (fitted before; their ``run.json`` holds the earlier fit's ``wall_time_s``).
 
     Raises:
-        As :func:`flow.runs.fit_cache`; in a distributed job :class:`extract.distributed.JobError` as described by
+        As :func:`flow.experiments.fitting.fit_cache`; in a distributed job :class:`extract.distributed.JobError` as described by
         :meth:`extract.distributed.DistContext.all_succeed`.
     """
     fitted: dict[Path, set[str]] = {}

@@ -3,7 +3,7 @@
 A run is a folder ``<runs_dir>/<name>/`` holding ``model.safetensors`` (the flow's state dict, or the baseline's
 arrays), ``run.json`` (every setting, the cache and its fingerprint, the train loss per epoch, wall time) and,
 when it was fitted with held-out normal rows (``fit --val-fraction``), ``calibration.csv`` (their scores, for the
-conformal p-values of :mod:`flow.conformal`). ``score`` adds ``scores.csv``.
+conformal p-values of :mod:`flow.detectors.calibration`). ``score`` adds ``scores.csv``.
 
 This module knows files and formats only: nothing here fits or scores.
 """
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .baselines import BASELINES
-from .features import FEATURE_TRANSFORMS, PAPER_FEATURES, FeatureTransform
-from .model import FlowConfig, SANFFlow, parameter_count
-from .train import FlowTrainingError
+from flow.detectors.baselines import BASELINES
+from flow.detectors.transforms import FEATURE_TRANSFORMS, PAPER_FEATURES, FeatureTransform
+from flow.model.sanf import FlowConfig, SANFFlow, parameter_count
+from flow.model.train import FlowTrainingError
 
 RUN_FORMAT = "sanf-ad-run"
 RUN_VERSION = 1
@@ -379,7 +379,7 @@ class RunScorer:
 
     Attributes:
         detector: the flow (eval mode) or the baseline detector.
-        transform: the run's :class:`~flow.features.FeatureTransform`, fitted statistics loaded.
+        transform: the run's :class:`~flow.detectors.transforms.FeatureTransform`, fitted statistics loaded.
         record: the run's ``run.json``.
     """
 
@@ -390,7 +390,7 @@ class RunScorer:
     def __call__(self, cls: np.ndarray, patches: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Every score of the run (:func:`score_names`) for class tokens (B, D) and patch tokens (B, P, D) as the
         cache stores them (float32 numpy); (B,) float64 arrays, higher = more anomalous."""
-        from .train import score_batches
+        from flow.model.train import score_batches
 
         cls = self.transform(cls)
         if self.record["method"] in FLOW_METHODS:

@@ -31,13 +31,22 @@ from torch import nn
 
 from extract.backbone import TokenEncoder, file_sha256
 from extract.encode import CacheEncoder, preprocessing_only, rebuild_encoder
-
-from .baselines import GaussianDetector, KNNDetector
-from .conformal import DEFAULT_ALPHA, check_alpha
-from .model import SANFFlow
-from .features import FeatureTransform
-from .store import (FLOW_METHODS, TRANSFORM_FILE, RunError, RunScorer, check_not_a_run_file, load_scorer, primary_score,
-                    read_calibration, read_run_record, score_names)
+from flow.detectors.baselines import GaussianDetector, KNNDetector
+from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha
+from flow.detectors.transforms import FeatureTransform
+from flow.model.sanf import SANFFlow
+from flow.store.run_folder import (
+    FLOW_METHODS,
+    TRANSFORM_FILE,
+    RunError,
+    RunScorer,
+    check_not_a_run_file,
+    load_scorer,
+    primary_score,
+    read_calibration,
+    read_run_record,
+    score_names,
+)
 
 #: ONNX opset of the exported graphs (LayerNormalization is a single op from 17 on).
 OPSET = 17
@@ -52,7 +61,7 @@ class ExportError(RuntimeError):
 
 
 class KNNGraph(nn.Module):
-    """:class:`~flow.baselines.KNNDetector` as tensor operations: mean L2 and cosine distance to the k nearest
+    """:class:`~flow.detectors.baselines.KNNDetector` as tensor operations: mean L2 and cosine distance to the k nearest
     normal train vectors (a float64 constant (N, D)), computed in float64."""
 
     def __init__(self, detector: KNNDetector) -> None:
@@ -73,7 +82,7 @@ class KNNGraph(nn.Module):
 
 
 class GaussianGraph(nn.Module):
-    """:class:`~flow.baselines.GaussianDetector` as tensor operations: ``(y - mu)^T P (y - mu)`` in float64."""
+    """:class:`~flow.detectors.baselines.GaussianDetector` as tensor operations: ``(y - mu)^T P (y - mu)`` in float64."""
 
     def __init__(self, detector: GaussianDetector) -> None:
         super().__init__()
@@ -86,7 +95,7 @@ class GaussianGraph(nn.Module):
 
 
 class FlowGraph(nn.Module):
-    """A fitted :class:`~flow.model.SANFFlow`'s ``nll`` (nats) and ``z2``, in float32, returned as float64."""
+    """A fitted :class:`~flow.model.sanf.SANFFlow`'s ``nll`` (nats) and ``z2``, in float32, returned as float64."""
 
     def __init__(self, flow: SANFFlow) -> None:
         super().__init__()
@@ -97,7 +106,7 @@ class FlowGraph(nn.Module):
 
 
 class TransformedGraph(nn.Module):
-    """A run's feature transform (:mod:`flow.features`; fitted statistics as graph constants), then its detector."""
+    """A run's feature transform (:mod:`flow.detectors.transforms`; fitted statistics as graph constants), then its detector."""
 
     def __init__(self, transform: FeatureTransform, detector: nn.Module) -> None:
         super().__init__()
@@ -236,7 +245,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     """
     import onnx
 
-    from .predict import run_features
+    from flow.deploy.predict import run_features
 
     alpha = check_alpha(alpha)
     run, out = Path(run), Path(out)
@@ -332,7 +341,7 @@ def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep:
                     batch_size: int, num_workers: int, progress: bool,
                     log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
     """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read or whose
-    scores are not finite (:func:`flow.predict.score_files`).
+    scores are not finite (:func:`flow.deploy.predict.score_files`).
 
     Raises:
         RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
@@ -346,7 +355,7 @@ def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep:
                        "export this run, or pass the run it came from")
     names = list(score_names(record))
     log(f"onnxruntime {onnx_path}: {meta.get('backbone')} + {record['method']}, opset {meta.get('opset')}")
-    from .predict import score_files
+    from flow.deploy.predict import score_files
 
     def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(names, {"images": images.numpy()})))

@@ -87,7 +87,7 @@ class ClassAttention(nn.Module):
     to 1, ``sum_j A_hj (W_v,h m_j + b_v,h) = W_v,h (sum_j A_hj m_j) + b_v,h``. :meth:`forward` computes
     this form, with the logits computed by :func:`stable_logits` (finite for large finite inputs, where the
     plain product overflows float32); :meth:`forward_as_written` computes eq. 6-10 literally (the tests check that both agree;
-    :func:`flow.model.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
+    :func:`flow.model.sanf.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
     effect on the output (its gradient is 0), in the paper's form as in ours; it is kept so that the
     parameters are exactly those of eq. 7.
 

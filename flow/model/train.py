@@ -1,4 +1,4 @@
-"""Training loop and batched scoring of a :class:`~flow.model.SANFFlow` on in-memory feature tensors."""
+"""Training loop and batched scoring of a :class:`~flow.model.sanf.SANFFlow` on in-memory feature tensors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from extract.device import resolve_device  # re-exported: the flow stage runs on the same devices
-
-from .model import FlowConfig, SANFFlow, flow_loss
+from flow.model.sanf import FlowConfig, SANFFlow, flow_loss
 
 
 class FlowTrainingError(RuntimeError):

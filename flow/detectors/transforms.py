@@ -22,7 +22,7 @@ rows minus any held-out calibration rows), never from the test split.
                           :class:`sklearn.covariance.LedoitWolf`), components by decreasing variance
 ========================  =====================================================================================
 
-Model code: knows nothing of files. A run stores :meth:`FeatureTransform.state` (see :mod:`flow.store`).
+Model code: knows nothing of files. A run stores :meth:`FeatureTransform.state` (see :mod:`flow.store.run_folder`).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .conformal import DEFAULT_ALPHA, decision_threshold, min_calibration_rows, smallest_p_value
-from .store import PRIMARY_SCORES, read_calibration, score_names
+from flow.detectors.calibration import DEFAULT_ALPHA, decision_threshold, min_calibration_rows, smallest_p_value
+from flow.store.run_folder import PRIMARY_SCORES, read_calibration, score_names
 
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting", "score")
 
@@ -36,7 +36,7 @@ def summarize(rows: list[dict], metric: str = "auroc") -> tuple[list[str], list[
     that have every class; with complete seeds it equals the mean of the class cells.
 
     Args:
-        rows: AUROC rows as returned by :func:`flow.runs.score_runs` (keys ``AUROC_COLUMNS``).
+        rows: AUROC rows as returned by :func:`flow.experiments.scoring.score_runs` (keys ``AUROC_COLUMNS``).
         metric: ``auroc``, ``aupr`` or ``fpr95``.
 
     Returns:
@@ -133,7 +133,7 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
 
     Args:
         path: the ``.md`` file to write.
-        rows: AUROC rows of :func:`flow.runs.score_runs`.
+        rows: AUROC rows of :func:`flow.experiments.scoring.score_runs`.
         records: the ``run.json`` records of the scored runs; ``KEPT: True`` in those of runs kept from before.
         title: the report's heading.
         plots: PNG files to show at the end (linked relative to the report).
@@ -309,7 +309,7 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]], alpha: float = DEFA
     - ``roc_normal<k>.png``: ROC curves of every (method, score) of normal class k on one axes (flows: the
       lowest seed), with the AUROC in the legend (scikit-learn's ``roc_curve``).
     - ``hist_normal<k>.png``: :func:`score_histograms` of every (method, score) of normal class k; a calibrated
-      run's panels show its decision threshold at ``alpha`` (:func:`flow.conformal.decision_threshold` of the
+      run's panels show its decision threshold at ``alpha`` (:func:`flow.detectors.calibration.decision_threshold` of the
       score's held-out normal scores).
     - ``loss.png``: train loss per epoch of every flow run (and held-out loss where recorded), nats/dim.
 
@@ -436,7 +436,7 @@ def auroc_table(rows: list[dict]) -> str:
 
 def method_means(rows: list[dict]) -> str:
     """One line comparing the methods on the same features: the mean AUROC over normal classes of each method's
-    primary score (:data:`flow.store.PRIMARY_SCORES`) (seeds averaged first), e.g. ``mean AUROC on the same features: sanf nll 0.8123, knn cosine
+    primary score (:data:`flow.store.run_folder.PRIMARY_SCORES`) (seeds averaged first), e.g. ``mean AUROC on the same features: sanf nll 0.8123, knn cosine
     0.9011, gaussian mahalanobis 0.9102``."""
     per: dict[tuple[int, str], dict[int, list[float]]] = {}  # (method order, label) -> class -> AUROCs
     for r in rows:

@@ -2,8 +2,8 @@
 
 The run's backbone and preprocessing are rebuilt from the provenance it records (:mod:`extract.encode`), each
 image is encoded as the cached images were (storage rounding included), scored by the run's detector and, for a
-calibrated run, given its conformal p-value (:mod:`flow.conformal`) and a decision at ``alpha``. The same
-prediction runs through an exported ONNX graph (:mod:`flow.export`) with ``onnx=MODEL.onnx``.
+calibrated run, given its conformal p-value (:mod:`flow.detectors.calibration`) and a decision at ``alpha``. The same
+prediction runs through an exported ONNX graph (:mod:`flow.deploy.export`) with ``onnx=MODEL.onnx``.
 
 Output: one CSV row per input file, in order: ``path``, ``score`` (the run's primary score), every score of the
 method, ``p_value``, ``anomalous`` (0/1) and ``error`` (why a file could not be scored; its scores are then
@@ -21,13 +21,22 @@ import numpy as np
 import torch
 
 from cache import FeatureCache
+from extract.device import resolve_device
 from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
 from extract.run import non_finite_rows
-
-from .conformal import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
-from .store import (RunError, RunScorer, check_not_a_run_file, check_writable_dir, load_scorer, primary_score,
-                    read_calibration, read_run_record, score_names, write_csv)
-from .train import resolve_device
+from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
+from flow.store.run_folder import (
+    RunError,
+    RunScorer,
+    check_not_a_run_file,
+    check_writable_dir,
+    load_scorer,
+    primary_score,
+    read_calibration,
+    read_run_record,
+    score_names,
+    write_csv,
+)
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -101,7 +110,7 @@ def _rows(files: list[str], scores: dict[str, np.ndarray], errors: list[str], re
     for i, path in enumerate(files):
         row = {"path": path, "error": errors[i]}
         if not errors[i]:
-            row["score"] = float(scores[primary][i])  # floats are written by write_csv (flow.store.csv_value)
+            row["score"] = float(scores[primary][i])  # floats are written by write_csv (flow.store.run_folder.csv_value)
             row.update({name: float(scores[name][i]) for name in score_names(record)})
             if p_values is not None:
                 row["p_value"] = float(p_values[i])
@@ -248,7 +257,7 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
         scores, errors = _score_torch(load_scorer(run, dev), record, encoder, listed.files, batch_size, num_workers,
                                       progress)
     else:
-        from .export import score_with_onnx
+        from flow.deploy.export import score_with_onnx
 
         scores, errors = score_with_onnx(onnx, run, record, preprocessing_only(features), listed.files, batch_size,
                                          num_workers, progress, log)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .coupling import ClassAttention, FlowLayer
+from flow.model.coupling import ClassAttention, FlowLayer
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class SANFFlow(nn.Module):
     def set_attention_form(self, as_written: bool) -> "SANFFlow":
         """Compute every class attention as eq. 6-10 print it (True) or in the query-side form (False, default).
 
-        Both forms compute the same function (see :class:`~flow.coupling.ClassAttention`); the literal one is
+        Both forms compute the same function (see :class:`~flow.model.coupling.ClassAttention`); the literal one is
         for FLOP counts of the paper's form and for comparisons. Returns the model itself.
         """
         for module in self.modules():
@@ -183,7 +183,7 @@ def count_flops(config: FlowConfig, num_patches: int, as_written: bool = False) 
         config: the architecture.
         num_patches: P, patch tokens per sample.
         as_written: count the class attention as eq. 6-10 print it (keys and values of all 1 + P tokens,
-            :meth:`~flow.coupling.ClassAttention.forward_as_written`, the form the paper's count refers to)
+            :meth:`~flow.model.coupling.ClassAttention.forward_as_written`, the form the paper's count refers to)
             instead of the equivalent query-side form this implementation computes.
 
     Returns:

@@ -1,0 +1,1 @@
+"""Experiments on a feature cache: fit detectors per normal class, score the test split, sweeps, metrics, reports."""
