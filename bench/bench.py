@@ -294,7 +294,8 @@ def _timed_extract(args, tree: Path, cache_dir: Path, spent: dict) -> tuple[Path
 
 def _detector_aurocs(path: Path, normals: list[int], dtype=None) -> dict[str, float]:
     from cache import FeatureCache
-    from flow.detectors.baselines import GaussianDetector, KNNDetector
+    from flow.detectors.gaussian import GaussianDetector
+    from flow.detectors.knn import KNNDetector
     from flow.experiments.metrics import auroc
 
     out = {}
@@ -682,11 +683,11 @@ def section_onnx(args, work: Path) -> list[Row]:
     import onnxruntime as ort
 
     from extract.encode import preprocessing_only, rebuild_encoder
-    from flow.deploy.export import ScoringGraph, detector_graph, export_onnx
+    from flow.deploy.export import ScoringGraph, export_onnx
     from flow.deploy.predict import run_features
     from flow.experiments.fitting import fit_cache
     from flow.model.train import TrainConfig
-    from flow.store.run_folder import load_scorer, primary_score, read_calibration, read_run_record, score_names
+    from flow.store.run_folder import load_scorer, read_run_record
 
     per = args.sizes["onnx_images"]
     tree = cifar_tree(work / "s7", {"train": per // 10, "test": per // 10})
@@ -698,9 +699,7 @@ def section_onnx(args, work: Path) -> list[Row]:
     record = read_run_record(outcome.path)
     features = run_features(outcome.path, record)
     encoder = rebuild_encoder(features, torch.device("cpu"), log=lambda s: None)
-    cal = read_calibration(outcome.path, record)[primary_score(record)]
-    graph = ScoringGraph(encoder.encoder, detector_graph(load_scorer(outcome.path)), features, score_names(record),
-                         primary_score(record), cal, 0.05).eval()
+    graph = ScoringGraph(encoder.encoder, load_scorer(outcome.path, calibrated=True, alpha=0.05), features).eval()
     transform = preprocessing_only(features).transform(normalise=False)
     batches, _, n = decoded_batches(tree, transform, args.batch_size)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])

@@ -5,9 +5,9 @@ The graph (``torch.onnx.export``, TorchScript-based exporter, opset :data:`OPSET
 - input ``images``: float32 (B, 3, H, W), values in [0, 1], already resized and centre-cropped to the run's
   input size as its preprocessing records (the model's metadata says how: ``sanf_ad.preprocessing``);
 - inside: the normalisation (mean/std), the backbone and patch pooling, the round trip through the cache's
-  storage dtype (float16 by default, as the features the run was fitted on), then the detector: the flow's
-  ``nll``/``z2``; for ``knn`` the normal train class tokens are a graph constant (L2 and cosine distances, float64);
-  for ``gaussian`` the mean and precision matrix are (squared Mahalanobis distance, float64);
+  storage dtype (float16 by default, as the features the run was fitted on), then the run's
+  :class:`~flow.detectors.scorer.Scorer` traced as it is (feature transform, detector, calibration: the module
+  ``score`` and ``predict`` run; its fitted tensors become graph constants). This file holds no detector arithmetic;
 - outputs: every score of the method (float64, (B,)), and for a calibrated run ``p_value`` (the conformal
   p-value of the primary score, the held-out scores being a constant) and ``anomalous`` (bool, p_value <= the
   alpha given at export, recorded as ``sanf_ad.alpha``).
@@ -31,15 +31,11 @@ from torch import nn
 
 from extract.backbone import TokenEncoder, file_sha256
 from extract.encode import CacheEncoder, preprocessing_only, rebuild_encoder
-from flow.detectors.baselines import GaussianDetector, KNNDetector
 from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha
-from flow.detectors.transforms import FeatureTransform
-from flow.model.sanf import SANFFlow
+from flow.detectors.scorer import Scorer
 from flow.store.run_folder import (
-    FLOW_METHODS,
     TRANSFORM_FILE,
     RunError,
-    RunScorer,
     check_not_a_run_file,
     load_scorer,
     primary_score,
@@ -60,118 +56,36 @@ class ExportError(RuntimeError):
     """The graph could not be exported, or onnxruntime disagrees with PyTorch beyond :data:`CHECK_TOLERANCE`."""
 
 
-class KNNGraph(nn.Module):
-    """:class:`~flow.detectors.baselines.KNNDetector` as tensor operations: mean L2 and cosine distance to the k nearest
-    normal train vectors (a float64 constant (N, D)), computed in float64."""
-
-    def __init__(self, detector: KNNDetector) -> None:
-        super().__init__()
-        bank = torch.from_numpy(np.asarray(detector._train, dtype=np.float64))
-        self.k = detector.k
-        self.register_buffer("bank", bank)
-        self.register_buffer("bank_sq", bank.pow(2).sum(dim=1))
-        self.register_buffer("bank_unit", bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-300))
-
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        q = cls.double()
-        sq = (q.pow(2).sum(dim=1, keepdim=True) - 2.0 * q @ self.bank.T + self.bank_sq).clamp_min(0.0)
-        l2 = sq.sqrt().topk(self.k, dim=1, largest=False).values.mean(dim=1)
-        unit = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        cosine = (1.0 - unit @ self.bank_unit.T).clamp(0.0, 2.0).topk(self.k, dim=1, largest=False).values.mean(dim=1)
-        return {"l2": l2, "cosine": cosine}
-
-
-class GaussianGraph(nn.Module):
-    """:class:`~flow.detectors.baselines.GaussianDetector` as tensor operations: ``(y - mu)^T P (y - mu)`` in float64."""
-
-    def __init__(self, detector: GaussianDetector) -> None:
-        super().__init__()
-        self.register_buffer("location", torch.from_numpy(np.asarray(detector.location, dtype=np.float64)))
-        self.register_buffer("precision", torch.from_numpy(np.asarray(detector.precision, dtype=np.float64)))
-
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        centred = cls.double() - self.location
-        return {"mahalanobis": ((centred @ self.precision) * centred).sum(dim=1)}
-
-
-class FlowGraph(nn.Module):
-    """A fitted :class:`~flow.model.sanf.SANFFlow`'s ``nll`` (nats) and ``z2``, in float32, returned as float64."""
-
-    def __init__(self, flow: SANFFlow) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: value.double() for key, value in self.flow.scores(cls, patches).items()}
-
-
-class TransformedGraph(nn.Module):
-    """A run's feature transform (:mod:`flow.detectors.transforms`; fitted statistics as graph constants), then its detector."""
-
-    def __init__(self, transform: FeatureTransform, detector: nn.Module) -> None:
-        super().__init__()
-        self.transform = transform
-        self.detector = detector
-
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.detector(self.transform.apply_torch(cls), self.transform.apply_torch(patches))
-
-
-def detector_graph(scorer: RunScorer) -> nn.Module:
-    """The tensor form of a run's feature transform and detector."""
-    record, detector = scorer.record, scorer.detector
-    if record["method"] in FLOW_METHODS:
-        graph = FlowGraph(detector)
-    else:
-        graph = {"knn": KNNGraph, "gaussian": GaussianGraph}[record["method"]](detector)
-    return graph if scorer.transform.name == "raw" else TransformedGraph(scorer.transform, graph)
-
-
 class ScoringGraph(nn.Module):
-    """Images in [0, 1] -> the run's scores (and p-value and decision when calibrated).
+    """Images in [0, 1] -> the run's scores (and p-value and decision when calibrated): the normalisation, the
+    backbone, the cache's storage rounding, then the run's :class:`~flow.detectors.scorer.Scorer` itself (feature
+    transform, detector, calibration), the very module ``score`` and ``predict`` run.
 
     Args:
         encoder: the backbone rebuilt from the run's provenance.
-        detector: :func:`detector_graph` of the run.
+        scorer: the run's scorer (:func:`flow.store.run_folder.load_scorer`, calibrated at the export's alpha).
         features: the run's provenance (mean, std, storage dtype).
-        names: the method's score names, in output order.
-        primary: the score the p-value is of.
-        calibration: (n,) held-out normal scores of ``primary``, or None.
-        alpha: the decision's significance level.
     """
 
-    def __init__(self, encoder: TokenEncoder, detector: nn.Module, features: dict, names: tuple[str, ...],
-                 primary: str, calibration: np.ndarray | None, alpha: float) -> None:
+    def __init__(self, encoder: TokenEncoder, scorer: Scorer, features: dict) -> None:
         super().__init__()
         encoder.pool_as_matmul = True  # the same pooling in a form ONNX can export for any grid
         self.encoder = encoder
-        self.detector = detector
-        self.names = tuple(names)
-        self.primary = primary
+        self.scorer = scorer
         self.storage = torch.float16 if features["dtype"] == "float16" else torch.float32
         self.register_buffer("mean", torch.tensor(features["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(features["std"], dtype=torch.float32).view(1, 3, 1, 1))
-        self.calibrated = calibration is not None
-        if calibration is not None:
-            self.register_buffer("calibration", torch.from_numpy(np.asarray(calibration, dtype=np.float64)))
-        self.alpha = alpha
 
     @property
     def output_names(self) -> list[str]:
-        return [*self.names, *(["p_value", "anomalous"] if self.calibrated else [])]
+        return self.scorer.output_names
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cls, patches = self.encoder((images - self.mean) / self.std)
         cls = cls.to(self.storage).float()  # the cache's storage rounding
         patches = patches.to(self.storage).float()
-        scores = self.detector(cls, patches)
-        out = [scores[name] for name in self.names]
-        if self.calibrated:
-            s = scores[self.primary]
-            at_least = (self.calibration.unsqueeze(0) >= s.unsqueeze(1)).sum(dim=1).double()
-            p_value = (1.0 + at_least) / (self.calibration.numel() + 1.0)
-            out += [p_value, p_value <= self.alpha]
-        return tuple(out)
+        out = self.scorer(cls, patches)
+        return tuple(out[name] for name in self.output_names)
 
 
 def sample_images() -> list:
@@ -213,11 +127,11 @@ def _transform_sha256(run: Path) -> str:
     return file_sha256(path) if path.exists() else ""
 
 
-def _reference(encoder: CacheEncoder, scorer: RunScorer, images01: torch.Tensor) -> dict[str, np.ndarray]:
+def _reference(encoder: CacheEncoder, scorer: Scorer, images01: torch.Tensor) -> dict[str, np.ndarray]:
     """The PyTorch path of ``predict`` on [0, 1] images: normalise, encode, the run's own transform and detector."""
     mean = torch.tensor(encoder.features["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(encoder.features["std"]).view(1, 3, 1, 1)
-    return scorer(*encoder.encode((images01 - mean) / std))
+    return scorer.scores(*encoder.encode((images01 - mean) / std))
 
 
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = DEFAULT_ALPHA, opset: int = OPSET,
@@ -259,12 +173,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     primary = primary_score(record)
     device = torch.device("cpu")
     encoder = rebuild_encoder(features, device, weights=weights, log=log)
-    scorer = load_scorer(run, device)
+    scorer = load_scorer(run, device, calibrated=True, alpha=alpha)
     if features["precision"] != "fp32":
         log(f"note: the features were extracted with a {features['precision']} forward; the graph computes the "
             "backbone in float32")
-    graph = ScoringGraph(encoder.encoder, detector_graph(scorer), features, score_names(record), primary,
-                         None if calibration is None else calibration[primary], alpha).eval()
+    graph = ScoringGraph(encoder.encoder, scorer, features).eval()
     names = graph.output_names
     prep = preprocessing_only(features)
     transform = prep.transform(normalise=False)
@@ -364,5 +277,5 @@ def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep:
                        names, score_block)
 
 
-__all__ = ["CHECK_TOLERANCE", "ExportError", "FlowGraph", "GaussianGraph", "KNNGraph", "OPSET", "ScoringGraph",
+__all__ = ["CHECK_TOLERANCE", "ExportError", "OPSET", "ScoringGraph",
            "export_onnx", "read_metadata", "sample_images", "score_with_onnx"]

@@ -25,9 +25,9 @@ from extract.device import resolve_device
 from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
 from extract.run import non_finite_rows
 from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
+from flow.detectors.scorer import Scorer
 from flow.store.run_folder import (
     RunError,
-    RunScorer,
     check_not_a_run_file,
     check_writable_dir,
     load_scorer,
@@ -150,7 +150,7 @@ def score_files(batches, num_files: int, names: tuple[str, ...] | list[str], sco
     return scores, errors
 
 
-def _score_torch(scorer: RunScorer, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int,
+def _score_torch(scorer: Scorer, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int,
                  num_workers: int, progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     """Every score of every file with the run's own transform and detector (the code ``score`` uses); NaN for
     unreadable files."""
@@ -159,9 +159,10 @@ def _score_torch(scorer: RunScorer, record: dict, encoder: CacheEncoder, files: 
         cls, patches, beyond_range = encoder.encode_with_range(images)
         finite = ~_check_finite(cls, patches, beyond_range, rows, errors, files, encoder.features["dtype"])
         block = {name: np.full(len(rows), np.nan) for name in score_names(record)}
-        if finite.any():  # the detectors see finite rows only (the baselines' scikit-learn refuses inf)
-            for name, values in scorer(cls[finite], patches[finite], batch_size).items():
-                block[name][finite] = values
+        if finite.any():  # the detectors see finite rows only (a non-finite row has no meaningful score)
+            scored = scorer.scores(cls[finite], patches[finite], batch_size)
+            for name in score_names(record):
+                block[name][finite] = scored[name]
         return block
 
     return score_files(encoder.batches(files, batch_size, num_workers, progress=progress), len(files),

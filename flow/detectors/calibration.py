@@ -18,17 +18,59 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+from torch import nn
 
 #: The default significance level of ``predict`` and ``score``: at most 5 % of normal images flagged.
 DEFAULT_ALPHA = 0.05
 
 
-def conformal_p_values(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """p(s) = (1 + #{calibration >= s}) / (n + 1) for every score.
+class ConformalCalibration(nn.Module):
+    """The post-processing module after a detector: held-out normal scores -> conformal p-value -> decision.
+
+    ``forward(scores)`` gives p(s) = (1 + #{i : s_i >= s}) / (n + 1) (docs/method.md, eq. (36)) and the decision
+    p(s) <= alpha (eq. (37)); a NaN score gets a NaN p-value and is not flagged. The only implementation of the
+    p-value: ``score``, ``predict`` and the ONNX graph all run this module.
+
+    Args:
+        calibration: (n,) scores of held-out normal rows, n >= 1, finite (any array or tensor; kept as float64).
+        alpha: the significance level of the decisions, in (0, 1).
+
+    Raises:
+        ValueError: ``calibration`` empty, not 1-D, or non-finite; ``alpha`` outside (0, 1).
+    """
+
+    def __init__(self, calibration, alpha: float = DEFAULT_ALPHA) -> None:
+        super().__init__()
+        values = calibration.detach().cpu().double().numpy() if isinstance(calibration, torch.Tensor) else calibration
+        self.register_buffer("calibration", torch.from_numpy(_checked_calibration(values).copy()))
+        self.alpha = check_alpha(alpha)
+
+    @property
+    def num_rows(self) -> int:
+        """n, the held-out rows."""
+        return int(self.calibration.numel())
+
+    def p_values(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 p-values in [1 / (n + 1), 1] of the (B,) scores (higher = more anomalous); NaN for NaN."""
+        scores = scores.double()
+        at_least = (self.calibration.unsqueeze(0) >= scores.unsqueeze(1)).sum(dim=1).double()  # #{s_i >= s}
+        p = (1.0 + at_least) / (self.calibration.numel() + 1.0)
+        return torch.where(torch.isnan(scores), torch.full_like(p, float("nan")), p)
+
+    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(p_value (B,) float64, anomalous (B,) bool)`` for the (B,) scores: anomalous when p_value <= alpha."""
+        p = self.p_values(scores)
+        return p, p <= self.alpha
+
+
+def conformal_p_values(calibration: np.ndarray, scores: np.ndarray, block: int = 4096) -> np.ndarray:
+    """:class:`ConformalCalibration`'s p-values for arrays: p(s) = (1 + #{calibration >= s}) / (n + 1) (eq. (36)).
 
     Args:
         calibration: (n,) scores of held-out normal rows, n >= 1, finite.
         scores: (m,) scores of new images (higher = more anomalous); NaN gives NaN.
+        block: scores compared at once (memory: block x n comparisons).
 
     Returns:
         (m,) float64 p-values in [1 / (n + 1), 1].
@@ -36,12 +78,10 @@ def conformal_p_values(calibration: np.ndarray, scores: np.ndarray) -> np.ndarra
     Raises:
         ValueError: ``calibration`` empty, not 1-D, or non-finite.
     """
-    calibration = _checked_calibration(calibration)
-    scores = np.asarray(scores, dtype=np.float64)
-    ordered = np.sort(calibration)
-    at_least = ordered.size - np.searchsorted(ordered, scores, side="left")  # #{s_i >= s}
-    p = (1.0 + at_least) / (ordered.size + 1.0)
-    return np.where(np.isnan(scores), np.nan, p)
+    module = ConformalCalibration(calibration)
+    scores = torch.from_numpy(np.asarray(scores, dtype=np.float64).reshape(-1))
+    return torch.cat([module.p_values(scores[i:i + block]) for i in range(0, len(scores), block)]
+                     or [torch.zeros(0, dtype=torch.float64)]).numpy()
 
 
 def _checked_calibration(calibration: np.ndarray) -> np.ndarray:
@@ -131,5 +171,5 @@ def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95, num_cal
     return float(betabinom.ppf((1.0 + level) / 2.0, num_normal, allowed, num_calibration + 1 - allowed)) / num_normal
 
 
-__all__ = ["DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "decision_threshold", "false_alarm_band",
+__all__ = ["ConformalCalibration", "DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "decision_threshold", "false_alarm_band",
            "smallest_p_value"]

@@ -22,7 +22,7 @@ rows minus any held-out calibration rows), never from the test split.
                           :class:`sklearn.covariance.LedoitWolf`), components by decreasing variance
 ========================  =====================================================================================
 
-Model code: knows nothing of files. A run stores :meth:`FeatureTransform.state` (see :mod:`flow.store.run_folder`).
+Knows nothing of files. A run stores :meth:`FeatureTransform.state` (see :mod:`flow.store.run_folder`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 #: The transforms (what a run records as its ``feature_transform``).
 FEATURE_TRANSFORMS = ("raw", "l2", "ssqrt-l2", "standardize", "pca-whiten")
@@ -89,8 +90,12 @@ def resolve_features(name: str, cache_attrs: dict[str, Any]) -> str:
     return "ssqrt-l2" if cnn_final else PAPER_FEATURES
 
 
-class FeatureTransform:
-    """A per-token map x (..., D) -> (..., D), float32, fitted on normal class tokens when it needs statistics.
+class FeatureTransform(nn.Module):
+    """A per-token map x (..., D) -> (..., D), float32, fitted on normal class tokens when it needs statistics
+    (docs/method.md, eq. (31)-(35)); the pre-processing module in front of every detector.
+
+    Fitted state (buffers, float32; None where the transform has none): ``shift`` (D,) subtracted first, then
+    ``scale`` (D,) multiplied (standardize) or ``matrix`` (D, D) applied on the right (pca-whiten).
 
     Args:
         name: one of :data:`FEATURE_TRANSFORMS`.
@@ -100,17 +105,17 @@ class FeatureTransform:
     """
 
     def __init__(self, name: str = PAPER_FEATURES) -> None:
+        super().__init__()
         self.name = check_features(name)
-        self.shift: np.ndarray | None = None  # (D,) subtracted first
-        self.matrix: np.ndarray | None = None  # (D, D): y = (x - shift) @ matrix; None for standardize
-        self.scale: np.ndarray | None = None  # (D,): y = (x - shift) * scale (standardize)
+        for key in ("shift", "matrix", "scale"):
+            self.register_buffer(key, None)
 
     @property
     def fitted(self) -> bool:
         """Whether the statistics it needs are there (always true for the stateless transforms)."""
         return self.name not in FITTED or self.shift is not None
 
-    def fit(self, cls: np.ndarray) -> "FeatureTransform":
+    def fit(self, cls: np.ndarray | torch.Tensor) -> "FeatureTransform":
         """Fit the statistics on (N, D) normal class tokens (no-op for the stateless transforms).
 
         Raises:
@@ -118,7 +123,7 @@ class FeatureTransform:
         """
         if self.name not in FITTED:
             return self
-        x = np.asarray(cls, dtype=np.float64)
+        x = cls.double().cpu().numpy() if isinstance(cls, torch.Tensor) else np.asarray(cls, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
             raise ValueError(f"--features {self.name} needs at least 2 finite train vectors (N, D); got "
                              f"{x.shape}")
@@ -130,7 +135,7 @@ class FeatureTransform:
                              "there is no scale to fit; use --features raw, l2 or ssqrt-l2")
         if self.name == "standardize":
             std = np.where(std < STD_FLOOR * typical, typical, std)  # (nearly) constant channels: typical scale
-            self.shift, self.scale = mean.astype(np.float32), (1.0 / std).astype(np.float32)
+            self._set(shift=mean, scale=1.0 / std)
         else:
             from sklearn.covariance import LedoitWolf
 
@@ -139,43 +144,40 @@ class FeatureTransform:
             order = np.argsort(values)[::-1]
             values = values[order]
             values = np.where(values < (STD_FLOOR ** 2) * float(values.mean()), float(values.mean()), values)
-            self.shift = mean.astype(np.float32)
-            self.matrix = (vectors[:, order] / np.sqrt(values)).astype(np.float32)
+            self._set(shift=mean, matrix=vectors[:, order] / np.sqrt(values))
         return self
 
-    def __call__(self, x):
-        """Transform tokens: an (..., D) numpy array or torch tensor (class tokens (B, D), patch tokens (B, P, D));
-        the same type back, float32 (a tensor keeps its device); ``raw`` returns ``x`` itself."""
+    def _set(self, **arrays: np.ndarray) -> None:
+        for key, value in arrays.items():
+            setattr(self, key, torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+
+    def forward(self, x):
+        """Transform tokens: an (..., D) torch tensor or numpy array (class tokens (B, D), patch tokens (B, P, D));
+        the same type back, float32 (a tensor keeps its device); ``raw`` returns ``x`` itself.
+
+        Raises:
+            RuntimeError: a transform with statistics that is not fitted.
+        """
         if not self.fitted:
             raise RuntimeError(f"the {self.name} transform is not fitted")
         if self.name == "raw":
             return x
         if isinstance(x, np.ndarray):
-            return self.apply_torch(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-        return self.apply_torch(x.float())
-
-    def apply_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """The map in torch operations only (also what the ONNX export traces); ``x`` float32 (..., D)."""
-        dim = x.shape[-1]
+            return self(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        x = x.float()
         if self.name in ("l2", "ssqrt-l2"):
             if self.name == "ssqrt-l2":
                 x = torch.sign(x) * torch.sqrt(torch.abs(x))
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            return x / torch.clamp(norm, min=1e-12) * (dim ** 0.5)
+            return x / torch.clamp(norm, min=1e-12) * (x.shape[-1] ** 0.5)
         if self.name == "standardize":
-            return (x - torch.as_tensor(self.shift, device=x.device)) * torch.as_tensor(self.scale, device=x.device)
-        if self.name == "pca-whiten":
-            return (x - torch.as_tensor(self.shift, device=x.device)) @ torch.as_tensor(self.matrix, device=x.device)
-        return x
+            return (x - self.shift) * self.scale
+        return (x - self.shift) @ self.matrix  # pca-whiten
 
     def state(self) -> dict[str, np.ndarray]:
         """The fitted arrays (empty for stateless transforms), for storage with the run."""
-        out = {}
-        for key in ("shift", "matrix", "scale"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        return out
+        return {key: getattr(self, key).cpu().numpy() for key in ("shift", "matrix", "scale")
+                if getattr(self, key) is not None}
 
     @classmethod
     def from_state(cls, name: str, state: dict[str, Any]) -> "FeatureTransform":
@@ -189,15 +191,16 @@ class FeatureTransform:
         missing = [key for key in needed if key not in state]
         if missing:
             raise ValueError(f"the {name} transform lacks its fitted {', '.join(missing)}")
-        for key in needed:
-            setattr(transform, key, np.asarray(state[key], dtype=np.float32))
-            if not np.isfinite(getattr(transform, key)).all():
+        arrays = {key: np.asarray(state[key], dtype=np.float32) for key in needed}
+        for key, value in arrays.items():
+            if not np.isfinite(value).all():
                 raise ValueError(f"the {name} transform's fitted {key} holds NaN or infinite values")
         if needed:
-            d = transform.shift.shape
-            if len(d) != 1 or (transform.scale is not None and transform.scale.shape != d) or (
-                    transform.matrix is not None and transform.matrix.shape != (d[0], d[0])):
+            d = arrays["shift"].shape
+            if len(d) != 1 or ("scale" in arrays and arrays["scale"].shape != d) or (
+                    "matrix" in arrays and arrays["matrix"].shape != (d[0], d[0])):
                 raise ValueError(f"the {name} transform's arrays have inconsistent shapes")
+        transform._set(**arrays)
         return transform
 
     def describe(self) -> str:

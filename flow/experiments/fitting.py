@@ -22,12 +22,13 @@ import torch
 from cache import PARTIAL_SUFFIX, CacheError, FeatureCache, lock_holder, read_root_attrs
 from extract.device import resolve_device
 from extract.encode import provenance
-from flow.detectors.baselines import BASELINES
 from flow.detectors.calibration import (
     DEFAULT_ALPHA,
     min_calibration_rows,
     smallest_p_value,
 )
+from flow.detectors.registry import BASELINES, FLOW_METHODS, METHODS, PRIMARY_SCORES
+from flow.detectors.sanf import FlowDetector, flow_method
 from flow.detectors.transforms import (
     AUTO,
     DEFAULT_FEATURES,
@@ -38,12 +39,9 @@ from flow.detectors.transforms import (
     resolve_features,
 )
 from flow.model.sanf import FlowConfig, count_flops, parameter_count
-from flow.model.train import TrainConfig, fit_flow, score_batches
+from flow.model.train import TrainConfig
 from flow.store.run_folder import (
     CALIBRATION_FILE,
-    FLOW_METHODS,
-    METHODS,
-    PRIMARY_SCORES,
     RUN_FORMAT,
     RUN_VERSION,
     TRANSFORM_FILE,
@@ -51,7 +49,6 @@ from flow.store.run_folder import (
     calibration_text,
     check_writable_dir,
     load_feature_transform,
-    method_name,
     read_run_record,
     run_name,
     save_run,
@@ -181,7 +178,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     """Fit one detector per normal class on the train split of a cache and save each as a run.
 
     ``method`` is ``sanf`` (the CAFF flow), ``sanf-nocaff`` (MLP-only subnets; also chosen by
-    ``flow_config["use_caff"] = False``), or a baseline of :mod:`flow.detectors.baselines` (``knn``, ``gaussian``),
+    ``flow_config["use_caff"] = False``), or a baseline of :mod:`flow.detectors.knn` and :mod:`flow.detectors.gaussian` (``knn``, ``gaussian``),
     which reads only the class tokens and ignores the flow and training settings.
 
     Only the train rows of the normal class are read from the file (not the whole cache).
@@ -223,7 +220,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     flow_config = dict(flow_config or {})
     check_features(features, allow_auto=True)
     if method is None:
-        method = method_name(flow_config.get("use_caff", True))
+        method = flow_method(flow_config.get("use_caff", True))
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in FLOW_METHODS:
@@ -237,7 +234,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
     if method in BASELINES:
         return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,
                              val_fraction, features, setting)
-    if "use_caff" in flow_config and method_name(flow_config["use_caff"]) != method:
+    if "use_caff" in flow_config and flow_method(flow_config["use_caff"]) != method:
         raise ValueError(f"--method {method} contradicts --no-caff={not flow_config['use_caff']}")
     flow_config["use_caff"] = method == "sanf"
     dev = resolve_device(device)
@@ -250,7 +247,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         check_training_memory(n_params)
         flops = count_flops(config, int(fc.attrs["num_patches"]))
         flops_written = count_flops(config, int(fc.attrs["num_patches"]), as_written=True)
-        log(f"flow: {method_name(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
+        log(f"flow: {flow_method(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward; "
             f"{flops_written / 1e9:.3f} with the class attention as eq. 6-10 print it)")
@@ -279,11 +276,11 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
             name = names[k]
             if (runs_dir / name).exists():
                 log(f"replacing the existing run {runs_dir / name}")
-            model, result = fit_flow(cls_t, patches_t, config, train_config, seed=seed, device=dev,
-                                     progress=progress, val_cls=val_cls, val_patches=val_patches)
+            detector = FlowDetector(config, train_config, seed=seed, device=dev, progress=progress)
+            result = detector.fit(cls_t, patches_t, val_cls, val_patches).result
             files, calibration = {}, {}
             if val_cls is not None:
-                held_out = score_batches(model, val_cls, val_patches)
+                held_out = detector.scores(val_cls, val_patches)
                 files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, val_fraction, seed, log)
             if transform.state():
                 files[TRANSFORM_FILE] = transform.state()
@@ -313,7 +310,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 **calibration,
                 **_record_tail(fc, cache, fingerprint),
             }
-            path = save_run(runs_dir, name, model.state_dict(), record, files)
+            path = save_run(runs_dir, name, detector.state(), record, files)
             val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
             epochs = train_config.describe(int(cls_t.shape[0]))
             if result.stopped_early:
@@ -441,7 +438,7 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
 def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
                   log: Callable[[str], None], keep_existing: bool = False, val_fraction: float = 0.0,
                   features: str = PAPER_FEATURES, setting: str = "") -> list[FitOutcome]:
-    """:func:`fit_cache` for the baselines of :mod:`flow.detectors.baselines` (class tokens only; ``seed`` is recorded,
+    """:func:`fit_cache` for the baselines of :mod:`flow.detectors.knn` and :mod:`flow.detectors.gaussian` (class tokens only; ``seed`` is recorded,
     names the run and chooses the held-out rows, but the baselines are deterministic)."""
     runs_dir = Path(runs_dir)
     outcomes = []
@@ -475,8 +472,7 @@ def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
                       "scores": list(detector.score_names), "num_train": int(fit_idx.size),
                       "val_fraction": val_fraction, "num_val": int(val_idx.size), "wall_time_s": round(elapsed, 3),
                       "primary_score": PRIMARY_SCORES[method], **calibration, **_record_tail(fc, cache, fingerprint)}
-            state = {key: torch.from_numpy(np.array(value)) for key, value in detector.state().items()}
-            path = save_run(runs_dir, names[k], state, record, files)
+            path = save_run(runs_dir, names[k], detector.state(), record, files)
             log(f"fitted {method} for normal class {k} ({fc.class_names[k]}): {fit_idx.size} train rows"
                 f"{_features_note(features)}"
                 f"{f', {val_idx.size} held out for calibration' if val_idx.size else ''}, {elapsed:.1f} s -> {path}")

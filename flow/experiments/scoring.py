@@ -95,8 +95,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             fingerprint = fc.fingerprint()
             loaded = []
             for run in cache_runs:
+                record = read_run_record(run)
                 scorer = load_scorer(run, dev)
-                record = scorer.record
                 if record["cache_fingerprint"] != fingerprint:
                     raise RunError(f"the cache {cache_path} changed since run {run.name} was fitted "
                                    f"(fingerprint {fingerprint[:12]} != {record['cache_fingerprint'][:12]}); "
@@ -109,7 +109,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
             start = time.perf_counter()
             for _, cls_np, patches_np in test.iter_blocks(block_rows):
                 for run, scorer, record, _ in loaded:  # each run with its own feature transform
-                    block = scorer(cls_np, patches_np, batch_size)
+                    block = scorer.scores(cls_np, patches_np, batch_size)
                     for key in score_names(record):
                         scores[run][key].append(block[key])
             elapsed = time.perf_counter() - start

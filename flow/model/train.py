@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extract.device import resolve_device  # re-exported: the flow stage runs on the same devices
 from flow.model.sanf import FlowConfig, SANFFlow, flow_loss
 
 
@@ -234,5 +233,5 @@ def score_batches(model: SANFFlow, cls: torch.Tensor, patches: torch.Tensor | No
     return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in out.items()}
 
 
-__all__ = ["FlowTrainingError", "TrainConfig", "TrainResult", "fit_flow", "make_optimizer", "resolve_device",
+__all__ = ["FlowTrainingError", "TrainConfig", "TrainResult", "fit_flow", "make_optimizer",
            "score_batches"]

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,14 +25,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from flow.detectors.baselines import BASELINES
+from flow.detectors.base import Detector
+from flow.detectors.calibration import DEFAULT_ALPHA, ConformalCalibration
+from flow.detectors.registry import BASELINES, FLOW_METHODS, METHODS, PRIMARY_SCORES, detector_class, method_score_names
+from flow.detectors.scorer import Scorer
 from flow.detectors.transforms import FEATURE_TRANSFORMS, PAPER_FEATURES, FeatureTransform
-from flow.model.sanf import FlowConfig, SANFFlow, parameter_count
+from flow.model.sanf import FlowConfig, parameter_count
 from flow.model.train import FlowTrainingError
 
 RUN_FORMAT = "sanf-ad-run"
 RUN_VERSION = 1
-SCORE_TYPES = ("nll", "z2")
 #: The file of a calibrated run holding the scores of its held-out normal train rows.
 CALIBRATION_FILE = "calibration.csv"
 #: The fitted statistics of a run's feature transform (``standardize``, ``pca-whiten``), safetensors.
@@ -42,16 +43,6 @@ TRANSFORM_FILE = "feature_transform.safetensors"
 
 class RunError(Exception):
     """A run folder or its cache is missing, changed or unreadable."""
-
-
-FLOW_METHODS = ("sanf", "sanf-nocaff")
-#: Every method of ``fit --method``: the flow, its ablation and the baselines.
-METHODS = FLOW_METHODS + tuple(BASELINES)
-
-
-def method_name(use_caff: bool) -> str:
-    """``"sanf"`` for the CAFF flow, ``"sanf-nocaff"`` for the MLP-only ablation."""
-    return "sanf" if use_caff else "sanf-nocaff"
 
 
 def _umask_mode(mode: int) -> int:
@@ -104,12 +95,6 @@ def check_writable_dir(folder: Path, option: str) -> None:
             pass
     except OSError as err:
         raise ValueError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
-
-
-#: The primary score of each method: the one ``predict`` decides on and writes as ``score``. The flows: the
-#: negative log-likelihood (eq. 13 of SPEC.md, the paper's score); k-NN: the cosine distance, ahead of L2 on every
-#: dataset measured in docs/results.md; the Gaussian: its only score.
-PRIMARY_SCORES = {"sanf": "nll", "sanf-nocaff": "nll", "knn": "cosine", "gaussian": "mahalanobis"}
 
 
 def primary_score(record: dict) -> str:
@@ -337,88 +322,57 @@ def load_feature_transform(path: str | os.PathLike, record: dict) -> FeatureTran
 
 def score_names(record: dict) -> tuple[str, ...]:
     """The scores a run's method gives: ``nll``, ``z2`` for the flows; the baseline's own otherwise."""
-    return SCORE_TYPES if record["method"] in FLOW_METHODS else tuple(BASELINES[record["method"]].score_names)
+    return method_score_names(record["method"])
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SANFFlow, dict]:
-    """Load a run folder's model (eval mode) and record.
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Detector, dict]:
+    """Load a run folder's fitted detector (eval mode, on ``device``) and record.
 
     Raises:
         RunError: ``run.json`` or ``model.safetensors`` is missing, damaged, of another format, or the
-            weights do not fit the recorded architecture; the message names the run folder.
+            weights do not fit the recorded detector; the message names the run folder.
     """
     path = Path(path)
     record = read_run_record(path)
-    if record["method"] in BASELINES:
-        return _load_baseline(path, record), record
-    try:
-        config = FlowConfig(**record["flow"])
-        expected = parameter_count(config)
-    except Exception as err:  # TypeError, ValueError, or torch's errors on impossible sizes
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None
+    method = record["method"]
+    params = record["params"] if method in BASELINES else {"flow": record["flow"]}
+    if method in FLOW_METHODS:
+        try:
+            expected = parameter_count(FlowConfig(**record["flow"]))
+        except Exception as err:  # TypeError, ValueError, or torch's errors on impossible sizes
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as err:  # OSError, or safetensors' own error type on a damaged file
         raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
-    stored = sum(v.numel() for k, v in state.items() if "perm" not in k)
-    if stored != expected:  # checked before building the model, which run.json could make of any size
-        raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json "
-                       f"({stored:,} weights stored, {expected:,} expected)")
-    model = SANFFlow(config)
+    if method in FLOW_METHODS:
+        stored = sum(v.numel() for k, v in state.items() if "perm" not in k)
+        if stored != expected:  # checked before building the model, which run.json could make of any size
+            raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json "
+                           f"({stored:,} weights stored, {expected:,} expected)")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
+        detector = detector_class(method).from_state(params, state)
+    except RuntimeError:  # load_state_dict: missing, unexpected or mis-shaped tensors
         raise RunError(f"run {path}: model.safetensors does not fit the flow described in run.json") from None
-    return model.to(device).eval(), record
+    except (TypeError, ValueError, KeyError) as err:
+        raise RunError(f"run {path}: model.safetensors or run.json does not describe a {method} "
+                       f"detector ({err})") from None
+    return detector.to(device).eval(), record
 
 
-@dataclass
-class RunScorer:
-    """A loaded run as a function of cached (or freshly encoded) tokens: its feature transform, then its detector.
-
-    Attributes:
-        detector: the flow (eval mode) or the baseline detector.
-        transform: the run's :class:`~flow.detectors.transforms.FeatureTransform`, fitted statistics loaded.
-        record: the run's ``run.json``.
-    """
-
-    detector: object
-    transform: FeatureTransform
-    record: dict
-
-    def __call__(self, cls: np.ndarray, patches: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """Every score of the run (:func:`score_names`) for class tokens (B, D) and patch tokens (B, P, D) as the
-        cache stores them (float32 numpy); (B,) float64 arrays, higher = more anomalous."""
-        from flow.model.train import score_batches
-
-        cls = self.transform(cls)
-        if self.record["method"] in FLOW_METHODS:
-            return score_batches(self.detector, torch.from_numpy(cls), torch.from_numpy(self.transform(patches)),
-                                 batch_size)
-        return self.detector.scores(cls)
-
-
-def load_scorer(path: str | os.PathLike, device: str | torch.device = "cpu") -> RunScorer:
-    """:func:`load_run` and :func:`load_feature_transform` together.
+def load_scorer(path: str | os.PathLike, device: str | torch.device = "cpu", calibrated: bool = False,
+                alpha: float = DEFAULT_ALPHA) -> Scorer:
+    """A run folder as one :class:`~flow.detectors.scorer.Scorer`: its feature transform, detector and (with
+    ``calibrated``, for a run fitted with held-out rows) the conformal calibration of its primary score at ``alpha``.
 
     Raises:
-        RunError: as those.
+        RunError: as :func:`load_run`, :func:`load_feature_transform` and :func:`read_calibration`.
     """
     detector, record = load_run(path, device)
-    return RunScorer(detector, load_feature_transform(path, record), record)
-
-
-def _load_baseline(path: Path, record: dict):
-    try:
-        state = {key: value.numpy() for key, value in load_file(str(path / "model.safetensors")).items()}
-    except Exception as err:  # OSError, or safetensors' own error type on a damaged file
-        raise RunError(f"run {path}: cannot read model.safetensors ({err})") from None
-    try:
-        return BASELINES[record["method"]].from_state(record["params"], state)
-    except (TypeError, ValueError, KeyError) as err:
-        raise RunError(f"run {path}: model.safetensors or run.json does not describe a {record['method']} "
-                       f"detector ({err})") from None
+    calibration = read_calibration(path, record) if calibrated else None
+    post = None if calibration is None else ConformalCalibration(calibration[primary_score(record)], alpha)
+    return Scorer(detector, load_feature_transform(path, record), post).to(device).eval()
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[Path]:

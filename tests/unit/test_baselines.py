@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
-from flow.detectors.baselines import BASELINES, GaussianDetector, KNNDetector
+from flow.detectors.gaussian import GaussianDetector
+from flow.detectors.knn import KNNDetector
+from flow.detectors.registry import BASELINES
 from flow.experiments.metrics import auroc
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.stats import multivariate_normal
 
-from flow.detectors.baselines import GaussianDetector
+from flow.detectors.gaussian import GaussianDetector
 from flow.model.sanf import FlowConfig
 from flow.model.train import TrainConfig, fit_flow, score_batches
 

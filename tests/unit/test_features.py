@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cache import FeatureCache
-from flow.detectors.baselines import GaussianDetector, KNNDetector
+from flow.detectors.gaussian import GaussianDetector
+from flow.detectors.knn import KNNDetector
 from flow.detectors.transforms import (
     FEATURE_CHOICES,
     FEATURE_TRANSFORMS,
@@ -66,7 +67,7 @@ def test_transform_definitions():
     # W^T Sigma_LW W = I: it whitens the Ledoit-Wolf covariance exactly; the sample covariance of the result is
     # diagonal (the same eigenvectors) with variances decreasing (the sample eigenvalues shrunk towards their mean)
     shrunk = LedoitWolf().fit(cls.astype(np.float64)).covariance_
-    np.testing.assert_allclose(whiten.matrix.T.astype(np.float64) @ shrunk @ whiten.matrix, np.eye(d), atol=1e-5)
+    np.testing.assert_allclose(whiten.state()["matrix"].T.astype(np.float64) @ shrunk @ whiten.state()["matrix"], np.eye(d), atol=1e-5)
     cov = np.cov(w, rowvar=False, bias=True)
     assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-5
     assert np.all(np.diff(np.diag(cov)) < 0)
@@ -189,11 +190,8 @@ def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name
         expected = GaussianDetector().fit(transform(train_cls)).scores(transform(test_cls))
     else:
         scorer = load_scorer(outcome.path)
-        from flow.model.train import score_batches
-
-        expected = score_batches(scorer.detector, torch.from_numpy(transform(test_cls)),
-                                 torch.from_numpy(transform(test_patches)))
-        raw = score_batches(scorer.detector, torch.from_numpy(test_cls), torch.from_numpy(test_patches))
+        expected = scorer.detector.scores(transform(test_cls), transform(test_patches))
+        raw = scorer.detector.scores(test_cls, test_patches)
         assert not np.allclose(raw["nll"], expected["nll"])  # the transform made a difference
     for key, values in expected.items():
         np.testing.assert_allclose(scored[key], values, rtol=1e-5, atol=1e-6, err_msg=key)
@@ -246,7 +244,7 @@ def test_fit_records_what_auto_resolved_to(tmp_path, semantic_vector, expected):
         cls = fc.split("train").read(fc.split("train").rows_of_class(0))[0]
         test_cls = fc.split("test").read(np.arange(60))[0]
     direct = GaussianDetector().fit(FeatureTransform(expected)(cls))
-    np.testing.assert_allclose(load_scorer(outcome.path)(test_cls, None)["mahalanobis"],
+    np.testing.assert_allclose(load_scorer(outcome.path).scores(test_cls, None)["mahalanobis"],
                                direct.scores(FeatureTransform(expected)(test_cls))["mahalanobis"], rtol=1e-6)
     # asking for the resolved transform by name keeps that run (the same setting), not a second one
     (again,) = fit_cache(cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian", features=expected,

@@ -145,17 +145,15 @@ def test_saved_run_reloads_to_identical_scores(gaussian_cache, tmp_path):
     import torch
 
     from cache import FeatureCache
-    from flow.model.train import score_batches
-
     outcome = fit_cache(gaussian_cache, normal="b", runs_dir=tmp_path / "runs", flow_config=SMALL_FLOW,
                         train_config=TrainConfig(epochs=1), device="cpu", progress=False, log=quiet)[0]
     model, record = load_run(outcome.path)
     assert record == json.loads((outcome.path / "run.json").read_text())
     with FeatureCache(gaussian_cache) as fc:
         cls, patches = fc.split("test").read(slice(None))
-    a = score_batches(model, torch.from_numpy(cls), torch.from_numpy(patches))
+    a = model.scores(torch.from_numpy(cls), torch.from_numpy(patches))
     model2, _ = load_run(outcome.path)
-    b = score_batches(model2, torch.from_numpy(cls), torch.from_numpy(patches))
+    b = model2.scores(torch.from_numpy(cls), torch.from_numpy(patches))
     np.testing.assert_array_equal(a["nll"], b["nll"])
 
 
