@@ -31,10 +31,10 @@ from torch import nn
 
 from extract.backbone import TokenEncoder, file_sha256
 from extract.encode import CacheEncoder, preprocessing_only, rebuild_encoder
+from flow.deploy.runtime import METADATA_PREFIX, ExportError, onnx_session, run_features, transform_sha256
 from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha
 from flow.detectors.scorer import Scorer
 from flow.store.run_folder import (
-    TRANSFORM_FILE,
     RunError,
     check_not_a_run_file,
     load_scorer,
@@ -49,11 +49,6 @@ OPSET = 17
 #: Largest difference between onnxruntime and PyTorch accepted by the check after export, relative to
 #: max(|score|, the score's mean magnitude over the held-out rows, or over the check images for a run without them).
 CHECK_TOLERANCE = 1e-3
-METADATA_PREFIX = "sanf_ad."
-
-
-class ExportError(RuntimeError):
-    """The graph could not be exported, or onnxruntime disagrees with PyTorch beyond :data:`CHECK_TOLERANCE`."""
 
 
 class ScoringGraph(nn.Module):
@@ -110,23 +105,6 @@ def _load_images(paths: list[str] | None) -> list:
     return [load_image(f) for f in files[:8]]
 
 
-def _session(path: str | os.PathLike):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("onnxruntime is not installed: pip install -e '.[export]'") from None
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid models
-        raise RunError(f"--onnx {path}: onnxruntime cannot load it ({str(err).splitlines()[0][:300]})") from None
-
-
-def _transform_sha256(run: Path) -> str:
-    """sha256 of the run's feature-transform statistics, "" when it has none (stateless transforms)."""
-    path = Path(run) / TRANSFORM_FILE
-    return file_sha256(path) if path.exists() else ""
-
-
 def _reference(encoder: CacheEncoder, scorer: Scorer, images01: torch.Tensor) -> dict[str, np.ndarray]:
     """The PyTorch path of ``predict`` on [0, 1] images: normalise, encode, the run's own transform and detector."""
     mean = torch.tensor(encoder.features["mean"]).view(1, 3, 1, 1)
@@ -158,8 +136,6 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
         ExportError: torch.onnx.export failed, or onnxruntime disagrees beyond :data:`CHECK_TOLERANCE`.
     """
     import onnx
-
-    from flow.deploy.predict import run_features
 
     alpha = check_alpha(alpha)
     run, out = Path(run), Path(out)
@@ -200,7 +176,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
                 "primary_score": primary, "calibrated": str(calibration is not None), "alpha": repr(alpha),
                 "cache_fingerprint": record["cache_fingerprint"], "run_created": record.get("created", ""),
                 "model_sha256": file_sha256(run / "model.safetensors"),
-                "feature_transform": scorer.transform.name, "feature_transform_sha256": _transform_sha256(run),
+                "feature_transform": scorer.transform.name, "feature_transform_sha256": transform_sha256(run),
                 "backbone": features["backbone"], "weights": features["weights_source"],
                 "preprocessing": (f"float32 NCHW in [0, 1] (RGB, 8-bit values / 255) after {prep.describe()}, "
                                   f"as timm's eval transform (interpolation {features['interpolation']}, crop_pct "
@@ -211,7 +187,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
             entry = model.metadata_props.add()
             entry.key, entry.value = METADATA_PREFIX + key, value
         onnx.save(model, str(tmp))
-        session = _session(tmp)
+        session = onnx_session(tmp)
         got = dict(zip(names, session.run(names, {"images": images.numpy()})))
         # the graph computes the backbone in float32: compare it with PyTorch in float32 too
         reference = CacheEncoder(encoder.encoder, {**features, "precision": "fp32"}, device, encoder.weights_note)
@@ -244,38 +220,5 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     return diffs
 
 
-def read_metadata(session) -> dict[str, str]:
-    """The ``sanf_ad.*`` metadata of an exported graph, without the prefix."""
-    props = session.get_modelmeta().custom_metadata_map
-    return {k[len(METADATA_PREFIX):]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
-
-
-def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep: CacheEncoder, files: list[str],
-                    batch_size: int, num_workers: int, progress: bool,
-                    log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read or whose
-    scores are not finite (:func:`flow.deploy.predict.score_files`).
-
-    Raises:
-        RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
-    """
-    session = _session(onnx_path)
-    meta = read_metadata(session)
-    if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
-            "created", "") or meta.get("method") != record["method"] or meta.get("model_sha256") != file_sha256(
-            Path(run) / "model.safetensors") or meta.get("feature_transform_sha256", "") != _transform_sha256(run):
-        raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
-                       "export this run, or pass the run it came from")
-    names = list(score_names(record))
-    log(f"onnxruntime {onnx_path}: {meta.get('backbone')} + {record['method']}, opset {meta.get('opset')}")
-    from flow.deploy.predict import score_files
-
-    def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {"images": images.numpy()})))
-
-    return score_files(prep.batches(files, batch_size, num_workers, normalise=False, progress=progress), len(files),
-                       names, score_block)
-
-
 __all__ = ["CHECK_TOLERANCE", "ExportError", "OPSET", "ScoringGraph",
-           "export_onnx", "read_metadata", "sample_images", "score_with_onnx"]
+           "export_onnx", "sample_images"]

@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cache import FeatureCache
+from extract.backbone import file_sha256
 from extract.device import resolve_device
-from extract.encode import CacheEncoder, list_images, preprocessing_only, provenance, rebuild_encoder
+from extract.encode import CacheEncoder, list_images, preprocessing_only, rebuild_encoder
 from extract.run import non_finite_rows
+from flow.deploy.runtime import onnx_session, read_metadata, run_features, transform_sha256
 from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
 from flow.detectors.scorer import Scorer
 from flow.store.run_folder import (
@@ -78,22 +79,6 @@ class PredictionSummary:
             flagged = ("no decisions: the run has no held-out normal scores (fit it with --val-fraction, e.g. 0.2, "
                        "for p-values and decisions)")
         return f"scored {self.num_scored} of {self.num_files} images{errors}; {flagged}{skipped} -> {self.out}"
-
-
-def run_features(run: Path, record: dict) -> dict:
-    """How the run's features were computed: ``record["features"]``, or (runs fitted before it was recorded) the
-    provenance attributes of its cache.
-
-    Raises:
-        RunError: neither is there.
-    """
-    if isinstance(record.get("features"), dict):
-        return record["features"]
-    if not Path(record["cache"]).is_file():
-        raise RunError(f"run {run}: run.json does not record how its features were computed and its cache "
-                       f"{record['cache']} is missing; fit the run again")
-    with FeatureCache(record["cache"]) as fc:
-        return provenance(fc.attrs)
 
 
 def prediction_columns(record: dict) -> list[str]:
@@ -198,6 +183,31 @@ def _drop_errors(scores: dict[str, np.ndarray], errors: list[str]) -> None:
                 values[i] = np.nan
 
 
+def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep: CacheEncoder, files: list[str],
+                    batch_size: int, num_workers: int, progress: bool,
+                    log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read or whose
+    scores are not finite (:func:`score_files`).
+
+    Raises:
+        RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
+    """
+    session = onnx_session(onnx_path)
+    meta = read_metadata(session)
+    if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
+            "created", "") or meta.get("method") != record["method"] or meta.get("model_sha256") != file_sha256(
+            Path(run) / "model.safetensors") or meta.get("feature_transform_sha256", "") != transform_sha256(run):
+        raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
+                       "export this run, or pass the run it came from")
+    names = list(score_names(record))
+    log(f"onnxruntime {onnx_path}: {meta.get('backbone')} + {record['method']}, opset {meta.get('opset')}")
+    def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {"images": images.numpy()})))
+
+    return score_files(prep.batches(files, batch_size, num_workers, normalise=False, progress=progress), len(files),
+                       names, score_block)
+
+
 def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | None = None,
             alpha: float = DEFAULT_ALPHA, batch_size: int = 64, num_workers: int = 2, device: str = "auto",
             onnx: str | os.PathLike | None = None, weights: str | None = None, progress: bool = True,
@@ -258,8 +268,6 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
         scores, errors = _score_torch(load_scorer(run, dev), record, encoder, listed.files, batch_size, num_workers,
                                       progress)
     else:
-        from flow.deploy.export import score_with_onnx
-
         scores, errors = score_with_onnx(onnx, run, record, preprocessing_only(features), listed.files, batch_size,
                                          num_workers, progress, log)
     rows, flagged = _rows(listed.files, scores, errors, record, calibration, alpha)
@@ -269,5 +277,5 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
                              calibration is not None)
 
 
-__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "predict", "prediction_columns", "run_features",
+__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "predict", "prediction_columns", "score_with_onnx",
            "score_files"]
