@@ -324,7 +324,7 @@ def _fit_options(fn):
         click.option("--hidden", type=click.IntRange(1, 65536), default=1024, help="H, subnet width."),
         click.option("--heads", type=click.IntRange(1, 1024), default=4, help="Class-attention heads."),
         click.option("--clamp", type=FiniteFloat(min=0, min_open=True), default=3.0,
-                     help="alpha of the arctan soft clamp (eq. 5)."),
+                     help="Bound c of the arctan soft clamp of the log-scales (docs/method.md eq. (8); the paper's alpha)."),
         click.option("--no-caff", is_flag=True,
                      help="MLP-only subnets (paper Table 5 ablation); the same as --method sanf-nocaff."),
         click.option("--method", type=click.Choice(["sanf", "sanf-nocaff", "knn", "gaussian"]), default=None,

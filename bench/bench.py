@@ -457,7 +457,7 @@ def section_flow(args, work: Path) -> list[Row]:
     for name, peak in peaks.items():
         rows.append(Row("3 flow", f"matmul peak {name}", peak / 1e9, "GFLOP/s", note="2048 x 2048 x 2048"))
     flops_written = count_flops(config, P, as_written=True)
-    rows.append(Row("3 flow", "FLOPs per sample, forward, eq. 6-10 as written", flops_written / 1e9, "GFLOP",
+    rows.append(Row("3 flow", "FLOPs per sample, forward, docs/method.md eq. (14)-(16) as written", flops_written / 1e9, "GFLOP",
                     note="keys and values of all 1 + P tokens (the form the paper counts); the default computes "
                          "the same function from the query side"))
     # (label, precision, torch.compile, attention as written, fused Adam); the first is what `fit` runs
@@ -684,7 +684,7 @@ def section_onnx(args, work: Path) -> list[Row]:
 
     from extract.encode import preprocessing_only, rebuild_encoder
     from flow.deploy.export import ScoringGraph, export_onnx
-    from flow.deploy.predict import run_features
+    from flow.deploy.runtime import run_features
     from flow.experiments.fitting import fit_cache
     from flow.model.train import TrainConfig
     from flow.store.run_folder import load_scorer, read_run_record

@@ -10,7 +10,7 @@ test AUROC of both scores is recorded too, on a seeded subset of the test split.
     python bench/train_length.py --cache CACHE.h5 --normal automobile --train-rows 250,1000,4000 \\
         --max-steps 2000 --out train_length.csv
 
-One CSV row per (n, epoch): n, epoch, step, train loss (nats/dim, eq. 14 / D), held-out loss (same unit, without
+One CSV row per (n, epoch): n, epoch, step, train loss (nats/dim, docs/method.md eq. (23)), held-out loss (same unit, without
 the constant), and, at the checkpoints, AUROC of nll and z2. Rows are appended and flushed as they come, so a
 killed run keeps what it measured.
 """

@@ -1,4 +1,4 @@
-"""The frozen backbone: a timm model returning a semantic vector and pooled patch tokens (SPEC.md section 2)."""
+"""The frozen backbone: a timm model returning a semantic vector and pooled patch tokens (docs/method.md section 2)."""
 
 from __future__ import annotations
 

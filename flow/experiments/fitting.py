@@ -250,7 +250,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
         log(f"flow: {flow_method(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
             f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
             f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward; "
-            f"{flops_written / 1e9:.3f} with the class attention as eq. 6-10 print it)")
+            f"{flops_written / 1e9:.3f} with the class attention as the paper prints it, docs/method.md eq. (14)-(16))")
         names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction)
         for k in classes:
             kept = keep_existing and _kept_run(runs_dir / names[k], {
@@ -290,7 +290,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "feature_transform": features,
                 "flow": config.to_dict(),
                 "train": train_config.to_dict(),
-                "train_loss_unit": "nats per dimension (eq. 14 divided by D, without the (D/2) log 2pi term)",
+                "train_loss_unit": "nats per dimension (docs/method.md eq. (23): the paper's loss divided by D, without the (D/2) log 2pi term)",
                 "epochs": len(result.epoch_losses),  # passes made (the last one partial when --steps cut it)
                 "steps": result.num_steps,
                 "stopped_early": result.stopped_early,
@@ -301,7 +301,7 @@ def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str
                 "num_train": int(cls_t.shape[0]),
                 "num_val": int(val_idx.numel()),
                 "num_parameters": n_params,
-                # the paper's count (Table 6: class attention as eq. 6-10 print it), and what this code computes
+                # the paper's count (Table 6: class attention as docs/method.md eq. (14)-(16) print it), and what this code computes
                 "gflops_per_sample": round(flops_written / 1e9, 6),
                 "gflops_per_sample_computed": round(flops / 1e9, 6),
                 "wall_time_s": round(result.wall_time_s, 3),

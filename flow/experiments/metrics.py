@@ -11,7 +11,7 @@ class MetricError(ValueError):
 
 
 def auroc(is_anomaly: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve, anomalous = positive (1), higher score = more anomalous (SPEC.md section 1).
+    """Area under the ROC curve, anomalous = positive (1), higher score = more anomalous (docs/method.md eq. (1)).
 
     Computed on the raw scores by :func:`sklearn.metrics.roc_auc_score`; a value below 0.5 is reported
     as it is, never flipped.

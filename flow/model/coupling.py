@@ -1,6 +1,6 @@
 """Layers of the SANF-AD flow: soft clamp, class attention, CAFF subnet, flow-based learning layer.
 
-Equation numbers refer to ``../shared/SPEC.md`` section 3 and to the paper (Ma, Lan et al., "A
+Equation numbers refer to ``docs/method.md`` (section 3), which also relates them to the paper (Ma, Lan et al., "A
 Semantics-aware Normalizing Flow Model for Anomaly Detection", ICME 2023).
 
 Sign convention (as in zuko / FrEIA): ``forward`` returns ``(z, +log|det dz/dy|)`` and ``inverse``
@@ -18,7 +18,7 @@ from torch import nn
 
 
 def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Arctan soft clamp of a log-scale (eq. 5): ``c(s) = (2 alpha / pi) * arctan(s / alpha)``.
+    """Arctan soft clamp of a log-scale (eq. (8)): ``c(s) = (2 alpha / pi) * arctan(s / alpha)``.
 
     Args:
         s: raw log-scales, any shape.
@@ -43,7 +43,7 @@ def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
 def stable_logits(key_side: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Attention logits ``key_side @ tokens^T`` shifted by their maximum, finite wherever the softmax is.
 
-    The logits of eq. 9 can exceed float32's range (about 3.4e38) for large but finite inputs (the shifts t
+    The logits of eq. (15) can exceed float32's range (about 3.4e38) for large but finite inputs (the shifts t
     of one layer feed the next, unbounded), and ``softmax`` of an infinite logit is NaN. Here ``key_side``
     is divided by two per-sample powers of two, ``2^a >= max|key_side|`` and ``2^b >= max|tokens|``
     (:func:`_power_of_two_scale`; exact divisions, and only of the small (B, heads, d) factor), so that every
@@ -51,7 +51,7 @@ def stable_logits(key_side: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     the tokens is 0, and only then multiplied back by ``2^a`` and ``2^b``. The result is
     ``logits - max(logits)``: at most 0, its largest entry exactly 0, so the softmax never sees inf - inf;
     entries below float32's range become -inf, weight 0 (their weight is below ``exp(-3.4e38)`` anyway). The
-    softmax is invariant to the shift, so this is eq. 9 unchanged; for inputs that need no scaling (both
+    softmax is invariant to the shift, so this is eq. (15) unchanged; for inputs that need no scaling (both
     scales 1, or any scales while nothing leaves float32's normal range) the values are bit for bit those
     of the plain product.
 
@@ -70,11 +70,11 @@ def stable_logits(key_side: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class ClassAttention(nn.Module):
-    """Multi-head class attention of one query vector over ``[v; tokens]`` (eq. 6-10).
+    """Multi-head class attention of one query vector over ``[v; tokens]`` (eq. (13)-(16); the query-side form is eq. (17)).
 
     ``Q = W_q v + b_q`` (1 token), ``K, V = W_{k,v} [v; T] + b`` (1 + P tokens),
     ``A = softmax(Q K^T / sqrt(d_head))``, ``Out_CA = W_o (A V) + b_o``. The paper prints the
-    sqrt outside the softmax (eq. 9); scaled dot-product attention is meant.
+    sqrt outside the softmax (eq. (15)); scaled dot-product attention is meant.
 
     Attention runs in ``attn_dim = num_heads * ceil(in_dim / num_heads)`` channels, i.e. the
     input width rounded up to a multiple of the head count (the reference code attends in the
@@ -86,10 +86,10 @@ class ClassAttention(nn.Module):
     last term is the same for every token j, so the softmax cancels it; and since each row of A sums
     to 1, ``sum_j A_hj (W_v,h m_j + b_v,h) = W_v,h (sum_j A_hj m_j) + b_v,h``. :meth:`forward` computes
     this form, with the logits computed by :func:`stable_logits` (finite for large finite inputs, where the
-    plain product overflows float32); :meth:`forward_as_written` computes eq. 6-10 literally (the tests check that both agree;
+    plain product overflows float32); :meth:`forward_as_written` computes eq. (14)-(16) literally (the tests check that both agree;
     :func:`flow.model.sanf.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
     effect on the output (its gradient is 0), in the paper's form as in ours; it is kept so that the
-    parameters are exactly those of eq. 7.
+    parameters are exactly those of eq. (14).
 
     Args:
         in_dim: d, channels of v and of each token.
@@ -108,7 +108,7 @@ class ClassAttention(nn.Module):
         # W_k and W_v stacked in one layer (rows: K of every head, then V of every head).
         self.kv = nn.Linear(in_dim, 2 * self.attn_dim)
         self.proj = nn.Linear(self.attn_dim, out_dim)
-        #: compute eq. 6-10 literally in :meth:`forward` (for FLOP counts of the paper's form).
+        #: compute eq. (14)-(16) literally in :meth:`forward` (for FLOP counts of the paper's form).
         self.as_written = False
 
     def forward(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ class ClassAttention(nn.Module):
         return self.proj(out.reshape(B, self.attn_dim))
 
     def forward_as_written(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Eq. 6-10 as printed: project all 1 + P tokens to keys and values, then attend.
+        """Eq. (14)-(16) as printed: project all 1 + P tokens to keys and values, then attend.
 
         Same arguments and result as :meth:`forward` (up to float rounding), about (1 + P) times the
         multiply-adds in the key/value projections.
@@ -149,7 +149,7 @@ class ClassAttention(nn.Module):
 
 
 class CAFFSubnet(nn.Module):
-    """Coupling subnet with class-attention feature fusion (CAFF, eq. 6-11).
+    """Coupling subnet with class-attention feature fusion (CAFF, eq. (13)-(19)).
 
     ``[s, t] = FC(concat(MLP(v), gamma * Out_CA(v, T)))`` where MLP is three Linear+ReLU layers of
     width H and gamma a per-channel scale initialised to 1. With ``use_caff=False`` (the paper's
@@ -195,7 +195,7 @@ class CAFFSubnet(nn.Module):
 
 
 class FlowLayer(nn.Module):
-    """One flow-based learning layer (FLL): fixed permutation, then a two-step affine coupling (eq. 2-5).
+    """One flow-based learning layer (FLL): fixed permutation, then a two-step affine coupling (eq. (6)-(11)).
 
     With y permuted and split into ``a`` (first floor(D/2) channels) and ``b`` (the rest), and the patch
     tokens permuted and split alike into ``T_a``, ``T_b``::
@@ -211,7 +211,7 @@ class FlowLayer(nn.Module):
         dim: D, channels of the semantic vector and of each patch token.
         hidden: H of the subnets.
         num_heads: class-attention heads.
-        alpha: soft-clamp bound (eq. 5).
+        alpha: soft-clamp bound c (eq. (8); the paper's alpha).
         use_caff: CAFF subnets (True) or MLP-only subnets (ablation).
         seed: seed of this layer's channel permutation.
     """
@@ -255,7 +255,7 @@ class FlowLayer(nn.Module):
         return self.couple(y.index_select(1, self.perm), tokens)
 
     def couple(self, y: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-step affine coupling (eq. 2-4) on inputs already in this layer's permuted order.
+        """The two-step affine coupling (eq. (7)-(11)) on inputs already in this layer's permuted order.
 
         Args:
             y: (B, D) permuted input.

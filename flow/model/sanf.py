@@ -1,4 +1,4 @@
-"""The SANF-AD normalizing flow over the semantic vector, conditioned on patch tokens (SPEC.md section 3)."""
+"""The SANF-AD normalizing flow over the semantic vector, conditioned on patch tokens (docs/method.md section 3)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class FlowConfig:
         num_blocks: K, flow-based learning layers (paper: 4).
         hidden: H, hidden width of the coupling subnets (paper: 1024).
         num_heads: class-attention heads (reference code: 4).
-        alpha: soft-clamp bound of the log-scales (eq. 5; paper: 3).
+        alpha: soft-clamp bound c of the log-scales (eq. (8); the paper's alpha = 3).
         use_caff: CAFF subnets (True) or the MLP-only ablation of Table 5 (False).
     """
 
@@ -67,7 +67,7 @@ class SANFFlow(nn.Module):
         )
 
     def set_attention_form(self, as_written: bool) -> "SANFFlow":
-        """Compute every class attention as eq. 6-10 print it (True) or in the query-side form (False, default).
+        """Compute every class attention as eq. (14)-(16) print it (True) or in the query-side form (False, default).
 
         Both forms compute the same function (see :class:`~flow.model.coupling.ClassAttention`); the literal one is
         for FLOP counts of the paper's form and for comparisons. Returns the model itself.
@@ -149,7 +149,7 @@ class SANFFlow(nn.Module):
 
 
 def flow_loss(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
-    """Training loss (eq. 14) in nats per dimension: ``mean_b(0.5 ||z_b||^2 - log|det J_b|) / D``.
+    """Training loss (eq. (23): the paper's eq. (22) divided by D) in nats per dimension: ``mean_b(0.5 ||z_b||^2 - log|det J_b|) / D``.
 
     Dividing by D as the reference code does; the constant (D/2) log(2 pi) is left out.
 
@@ -182,7 +182,7 @@ def count_flops(config: FlowConfig, num_patches: int, as_written: bool = False) 
     Args:
         config: the architecture.
         num_patches: P, patch tokens per sample.
-        as_written: count the class attention as eq. 6-10 print it (keys and values of all 1 + P tokens,
+        as_written: count the class attention as eq. (14)-(16) print it (eq. (42)) (keys and values of all 1 + P tokens,
             :meth:`~flow.model.coupling.ClassAttention.forward_as_written`, the form the paper's count refers to)
             instead of the equivalent query-side form this implementation computes.
 

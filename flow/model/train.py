@@ -84,7 +84,7 @@ class TrainResult:
 
     Attributes:
         epoch_losses: mean train loss of each epoch (of its steps, for a last epoch cut short by ``steps``), nats
-            per dimension (eq. 14 / D).
+            per dimension (docs/method.md eq. (23)).
         val_losses: the same loss on held-out normal-class train rows after each epoch (empty without them).
         wall_time_s: seconds spent in the training loop.
         num_samples: training rows.
@@ -121,7 +121,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
              progress: bool = True, val_cls: torch.Tensor | None = None,
              val_patches: torch.Tensor | None = None,
              on_epoch: Callable[[int, SANFFlow, TrainResult], None] | None = None) -> tuple[SANFFlow, TrainResult]:
-    """Train a SANF flow by maximum likelihood on the normal-class train rows (eq. 14).
+    """Train a SANF flow by maximum likelihood on the normal-class train rows (docs/method.md eq. (22)-(23)).
 
     The model is initialised and the batches are shuffled from ``seed`` alone, so the same inputs and
     seed give the same model on the same device. Nothing here looks at test data.
@@ -189,7 +189,7 @@ def fit_flow(cls: torch.Tensor, patches: torch.Tensor | None, flow_config: FlowC
             count += len(idx)
         result.epoch_losses.append(total / count)
         if val_cls is not None and len(val_cls):
-            # eq. 14 / D on the held-out rows: mean nll minus the constant, per dimension
+            # eq. (23) on the held-out rows: mean nll minus the constant, per dimension
             nll = score_batches(model, val_cls, val_patches, train_config.batch_size)["nll"]
             result.val_losses.append(float(nll.mean()) / flow_config.dim - 0.5 * math.log(2 * math.pi))
             model.train()

@@ -127,7 +127,7 @@ def test_gradients_reach_every_parameter(kwargs):
 @pytest.mark.parametrize("shape", [(5, 13, 20, 4, 7), (3, 8, 16, 1, 1), (2, 6, 9, 3, 64)],
                          ids=["d13-heads4", "one-head", "many-tokens"])
 def test_class_attention_computes_eq_6_to_10_as_written(shape):
-    """The query-side form equals eq. 6-10 computed literally (float64), also for d not a multiple of heads."""
+    """The query-side form equals docs/method.md eq. (14)-(16) computed literally (float64), also for d not a multiple of heads."""
     batch, d, hidden, heads, P = shape
     torch.manual_seed(0)
     attn = ClassAttention(d, hidden, heads).double()
@@ -168,7 +168,7 @@ def test_class_attention_forms_have_the_same_gradients():
 
 
 def test_flow_scores_agree_with_the_as_written_attention():
-    """The whole flow, trained form vs eq. 6-10 literally: same latents and log-dets in float64."""
+    """The whole flow, trained form vs eq. (14)-(16) literally: same latents and log-dets in float64."""
     model = make_flow(dim=8, use_caff=True)
     y, tokens = inputs(8, num_patches=5)
     with torch.no_grad():
@@ -343,7 +343,7 @@ def test_inverse_samples_have_the_model_density():
 
 
 def expected_parameter_count(D: int, H: int, K: int, heads: int, use_caff: bool) -> int:
-    """Parameters counted by hand from SPEC.md section 3 (Linear = weights + biases)."""
+    """Parameters counted by hand from docs/method.md eq. (41) (Linear = weights + biases)."""
     def linear(i, o):
         return i * o + o
 
@@ -452,7 +452,7 @@ def test_subnet_output_shapes_for_unequal_halves():
 def test_flop_count_matches_the_hand_count_of_the_matrix_products():
     """ViT-L shapes (D = 1024, P = 64): 2 FLOPs per multiply-add of every matrix product.
 
-    As written (eq. 6-10, keys and values of all 1 + P tokens; torch's counter leaves out the two attention
+    As written (docs/method.md eq. (14)-(16), keys and values of all 1 + P tokens; torch's counter leaves out the two attention
     products over the 1 + P tokens on CPU, 0.2 % here) and as computed (the query-side form of
     ClassAttention: W_k^T q, the logits and the weighted token sum per head, W_v on that sum).
     """
