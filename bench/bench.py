@@ -643,6 +643,7 @@ def section_scaling(args, work: Path) -> list[Row]:
 
 def section_forwards(args, work: Path) -> list[Row]:
     from extract.backbone import TokenEncoder
+    from flow.experiments.config import FitConfig
     from flow.experiments.fitting import fit_cache
 
     protocol = 10 * 5000 + 10000  # each image once
@@ -659,11 +660,9 @@ def section_forwards(args, work: Path) -> list[Row]:
     TokenEncoder.forward = counting
     try:
         path, _ = run_extract(args, tree, work / "s6cache", args.precision)
-        from flow.model.train import TrainConfig
 
-        fit_cache(path, normal="all", runs_dir=work / "s6runs", method="knn", log=lambda s: None)
-        fit_cache(path, normal="0", runs_dir=work / "s6runs", train_config=TrainConfig(epochs=1),
-                  flow_config={"hidden": 16}, device=args.device, log=lambda s: None, progress=False)
+        fit_cache(path, FitConfig(normal="all", method="knn"), runs_dir=work / "s6runs", log=lambda s: None)
+        fit_cache(path, FitConfig(normal="0", epochs=1, hidden=16), runs_dir=work / "s6runs", device=args.device, log=lambda s: None, progress=False)
     finally:
         TokenEncoder.forward = original
     n_images = 20 * per
@@ -685,15 +684,14 @@ def section_onnx(args, work: Path) -> list[Row]:
     from extract.encode import preprocessing_only, rebuild_encoder
     from flow.deploy.export import ScoringGraph, export_onnx
     from flow.deploy.runtime import run_features
+    from flow.experiments.config import FitConfig
     from flow.experiments.fitting import fit_cache
-    from flow.model.train import TrainConfig
     from flow.store.run_folder import load_scorer, read_run_record
 
     per = args.sizes["onnx_images"]
     tree = cifar_tree(work / "s7", {"train": per // 10, "test": per // 10})
     path, _ = run_extract(args, tree, work / "s7cache", "fp32")
-    (outcome,) = fit_cache(path, normal="0", runs_dir=work / "s7runs", train_config=TrainConfig(epochs=1),
-                           val_fraction=0.25, device="cpu", log=lambda s: None, progress=False)
+    (outcome,) = fit_cache(path, FitConfig(normal="0", epochs=1, val_fraction=0.25), runs_dir=work / "s7runs", device="cpu", log=lambda s: None, progress=False)
     model_path = work / "s7.onnx"
     diffs = export_onnx(outcome.path, model_path, log=lambda s: None)
     record = read_run_record(outcome.path)

@@ -97,30 +97,33 @@ def lock_holder(path: str | os.PathLike) -> str | None:
         os.close(fd)
 
 
-class CacheLock:
-    """An exclusive, non-blocking ``fcntl.flock`` lock on ``<cache>.lock``.
+class FileLock:
+    """An exclusive, non-blocking ``fcntl.flock`` lock on a lock file that holds the holder's pid; the lock file is
+    deleted on :meth:`release` (and the kernel drops the lock if the process dies). Usable as a context manager.
+
+    Args:
+        path: the lock file.
+        busy: the message when another process holds the lock, from the holder's pid (``?`` before it wrote it).
+        error: the exception type raised.
 
     Raises:
-        CacheError: another process holds the lock (the message names the cache and the holder's pid),
-            or the lock file cannot be created.
+        error: another process holds the lock, or the lock file cannot be created.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.cache_path = Path(path)
-        self.path = self.cache_path.with_name(self.cache_path.name + LOCK_SUFFIX)
+    def __init__(self, path: str | os.PathLike, busy: Callable[[str], str], error: type[Exception]) -> None:
+        self.path = Path(path)
         self._fd: int | None = None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as err:
-                raise CacheError(f"cannot create the lock file {self.path}: {err.strerror or err}") from None
+                raise error(f"cannot create the lock file {self.path}: {err.strerror or err}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _recorded_pid(fd)
                 os.close(fd)
-                raise CacheError(f"another extraction (pid {holder}) is writing {self.cache_path}; wait for it to "
-                                 f"finish or stop it (lock {self.path})") from None
+                raise error(busy(holder)) from None
             # the previous holder may have deleted the file between our open and our lock: lock the current one
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -142,6 +145,27 @@ class CacheLock:
         finally:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class CacheLock(FileLock):
+    """The one-writer lock of a cache: an exclusive, non-blocking ``fcntl.flock`` lock on ``<cache>.lock``.
+
+    Raises:
+        CacheError: another process holds the lock (the message names the cache and the holder's pid),
+            or the lock file cannot be created.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.cache_path = Path(path)
+        super().__init__(self.cache_path.with_name(self.cache_path.name + LOCK_SUFFIX),
+                         lambda holder: f"another extraction (pid {holder}) is writing {self.cache_path}; wait for it "
+                                        f"to finish or stop it (lock {self.path})", CacheError)
 
 
 class ChunkStore:

@@ -397,6 +397,24 @@ class FeatureCache:
                 h.update(np.ascontiguousarray(group["cls"][start:start + 65536]).tobytes())
         return h.hexdigest()
 
+    def describe(self) -> list[str]:
+        """What ``pipeline.py info`` prints: every root attribute, then per split the array shapes and the rows per
+        class (and how many fine classes are present, for caches that have them)."""
+        lines = []
+        for key in sorted(self.attrs):
+            value = self.attrs[key]
+            lines.append(f"{key}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
+        for split in SPLITS:
+            group = self.file[split]
+            lines.append(f"[{split}] cls {group['cls'].shape}  patches {group['patches'].shape}  "
+                         f"label {group['label'].shape}")
+            lines.append("  " + ", ".join(f"{name}: {n}" for name, n in self.class_counts(split).items()))
+            fine = self.split(split).fine_labels
+            if fine is not None:
+                lines.append(f"  fine labels: {len(set(fine.tolist()))} of {len(self.fine_class_names)} fine classes "
+                             "present")
+        return lines
+
     def class_counts(self, split: str) -> dict[str, int]:
         """Samples per class name in ``split``."""
         counts = np.bincount(self.split(split).labels, minlength=len(self.class_names))

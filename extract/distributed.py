@@ -152,10 +152,15 @@ class DistContext:
         if not failed:
             return
         first, message = failed[0]
-        self._state["failed"] = True
+        self.mark_failed()
         if self.is_main and first == 0 and error is not None:
             raise error
         raise JobError(message, rank=first, silent=not self.is_main) from error
+
+    def mark_failed(self) -> None:
+        """Record that every rank failed alike (an error that each rank finds from the same input), so that
+        :func:`session` still meets the other ranks at its closing barrier before the job ends."""
+        self._state["failed"] = True
 
     def log(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """``log`` with ``[rank N] `` before every line on ranks other than 0."""

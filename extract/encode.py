@@ -12,11 +12,12 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import timm
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -88,12 +89,41 @@ def list_images(paths: list[str]) -> ImageList:
     return ImageList(files, sorted(skipped))
 
 
-class ImageFiles(Dataset):
-    """Image files as ``(tensor (3, H, W), error)``: a file that cannot be read gives zeros and the reason, so a
-    bad file costs its own row only (read with :func:`extract.datasets.load_image`: 16-bit images keep their top
-    8 bits, RGBA and palette images become RGB, grayscale is repeated to 3 channels)."""
+#: What a prediction takes as one image: a file path, a PIL image, or an array (H, W) or (H, W, 3) of 8-bit values.
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
-    def __init__(self, files: list[str], transform: Callable, size: tuple[int, int]) -> None:
+
+def image_from(item: ImageInput) -> Image.Image:
+    """An RGB PIL image from a file path (:func:`extract.datasets.load_image`: 16-bit images keep their top 8 bits,
+    RGBA and palette images become RGB, grayscale is repeated to 3 channels), a PIL image, or a uint8 array
+    (H, W) or (H, W, 3).
+
+    Raises:
+        ImageReadError: a path that is missing, not a regular file or not a readable image; an array of another
+            dtype or shape; anything else.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if not os.path.exists(path):
+            raise ImageReadError(f"no such file: {path}")
+        if not os.path.isfile(path):  # a folder, a FIFO or a device: reading it could block or mean nothing
+            raise ImageReadError(f"not a regular file: {path}")
+        return load_image(path)
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3))):
+            raise ImageReadError(f"an image array must be uint8 of shape (H, W) or (H, W, 3) (8-bit values, RGB); "
+                                 f"got {item.dtype} {item.shape}")
+        return Image.fromarray(item.squeeze(2) if item.ndim == 3 and item.shape[2] == 1 else item).convert("RGB")
+    raise ImageReadError(f"an image must be a file path, a PIL image or a uint8 array; got {type(item).__name__}")
+
+
+class ImageFiles(Dataset):
+    """Images (file paths, PIL images or arrays: :func:`image_from`) as ``(tensor (3, H, W), error)``: one that
+    cannot be read gives zeros and the reason, so a bad input costs its own row only."""
+
+    def __init__(self, files: list[ImageInput], transform: Callable, size: tuple[int, int]) -> None:
         self.files = files
         self.transform = transform
         self.size = size
@@ -102,17 +132,28 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        path = self.files[index]
+        item = self.files[index]
         try:
-            if not os.path.exists(path):
-                raise ImageReadError(f"no such file: {path}")
-            if not os.path.isfile(path):  # a folder, a FIFO or a device: reading it could block or mean nothing
-                raise ImageReadError(f"not a regular file: {path}")
-            return self.transform(load_image(path)), ""
+            return self.transform(image_from(item)), ""
         except ImageReadError as err:
             return torch.zeros(3, *self.size), str(err)
         except Exception as err:  # a transform failing on an odd image: that image's row, not the whole job
-            return torch.zeros(3, *self.size), f"cannot preprocess image {path}: {type(err).__name__}: {err}"
+            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"
+            return torch.zeros(3, *self.size), f"cannot preprocess image {name}: {type(err).__name__}: {err}"
+
+
+def image_batches(images: list[ImageInput], transform: Callable, size: tuple[int, int], batch_size: int = 64,
+                  num_workers: int = 2, progress: bool = True,
+                  pin_memory: bool = False) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+    """Decode and preprocess ``images`` in batches with DataLoader workers: ``(indices, images (B, 3, H, W),
+    errors)``, the errors ``""`` for an image read without trouble."""
+    loader = DataLoader(ImageFiles(images, transform, size), batch_size=batch_size, num_workers=num_workers,
+                        shuffle=False, pin_memory=pin_memory)
+    start = 0
+    for batch, errors in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
+        indices = list(range(start, start + len(errors)))
+        start += len(errors)
+        yield indices, batch, list(errors)
 
 
 @dataclass
@@ -187,18 +228,11 @@ class CacheEncoder:
         rounded = tuple(values.astype(self.features["dtype"]).astype(np.float32) for values in raw)
         return (*rounded, non_finite_rows(*rounded) & ~non_finite_rows(*raw))
 
-    def batches(self, files: list[str], batch_size: int = 64, num_workers: int = 2, normalise: bool = True,
+    def batches(self, files: list[ImageInput], batch_size: int = 64, num_workers: int = 2, normalise: bool = True,
                 progress: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-        """Decode and preprocess ``files`` in batches with DataLoader workers: ``(indices, images, errors)``, the
-        errors ``""`` for a file read without trouble."""
-        dataset = ImageFiles(files, self.transform(normalise), self.size)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                            pin_memory=self.device.type == "cuda")
-        start = 0
-        for images, errors in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
-            indices = list(range(start, start + len(errors)))
-            start += len(errors)
-            yield indices, images, list(errors)
+        """:func:`image_batches` with this preprocessing (``normalise=False``: values in [0, 1])."""
+        return image_batches(files, self.transform(normalise), self.size, batch_size, num_workers, progress,
+                             pin_memory=self.device.type == "cuda")
 
 
 def _weights_for(features: dict, weights: str | None) -> tuple[dict, str]:

@@ -1,9 +1,12 @@
 """Use a fitted run on new images: ``pipeline.py predict``.
 
-The run's backbone and preprocessing are rebuilt from the provenance it records (:mod:`extract.encode`), each
-image is encoded as the cached images were (storage rounding included), scored by the run's detector and, for a
-calibrated run, given its conformal p-value (:mod:`flow.detectors.calibration`) and a decision at ``alpha``. The same
-prediction runs through an exported ONNX graph (:mod:`flow.deploy.export`) with ``onnx=MODEL.onnx``.
+A :class:`Predictor` loads a run once: its backbone and preprocessing are rebuilt from the provenance it records
+(:mod:`extract.encode`), each image (a file, a PIL image or an array) is encoded as the cached images were (storage
+rounding included), scored by the run's :class:`~flow.detectors.scorer.Scorer` (the module ``score`` runs) and, for
+a calibrated run, given its conformal p-value and a decision at ``alpha``
+(:class:`~flow.detectors.calibration.ConformalCalibration`). The same prediction runs through an exported ONNX graph
+(:mod:`flow.deploy.export`) with ``onnx=MODEL.onnx``. :func:`predict` is ``pipeline.py predict``: files in, a CSV
+out.
 
 Output: one CSV row per input file, in order: ``path``, ``score`` (the run's primary score), every score of the
 method, ``p_value``, ``anomalous`` (0/1) and ``error`` (why a file could not be scored; its scores are then
@@ -22,11 +25,10 @@ import torch
 
 from extract.backbone import file_sha256
 from extract.device import resolve_device
-from extract.encode import CacheEncoder, list_images, preprocessing_only, rebuild_encoder
+from extract.encode import ImageInput, image_batches, list_images, preprocessing_only, rebuild_encoder
 from extract.run import non_finite_rows
 from flow.deploy.runtime import onnx_session, read_metadata, run_features, transform_sha256
-from flow.detectors.calibration import DEFAULT_ALPHA, check_alpha, conformal_p_values, smallest_p_value
-from flow.detectors.scorer import Scorer
+from flow.detectors.calibration import DEFAULT_ALPHA, ConformalCalibration, check_alpha, smallest_p_value
 from flow.store.run_folder import (
     RunError,
     check_not_a_run_file,
@@ -86,23 +88,151 @@ def prediction_columns(record: dict) -> list[str]:
     return ["path", "score", *score_names(record), "p_value", "anomalous", "error"]
 
 
-def _rows(files: list[str], scores: dict[str, np.ndarray], errors: list[str], record: dict,
-          calibration: dict[str, np.ndarray] | None, alpha: float) -> tuple[list[dict], int | None]:
-    """CSV rows and the number flagged, from per-file scores (NaN where a file has an error)."""
-    primary = primary_score(record)
-    p_values = conformal_p_values(calibration[primary], scores[primary]) if calibration is not None else None
-    rows, flagged = [], 0
-    for i, path in enumerate(files):
-        row = {"path": path, "error": errors[i]}
-        if not errors[i]:
-            row["score"] = float(scores[primary][i])  # floats are written by write_csv (flow.store.run_folder.csv_value)
-            row.update({name: float(scores[name][i]) for name in score_names(record)})
-            if p_values is not None:
-                row["p_value"] = float(p_values[i])
-                row["anomalous"] = int(p_values[i] <= alpha)
-                flagged += row["anomalous"]
-        rows.append(row)
-    return rows, (flagged if p_values is not None else None)
+@dataclass
+class Predictions:
+    """A run's results on N new images, in input order.
+
+    Attributes:
+        names: each input's name: its path, or ``<image i>`` for an image given in memory.
+        scores: every score of the method, ``{name: (N,) float64}`` (higher = more anomalous; NaN where ``errors``).
+        primary_score: the score that ``score`` is and that the p-value is of.
+        p_value: (N,) float64 conformal p-values, or None for a run without held-out rows.
+        anomalous: (N,) bool, ``p_value <= alpha``, or None for a run without held-out rows.
+        errors: why an input could not be scored, ``""`` where it was.
+        alpha: the significance level of the decisions.
+    """
+
+    names: list[str]
+    scores: dict[str, np.ndarray]
+    primary_score: str
+    p_value: np.ndarray | None
+    anomalous: np.ndarray | None
+    errors: list[str]
+    alpha: float
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def score(self) -> np.ndarray:
+        """(N,) the primary score."""
+        return self.scores[self.primary_score]
+
+    def rows(self) -> list[dict]:
+        """One dict per image with the columns of :func:`prediction_columns` (``path`` = the name)."""
+        rows = []
+        for i, name in enumerate(self.names):
+            row = {"path": name, "error": self.errors[i]}
+            if not self.errors[i]:
+                row["score"] = float(self.score[i])  # floats are written by write_csv (run_folder.csv_value)
+                row.update({key: float(values[i]) for key, values in self.scores.items()})
+                if self.p_value is not None:
+                    row["p_value"] = float(self.p_value[i])
+                    row["anomalous"] = int(self.anomalous[i])
+            rows.append(row)
+        return rows
+
+
+class Predictor:
+    """A fitted run ready for new images: loaded once, then :meth:`predict` as often as needed.
+
+    Args:
+        run: a run folder (any method).
+        device: ``auto``, ``cpu`` or ``cuda`` (the PyTorch path).
+        onnx: an ONNX graph exported from this run: score through onnxruntime instead of PyTorch.
+        weights: the backbone's weights file, when it moved since extraction (its sha256 must match).
+        log: where to print status lines.
+
+    Raises:
+        RunError: the run is unreadable, its calibration is damaged, or the ONNX graph was exported from another
+            run.
+        BackboneError: the backbone or its weights cannot be rebuilt as recorded.
+    """
+
+    def __init__(self, run: str | os.PathLike, device: str = "auto", onnx: str | os.PathLike | None = None,
+                 weights: str | None = None, log: Callable[[str], None] = print) -> None:
+        self.run = Path(run)
+        self.record = read_run_record(self.run)
+        self.calibration = read_calibration(self.run, self.record)
+        self.features = run_features(self.run, self.record)
+        self.names = list(score_names(self.record))
+        self.primary_score = primary_score(self.record)
+        self.session = None
+        if onnx is None:
+            self.device = resolve_device(device)
+            self.encoder = rebuild_encoder(self.features, self.device, weights=weights, log=log)
+            self.scorer = load_scorer(self.run, self.device)
+        else:
+            self.encoder = preprocessing_only(self.features)
+            self.session = _checked_session(onnx, self.run, self.record)
+            meta = read_metadata(self.session)
+            log(f"onnxruntime {onnx}: {meta.get('backbone')} + {self.record['method']}, opset {meta.get('opset')}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run has held-out normal scores (p-values and decisions)."""
+        return self.calibration is not None
+
+    @property
+    def num_calibration(self) -> int:
+        """n, the held-out normal rows (0 for a run without)."""
+        return 0 if self.calibration is None else len(self.calibration[self.primary_score])
+
+    def predict(self, images: list[ImageInput], alpha: float = DEFAULT_ALPHA, batch_size: int = 64,
+                num_workers: int = 0, progress: bool = False) -> Predictions:
+        """Score images: file paths, PIL images or arrays (H, W) or (H, W, 3) of 8-bit values (0-255).
+
+        An input that cannot be read or whose features are not finite keeps its place, with NaN scores and the
+        reason in ``errors``.
+
+        Raises:
+            ValueError: a bad ``alpha``.
+        """
+        alpha = check_alpha(alpha)
+        names = [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {i}>" for i, item in enumerate(images)]
+        normalise = self.session is None
+        batches = image_batches(images, self.encoder.transform(normalise), self.encoder.size, batch_size, num_workers,
+                                progress)
+        score_block = self._score_torch if self.session is None else self._score_onnx
+        scores, errors = score_files(batches, len(images), self.names,
+                                     lambda block, rows, errs: score_block(block, rows, errs, names, batch_size))
+        p_value = anomalous = None
+        if self.calibration is not None:
+            post = ConformalCalibration(self.calibration[self.primary_score], alpha)
+            p, flagged = post(torch.from_numpy(scores[self.primary_score]))
+            p_value, anomalous = p.numpy(), flagged.numpy()
+        return Predictions(names, scores, self.primary_score, p_value, anomalous, errors, alpha)
+
+    def _score_torch(self, images: torch.Tensor, rows: list[int], errors: list[str], names: list[str],
+                     batch_size: int) -> dict[str, np.ndarray]:
+        cls, patches, beyond_range = self.encoder.encode_with_range(images)
+        finite = ~_check_finite(cls, patches, beyond_range, rows, errors, names, self.features["dtype"])
+        block = {name: np.full(len(rows), np.nan) for name in self.names}
+        if finite.any():  # the detectors see finite rows only (a non-finite row has no meaningful score)
+            scored = self.scorer.scores(cls[finite], patches[finite], batch_size)
+            for name in self.names:
+                block[name][finite] = scored[name]
+        return block
+
+    def _score_onnx(self, images: torch.Tensor, rows: list[int], errors: list[str], names: list[str],
+                    batch_size: int) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, {"images": images.numpy()}), strict=True))
+
+
+def _checked_session(onnx_path: str | os.PathLike, run: Path, record: dict):
+    """An onnxruntime session of ``onnx_path``, checked to be an export of this very run (its metadata).
+
+    Raises:
+        RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
+    """
+    session = onnx_session(onnx_path)
+    meta = read_metadata(session)
+    if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
+            "created", "") or meta.get("method") != record["method"] or meta.get("model_sha256") != file_sha256(
+            Path(run) / "model.safetensors") or meta.get("feature_transform_sha256", "") != transform_sha256(run):
+        raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
+                       "export this run, or pass the run it came from")
+    return session
 
 
 def score_files(batches, num_files: int, names: tuple[str, ...] | list[str], score_block: Callable
@@ -135,25 +265,6 @@ def score_files(batches, num_files: int, names: tuple[str, ...] | list[str], sco
     return scores, errors
 
 
-def _score_torch(scorer: Scorer, record: dict, encoder: CacheEncoder, files: list[str], batch_size: int,
-                 num_workers: int, progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every score of every file with the run's own transform and detector (the code ``score`` uses); NaN for
-    unreadable files."""
-
-    def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
-        cls, patches, beyond_range = encoder.encode_with_range(images)
-        finite = ~_check_finite(cls, patches, beyond_range, rows, errors, files, encoder.features["dtype"])
-        block = {name: np.full(len(rows), np.nan) for name in score_names(record)}
-        if finite.any():  # the detectors see finite rows only (a non-finite row has no meaningful score)
-            scored = scorer.scores(cls[finite], patches[finite], batch_size)
-            for name in score_names(record):
-                block[name][finite] = scored[name]
-        return block
-
-    return score_files(encoder.batches(files, batch_size, num_workers, progress=progress), len(files),
-                       score_names(record), score_block)
-
-
 def _check_finite(cls: np.ndarray, patches: np.ndarray, beyond_range: np.ndarray, indices: list[int],
                   errors: list[str], files: list[str], dtype: str) -> np.ndarray:
     """An error for each image with non-finite features, naming the cause: the backbone's own output, or finite
@@ -183,36 +294,11 @@ def _drop_errors(scores: dict[str, np.ndarray], errors: list[str]) -> None:
                 values[i] = np.nan
 
 
-def score_with_onnx(onnx_path: str | os.PathLike, run: Path, record: dict, prep: CacheEncoder, files: list[str],
-                    batch_size: int, num_workers: int, progress: bool,
-                    log: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Every score of every file through onnxruntime; NaN and the reason for files that cannot be read or whose
-    scores are not finite (:func:`score_files`).
-
-    Raises:
-        RunError: the graph cannot be loaded, or was exported from another run (its metadata says which).
-    """
-    session = onnx_session(onnx_path)
-    meta = read_metadata(session)
-    if meta.get("cache_fingerprint") != record["cache_fingerprint"] or meta.get("run_created") != record.get(
-            "created", "") or meta.get("method") != record["method"] or meta.get("model_sha256") != file_sha256(
-            Path(run) / "model.safetensors") or meta.get("feature_transform_sha256", "") != transform_sha256(run):
-        raise RunError(f"--onnx {onnx_path} was exported from another run ({meta.get('run', 'no sanf_ad metadata')}); "
-                       "export this run, or pass the run it came from")
-    names = list(score_names(record))
-    log(f"onnxruntime {onnx_path}: {meta.get('backbone')} + {record['method']}, opset {meta.get('opset')}")
-    def score_block(images: torch.Tensor, rows: list[int], errors: list[str]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {"images": images.numpy()})))
-
-    return score_files(prep.batches(files, batch_size, num_workers, normalise=False, progress=progress), len(files),
-                       names, score_block)
-
-
 def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | None = None,
             alpha: float = DEFAULT_ALPHA, batch_size: int = 64, num_workers: int = 2, device: str = "auto",
             onnx: str | os.PathLike | None = None, weights: str | None = None, progress: bool = True,
             log: Callable[[str], None] = print) -> PredictionSummary:
-    """Score new image files with a fitted run and write one CSV row per file.
+    """Score new image files with a fitted run and write one CSV row per file (``pipeline.py predict``).
 
     Args:
         run: a run folder (any method).
@@ -244,7 +330,7 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
         raise ValueError(f"PATH {missing[0]} does not exist")
     run = Path(run)
     record = read_run_record(run)
-    calibration = read_calibration(run, record)
+    read_calibration(run, record)  # a damaged calibration is refused before anything else is done
     out = Path(out) if out is not None else run / PREDICTIONS_FILE
     check_writable_dir(out.parent, "--out")
     if out.is_dir():
@@ -258,24 +344,18 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
         raise ValueError(f"no image files under {', '.join(paths)}"
                          + (f" ({n} file{'' if n == 1 else 's'} that {'is' if n == 1 else 'are'} not an image"
                             f"{'' if n == 1 else 's'})" if n else ""))
-    if calibration is not None and smallest_p_value(len(calibration[primary_score(record)])) > alpha:
-        log(f"note: with {len(calibration[primary_score(record)])} held-out rows no p-value can be <= alpha "
-            f"{alpha}, so nothing will be flagged; hold out more rows (--val-fraction) or raise --alpha")
-    features = run_features(run, record)
-    if onnx is None:
-        dev = resolve_device(device)
-        encoder = rebuild_encoder(features, dev, weights=weights, log=log)
-        scores, errors = _score_torch(load_scorer(run, dev), record, encoder, listed.files, batch_size, num_workers,
-                                      progress)
-    else:
-        scores, errors = score_with_onnx(onnx, run, record, preprocessing_only(features), listed.files, batch_size,
-                                         num_workers, progress, log)
-    rows, flagged = _rows(listed.files, scores, errors, record, calibration, alpha)
-    write_csv(out, prediction_columns(record), rows)
-    num_errors = sum(1 for e in errors if e)
-    return PredictionSummary(out, len(rows), len(rows) - num_errors, num_errors, flagged, listed.skipped, alpha,
-                             calibration is not None)
+    predictor = Predictor(run, device=device, onnx=onnx, weights=weights, log=log)
+    if predictor.calibrated and smallest_p_value(predictor.num_calibration) > alpha:
+        log(f"note: with {predictor.num_calibration} held-out rows no p-value can be <= alpha {alpha}, so nothing "
+            "will be flagged; hold out more rows (--val-fraction) or raise --alpha")
+    result = predictor.predict(listed.files, alpha=alpha, batch_size=batch_size, num_workers=num_workers,
+                               progress=progress)
+    write_csv(out, prediction_columns(record), result.rows())
+    num_errors = sum(1 for e in result.errors if e)
+    flagged = int(result.anomalous[[not e for e in result.errors]].sum()) if predictor.calibrated else None
+    return PredictionSummary(out, len(result), len(result) - num_errors, num_errors, flagged, listed.skipped, alpha,
+                             predictor.calibrated)
 
 
-__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "predict", "prediction_columns", "score_with_onnx",
+__all__ = ["PREDICTIONS_FILE", "PredictionSummary", "Predictions", "Predictor", "predict", "prediction_columns",
            "score_files"]

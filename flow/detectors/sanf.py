@@ -90,7 +90,7 @@ class FlowDetector(Detector):
 
     @classmethod
     def from_state(cls, params: dict[str, Any], state: dict[str, Any]) -> "FlowDetector":
-        detector = cls(FlowConfig(**params["flow"]))
+        detector = cls(FlowConfig.from_dict(params["flow"]))
         detector.flow.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
         detector.flow.eval()
         return detector

@@ -1,7 +1,7 @@
-"""Feature transforms applied to cached tokens before any detector sees them (``fit``/``run --features``).
+"""Feature transforms applied to cached tokens before any detector sees them (``fit``/``sweep --transform``).
 
 The default, ``auto`` (:func:`resolve_features`), is ``ssqrt-l2`` on the final features of a CNN and ``raw`` (the
-paper's) on anything else; the paper's exact setting is ``--features raw``.
+paper's) on anything else; the paper's exact setting is ``--transform raw``.
 
 One transform maps every token the same way, class token and patch tokens alike, so the channels of the patch
 tokens stay aligned with those of the class token (what the class attention of CAFF, docs/method.md eq. (14)-(16), mixes) and every
@@ -37,11 +37,11 @@ from torch import nn
 FEATURE_TRANSFORMS = ("raw", "l2", "ssqrt-l2", "standardize", "pca-whiten")
 #: The paper's setting, and what a run without a ``feature_transform`` entry (fitted before the option) used.
 PAPER_FEATURES = "raw"
-#: ``--features auto``: chosen from what the cache holds, see :func:`resolve_features`.
+#: ``--transform auto``: chosen from what the cache holds, see :func:`resolve_features`.
 AUTO = "auto"
-#: ``--features`` values.
+#: ``--transform`` values.
 FEATURE_CHOICES = (AUTO,) + FEATURE_TRANSFORMS
-#: The ``--features`` default.
+#: The ``--transform`` default.
 DEFAULT_FEATURES = AUTO
 #: Transforms whose statistics are fitted on the normal train rows.
 FITTED = ("standardize", "pca-whiten")
@@ -56,16 +56,16 @@ def check_features(name: str, allow_auto: bool = False) -> str:
     """Return ``name`` if it is a known transform (or ``auto``, when ``allow_auto``).
 
     Raises:
-        ValueError: names ``--features``, the allowed values and the value received.
+        ValueError: names ``--transform``, the allowed values and the value received.
     """
     allowed = FEATURE_CHOICES if allow_auto else FEATURE_TRANSFORMS
     if name not in allowed:
-        raise ValueError(f"--features must be one of {', '.join(allowed)}; got {name!r}")
+        raise ValueError(f"--transform must be one of {', '.join(allowed)}; got {name!r}")
     return name
 
 
 def resolve_features(name: str, cache_attrs: dict[str, Any]) -> str:
-    """The transform ``--features name`` means for a cache: ``name`` itself, or for ``auto`` the measured choice.
+    """The transform ``--transform name`` means for a cache: ``name`` itself, or for ``auto`` the measured choice.
 
     ``auto`` is ``ssqrt-l2`` for the final pooled features of a CNN (cache attributes ``semantic_vector`` =
     ``spatial_mean``, ``layer`` = ``final``), which pass through a ReLU-type activation: sparse, heavy-tailed,
@@ -76,7 +76,7 @@ def resolve_features(name: str, cache_attrs: dict[str, Any]) -> str:
     lowered both baselines on the pre-activation features and gained no more than ``l2`` on block-4).
 
     Args:
-        name: a ``--features`` value (:data:`FEATURE_CHOICES`).
+        name: a ``--transform`` value (:data:`FEATURE_CHOICES`).
         cache_attrs: the cache's root attributes (``semantic_vector``; ``layer``, ``final`` when absent).
 
     Raises:
@@ -125,14 +125,14 @@ class FeatureTransform(nn.Module):
             return self
         x = cls.double().cpu().numpy() if isinstance(cls, torch.Tensor) else np.asarray(cls, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
-            raise ValueError(f"--features {self.name} needs at least 2 finite train vectors (N, D); got "
+            raise ValueError(f"--transform {self.name} needs at least 2 finite train vectors (N, D); got "
                              f"{x.shape}")
         mean = x.mean(axis=0)
         std = x.std(axis=0)
         typical = float(std.mean())
         if not typical > 0:
-            raise ValueError(f"--features {self.name}: the normal train class tokens are all the same vector, so "
-                             "there is no scale to fit; use --features raw, l2 or ssqrt-l2")
+            raise ValueError(f"--transform {self.name}: the normal train class tokens are all the same vector, so "
+                             "there is no scale to fit; use --transform raw, l2 or ssqrt-l2")
         if self.name == "standardize":
             std = np.where(std < STD_FLOOR * typical, typical, std)  # (nearly) constant channels: typical scale
             self._set(shift=mean, scale=1.0 / std)

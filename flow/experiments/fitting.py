@@ -27,25 +27,24 @@ from flow.detectors.calibration import (
     min_calibration_rows,
     smallest_p_value,
 )
-from flow.detectors.registry import BASELINES, FLOW_METHODS, METHODS, PRIMARY_SCORES
+from flow.detectors.registry import PRIMARY_SCORES, detector_class
 from flow.detectors.sanf import FlowDetector, flow_method
 from flow.detectors.transforms import (
     AUTO,
-    DEFAULT_FEATURES,
     FITTED,
     PAPER_FEATURES,
     FeatureTransform,
-    check_features,
     resolve_features,
 )
+from flow.experiments.config import FitConfig
 from flow.model.sanf import FlowConfig, count_flops, parameter_count
-from flow.model.train import TrainConfig
 from flow.store.run_folder import (
     CALIBRATION_FILE,
     RUN_FORMAT,
     RUN_VERSION,
     TRANSFORM_FILE,
     RunError,
+    RunLock,
     calibration_text,
     check_writable_dir,
     load_feature_transform,
@@ -169,159 +168,186 @@ class FitOutcome:
     kept: bool = False
 
 
-def fit_cache(cache: str | os.PathLike, normal: str | int = "all", runs_dir: str | os.PathLike = "runs",
-              seed: int = 0, flow_config: dict | None = None, train_config: TrainConfig = TrainConfig(),
-              device: str = "auto", val_fraction: float = 0.0, progress: bool = True,
-              log: Callable[[str], None] = print, method: str | None = None,
-              baseline_params: dict | None = None, setting: str = "", keep_existing: bool = False,
-              features: str = DEFAULT_FEATURES) -> list[FitOutcome]:
-    """Fit one detector per normal class on the train split of a cache and save each as a run.
+def fit_cache(cache: str | os.PathLike, config: FitConfig = FitConfig(), runs_dir: str | os.PathLike = "runs",
+              device: str = "auto", progress: bool = True, log: Callable[[str], None] = print, setting: str = "",
+              keep_existing: bool = False, overwrite: bool = False) -> list[FitOutcome]:
+    """Fit one detector per normal class on the train split of a cache and save each as a run folder.
 
-    ``method`` is ``sanf`` (the CAFF flow), ``sanf-nocaff`` (MLP-only subnets; also chosen by
-    ``flow_config["use_caff"] = False``), or a baseline of :mod:`flow.detectors.knn` and :mod:`flow.detectors.gaussian` (``knn``, ``gaussian``),
-    which reads only the class tokens and ignores the flow and training settings.
-
-    Only the train rows of the normal class are read from the file (not the whole cache).
+    Only the train rows of the normal class are read from the file (not the whole cache). The feature transform's
+    statistics are fitted on the rows the detector is fitted on (held-out rows excluded) and stored with the run,
+    which records the transform ``auto`` resolved to (:func:`flow.detectors.transforms.resolve_features`).
 
     Args:
         cache: the ``.h5`` feature cache.
-        normal: ``"all"``, a class index or a class name (see :func:`resolve_normal`).
-        runs_dir: folder that receives one run folder per fitted model.
-        seed: initialisation and batch-order seed.
-        flow_config: FlowConfig fields other than ``dim`` (taken from the cache).
-        train_config: optimisation settings.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        val_fraction: hold out this fraction of the normal class's train rows (chosen by ``seed``) and
-            record the loss on them after every epoch; the flow is trained on the rest. 0 trains on all.
+        config: what to fit (:class:`~flow.experiments.config.FitConfig`: normal class, method, transform,
+            held-out fraction, seed, and the flows' shape and training).
+        runs_dir: folder that receives one run folder per fitted detector.
+        device: ``auto``, ``cpu`` or ``cuda`` (the flows' training).
         progress: show progress bars.
         log: where to print one line per fitted class.
-        method: see above; default ``sanf`` (or ``sanf-nocaff`` per ``flow_config``).
-        baseline_params: keyword arguments of the baseline's constructor (e.g. ``{"k": 2}`` for ``knn``).
         setting: a label for a sweep's flow setting (see :func:`flow_setting`); it goes into the run's name
             and record and labels its rows, so that the runs of a sweep do not replace each other.
         keep_existing: keep (do not fit again) a class whose run folder already holds a run of the same
-            cache content, method, normal class, seed and settings (what makes an interrupted ``run`` resume);
-            any other run in its place is replaced as usual.
-        features: the feature transform of :mod:`flow.detectors.transforms` applied to class and patch tokens before the
-            detector (``raw``: none, the paper's; ``auto``, the default: ``ssqrt-l2`` on a CNN's final features,
-            ``raw`` otherwise, see :func:`flow.detectors.transforms.resolve_features`); its statistics are fitted on the rows
-            the detector is fitted on (held-out rows excluded) and stored with the run, which records the
-            transform ``auto`` resolved to. A transform other than ``raw`` is part of the run's setting label, so
-            runs of different transforms do not replace each other.
+            cache content and settings (what makes an interrupted sweep resume).
+        overwrite: replace a run folder that holds a run fitted with other settings (refused otherwise: a fitted,
+            maybe deployed, model is not lost by accident). A run of the same settings is always fitted again.
 
     Returns:
         One :class:`FitOutcome` per normal class, in class order.
 
     Raises:
         CacheError: the cache is unreadable or invalid.
-        ValueError: a bad ``normal`` or a normal class without train rows.
+        ValueError: a bad ``normal``, a normal class without (enough) train rows.
+        RunError: a run folder in the way holds a run of other settings (without ``overwrite``), is not a run
+            folder, or is being written by another process.
         FlowTrainingError: training diverged.
     """
-    flow_config = dict(flow_config or {})
-    check_features(features, allow_auto=True)
-    if method is None:
-        method = flow_method(flow_config.get("use_caff", True))
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method in FLOW_METHODS:
-        train_config.check_held_out(val_fraction > 0)  # before the cache is read
+    features = config.transform
     if features == AUTO:
         with FeatureCache(cache) as fc:  # the choice depends on what the cache holds
             features = resolve_features(features, fc.attrs)
         kind = "a CNN's final features" if features != PAPER_FEATURES else "not a CNN's final features"
-        log = _said_first(log, f"--features auto: {features} ({kind}; --features raw is the paper's setting)")
+        log = _said_first(log, f"--transform auto: {features} ({kind}; --transform raw is the paper's setting)")
     setting = run_setting(setting, features)
-    if method in BASELINES:
-        return _fit_baseline(cache, method, normal, runs_dir, seed, baseline_params or {}, log, keep_existing,
-                             val_fraction, features, setting)
-    if "use_caff" in flow_config and flow_method(flow_config["use_caff"]) != method:
-        raise ValueError(f"--method {method} contradicts --no-caff={not flow_config['use_caff']}")
-    flow_config["use_caff"] = method == "sanf"
     dev = resolve_device(device)
     runs_dir = Path(runs_dir)
     outcomes = []
-    with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
-        train = fc.split("train")
-        config = FlowConfig(dim=int(fc.attrs["feature_dim"]), **flow_config)
-        n_params = parameter_count(config)
-        check_training_memory(n_params)
-        flops = count_flops(config, int(fc.attrs["num_patches"]))
-        flops_written = count_flops(config, int(fc.attrs["num_patches"]), as_written=True)
-        log(f"flow: {flow_method(config.use_caff)}, D={config.dim}, P={fc.attrs['num_patches']}, "
-            f"K={config.num_blocks}, H={config.hidden}, heads={config.num_heads}, alpha={config.alpha}: "
-            f"{n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample (forward; "
-            f"{flops_written / 1e9:.3f} with the class attention as the paper prints it, docs/method.md eq. (14)-(16))")
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction)
+    with _open_for_fit(cache, config.normal, runs_dir) as (fc, classes, fingerprint):
+        flow_config = config.flow_config(int(fc.attrs["feature_dim"])) if config.is_flow else None
+        size = _flow_size(flow_config, int(fc.attrs["num_patches"]), log) if config.is_flow else {}
+        names = _check_slots(fc, cache, config, classes, runs_dir, setting, features)
         for k in classes:
-            kept = keep_existing and _kept_run(runs_dir / names[k], {
-                "method": method, "normal_class": k, "seed": seed, "setting": setting, "flow": config.to_dict(),
-                "train": train_config.to_dict(), "val_fraction": val_fraction, "feature_transform": features,
-                "cache_fingerprint": fingerprint}, log)
+            path = runs_dir / names[k]
+            settings = _settings(config, k, setting, features, fingerprint, flow_config)
+            kept = keep_existing and _kept_run(path, settings, log)
             if kept:
                 outcomes.append(kept)
                 continue
-            rows = train.rows_of_class(k)
-            cls_np, patches_np = train.read(rows)
-            cls_t = torch.from_numpy(cls_np)
-            patches_t = torch.from_numpy(patches_np) if config.use_caff else None
-            fit_idx, val_idx = split_holdout(rows.size, val_fraction, seed)
-            val_cls = val_patches = None
-            if val_idx.numel():
-                val_cls, cls_t = cls_t[val_idx], cls_t[fit_idx]
-                if patches_t is not None:
-                    val_patches, patches_t = patches_t[val_idx], patches_t[fit_idx]
-            transform = FeatureTransform(features).fit(cls_t.numpy())  # the fitted rows only, never held-out ones
-            cls_t, patches_t, val_cls, val_patches = (None if t is None else transform(t)
-                                                      for t in (cls_t, patches_t, val_cls, val_patches))
-            name = names[k]
-            if (runs_dir / name).exists():
-                log(f"replacing the existing run {runs_dir / name}")
-            detector = FlowDetector(config, train_config, seed=seed, device=dev, progress=progress)
-            result = detector.fit(cls_t, patches_t, val_cls, val_patches).result
-            files, calibration = {}, {}
-            if val_cls is not None:
-                held_out = detector.scores(val_cls, val_patches)
-                files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, val_fraction, seed, log)
-            if transform.state():
-                files[TRANSFORM_FILE] = transform.state()
-            record = {
-                **_record_head(fc, method, k, seed),
-                "setting": setting,
-                "feature_transform": features,
-                "flow": config.to_dict(),
-                "train": train_config.to_dict(),
-                "train_loss_unit": "nats per dimension (docs/method.md eq. (23): the paper's loss divided by D, without the (D/2) log 2pi term)",
-                "epochs": len(result.epoch_losses),  # passes made (the last one partial when --steps cut it)
-                "steps": result.num_steps,
-                "stopped_early": result.stopped_early,
-                "epoch_losses": result.epoch_losses,
-                "final_train_loss": result.final_loss,
-                "val_fraction": val_fraction,
-                "val_losses": result.val_losses,
-                "num_train": int(cls_t.shape[0]),
-                "num_val": int(val_idx.numel()),
-                "num_parameters": n_params,
-                # the paper's count (Table 6: class attention as docs/method.md eq. (14)-(16) print it), and what this code computes
-                "gflops_per_sample": round(flops_written / 1e9, 6),
-                "gflops_per_sample_computed": round(flops / 1e9, 6),
-                "wall_time_s": round(result.wall_time_s, 3),
-                "device": str(dev),
-                "primary_score": PRIMARY_SCORES[method],
-                **calibration,
-                **_record_tail(fc, cache, fingerprint),
-            }
-            path = save_run(runs_dir, name, detector.state(), record, files)
-            val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
-            epochs = train_config.describe(int(cls_t.shape[0]))
-            if result.stopped_early:
-                epochs = (f"stopped early after {len(result.epoch_losses)} epochs (train loss below the held-out "
-                          f"loss; at most {epochs})")
-            log(f"fitted normal class {k} ({fc.class_names[k]}): {cls_t.shape[0]} train rows"
-                f"{_features_note(features)}, "
-                f"{epochs}, "
-                f"final loss {result.final_loss:.4f} nats/dim{val_note}, {result.wall_time_s:.1f} s -> {path}")
-            outcomes.append(FitOutcome(path, record))
+            with RunLock(path):
+                _check_replace(path, settings, overwrite)
+                outcomes.append(_fit_one(fc, cache, config, k, path, settings, features, fingerprint, flow_config,
+                                         size, dev, progress, log))
     return outcomes
+
+
+def _flow_size(flow_config: FlowConfig, num_patches: int, log: Callable[[str], None]) -> dict:
+    """The flow's parameter count and FLOPs (logged, and recorded in every run.json); refuses a flow too large for
+    this machine's memory before anything is allocated."""
+    n_params = parameter_count(flow_config)
+    check_training_memory(n_params)
+    flops = count_flops(flow_config, num_patches)
+    flops_written = count_flops(flow_config, num_patches, as_written=True)
+    log(f"flow: {flow_method(flow_config.use_caff)}, D={flow_config.dim}, P={num_patches}, "
+        f"K={flow_config.num_blocks}, H={flow_config.hidden}, heads={flow_config.num_heads}, "
+        f"clamp={flow_config.clamp}: {n_params:,} trainable parameters, {flops / 1e9:.3f} GFLOPs per sample "
+        f"(forward; {flops_written / 1e9:.3f} with the class attention as the paper prints it, docs/method.md "
+        f"eq. (14)-(16))")
+    # the paper's count (Table 6: class attention as docs/method.md eq. (14)-(16) print it), and what this code computes
+    return {"num_parameters": n_params, "gflops_per_sample": round(flops_written / 1e9, 6),
+            "gflops_per_sample_computed": round(flops / 1e9, 6)}
+
+
+def _settings(config: FitConfig, k: int, setting: str, features: str, fingerprint: str,
+              flow_config: FlowConfig | None) -> dict:
+    """The entries of run.json that say what was fitted: a run with the same ones is the same fit."""
+    head = {"method": config.method, "normal_class": k, "seed": config.seed, "setting": setting}
+    if flow_config is not None:
+        what = {"flow": flow_config.to_dict(), "train": config.train_config().to_dict()}
+    else:
+        what = {"params": detector_class(config.method)(**config.detector_params()).params()}
+    return {**head, **what, "val_fraction": config.val_fraction, "feature_transform": features,
+            "cache_fingerprint": fingerprint}
+
+
+def _check_replace(path: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to replace the run at ``path`` when it was fitted with other settings, unless ``overwrite``.
+
+    Raises:
+        RunError: names the run folder, the first setting that differs (old and new values) and ``--overwrite``.
+    """
+    if overwrite or not (path / "run.json").is_file():
+        return
+    try:
+        record = read_run_record(path)
+    except RunError:
+        return  # a damaged run is replaced, as before
+    absent = {"setting": "", "feature_transform": PAPER_FEATURES}  # records written before these keys
+    for key, value in settings.items():
+        old = record.get(key, absent.get(key))
+        if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
+            what = key if not isinstance(value, dict) else next(
+                (f"{key}.{f}" for f in sorted(set(value) | set(old or {}))
+                 if (old or {}).get(f) != value.get(f)), key)
+            old_v = old if not isinstance(value, dict) else (old or {}).get(what.split(".", 1)[1])
+            new_v = value if not isinstance(value, dict) else value.get(what.split(".", 1)[1])
+            raise RunError(f"the run folder {path} holds a run fitted with other settings ({what} {old_v}, now "
+                           f"{new_v}); pass --overwrite to replace it, or choose another --runs-dir")
+
+
+def _fit_one(fc: FeatureCache, cache, config: FitConfig, k: int, path: Path, settings: dict, features: str,
+             fingerprint: str, flow_config: FlowConfig | None, size: dict, dev, progress: bool,
+             log: Callable[[str], None]) -> FitOutcome:
+    """Fit the detector of normal class ``k`` and save its run folder at ``path``."""
+    train = fc.split("train")
+    rows = train.rows_of_class(k)
+    cls, patches = (torch.from_numpy(a) for a in train.read(rows))
+    fit_idx, val_idx = split_holdout(rows.size, config.val_fraction, config.seed)
+    start = time.perf_counter()
+    transform = FeatureTransform(features).fit(cls[fit_idx])  # the fitted rows only, never held-out ones
+    if flow_config is not None:
+        detector = FlowDetector(flow_config, config.train_config(), seed=config.seed, device=dev, progress=progress)
+    else:
+        detector = detector_class(config.method)(**config.detector_params())
+    uses_patches = detector.uses_patches
+    fit_cls, fit_patches = transform(cls[fit_idx]), transform(patches[fit_idx]) if uses_patches else None
+    val_cls = transform(cls[val_idx]) if len(val_idx) else None
+    val_patches = transform(patches[val_idx]) if len(val_idx) and uses_patches else None
+    if path.exists():
+        log(f"replacing the existing run {path}")
+    detector.fit(fit_cls, fit_patches, val_cls, val_patches)
+    elapsed = time.perf_counter() - start
+    files, calibration = {}, {}
+    if val_cls is not None:
+        held_out = detector.scores(val_cls, val_patches)
+        files, calibration = _calibration(train, rows[val_idx.numpy()], held_out, config.val_fraction, config.seed,
+                                          log)
+    if transform.state():
+        files[TRANSFORM_FILE] = transform.state()
+    head = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "method": config.method,
+            "dataset": fc.attrs["dataset"], "backbone": fc.attrs["backbone"], "normal_class": k,
+            "normal_name": fc.class_names[k], "seed": config.seed, "setting": settings["setting"],
+            "feature_transform": features}
+    tail = {"primary_score": PRIMARY_SCORES[config.method], **calibration, "features": provenance(fc.attrs),
+            "cache": str(Path(cache).resolve()), "cache_fingerprint": fingerprint, "torch_version": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    name = f"{config.method} for normal class {k} ({fc.class_names[k]})"
+    if flow_config is not None:
+        result = detector.result
+        fit = detector.fit_record()
+        record = {**head, "flow": settings["flow"], "train": settings["train"],
+                  "train_loss_unit": "nats per dimension (docs/method.md eq. (23): the paper's loss divided by D, "
+                                     "without the (D/2) log 2pi term)",
+                  **{key: fit[key] for key in ("epochs", "steps", "stopped_early", "epoch_losses", "final_train_loss")},
+                  "val_fraction": config.val_fraction, "val_losses": fit["val_losses"],
+                  "num_train": int(fit_idx.numel()), "num_val": int(val_idx.numel()), **size,
+                  "wall_time_s": fit["wall_time_s"], "device": str(dev), **tail}
+        val_note = f", held-out loss {result.val_losses[-1]:.4f}" if result.val_losses else ""
+        epochs = config.train_config().describe(int(fit_idx.numel()))
+        if result.stopped_early:
+            epochs = (f"stopped early after {len(result.epoch_losses)} epochs (train loss below the held-out "
+                      f"loss; at most {epochs})")
+        line = (f"fitted normal class {k} ({fc.class_names[k]}): {fit_idx.numel()} train rows"
+                f"{_features_note(features)}, {epochs}, final loss {result.final_loss:.4f} nats/dim{val_note}, "
+                f"{result.wall_time_s:.1f} s")
+    else:
+        record = {**head, "params": detector.params(), "scores": list(detector.score_names),
+                  "num_train": int(fit_idx.numel()), "val_fraction": config.val_fraction,
+                  "num_val": int(val_idx.numel()), "wall_time_s": round(elapsed, 3), **tail}
+        held = f", {val_idx.numel()} held out for calibration" if val_idx.numel() else ""
+        line = (f"fitted {name}: {fit_idx.numel()} train rows{_features_note(features)}{held}, {elapsed:.1f} s")
+    saved = save_run(path.parent, path.name, detector.state(), record, files)
+    log(f"{line} -> {saved}")
+    return FitOutcome(saved, record)
 
 
 @contextlib.contextmanager
@@ -359,23 +385,23 @@ def normal_classes(fc: FeatureCache, normal: str | int) -> list[int]:
     return classes
 
 
-def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_dir: Path,
-                 seed: int, setting: str = "", features: str = PAPER_FEATURES,
-                 val_fraction: float = 0.0, baseline_params: dict | None = None) -> dict[int, str]:
+def _check_slots(fc: FeatureCache, cache, config: FitConfig, classes: list[int], runs_dir: Path,
+                 setting: str = "", features: str = PAPER_FEATURES) -> dict[int, str]:
     """Run names per class; refuses, before anything is fitted, a class without train rows, with fewer rows left
-    after holding out than a transform's statistics (2) or the baseline (:meth:`min_train_rows`) need, or a run
+    after holding out than a transform's statistics (2) or the detector (:meth:`min_train_rows`) need, or a run
     slot taken by something that is not a run."""
+    method, seed, val_fraction = config.method, config.seed, config.val_fraction
     names = {k: run_name(Path(cache).stem, method, k, fc.class_names[k], seed, setting) for k in classes}
     train = fc.split("train")
+    need = 1 if config.is_flow else detector_class(method)(**config.detector_params()).min_train_rows()
     for k in classes:
         n = train.rows_of_class(k).size
         if n == 0:
             raise ValueError(f"--normal {fc.class_names[k]!r}: the train split has no rows of this class")
         n_fit = n - int(split_holdout(n, val_fraction, seed)[1].numel())
         if features in FITTED and n_fit < 2:
-            raise ValueError(f"--features {features} needs at least 2 train rows to fit its statistics on; normal "
+            raise ValueError(f"--transform {features} needs at least 2 train rows to fit its statistics on; normal "
                              f"class {fc.class_names[k]!r} has {n}" + (" before holding out" if val_fraction else ""))
-        need = BASELINES[method](**(baseline_params or {})).min_train_rows() if method in BASELINES else 1
         if n_fit < need:
             kept = f", {n_fit} after --val-fraction {val_fraction} holds out {n - n_fit}" if val_fraction else ""
             advice = "; lower --val-fraction" if val_fraction and n >= need else ""
@@ -387,9 +413,7 @@ def _check_slots(fc: FeatureCache, cache, method: str, classes: list[int], runs_
     return names
 
 
-def check_fit(cache: str | os.PathLike, normal: str | int, runs_dir: str | os.PathLike, seed: int, method: str,
-              features: str = DEFAULT_FEATURES, val_fraction: float = 0.0, baseline_params: dict | None = None,
-              setting: str = "") -> None:
+def check_fit(cache: str | os.PathLike, config: FitConfig, runs_dir: str | os.PathLike, setting: str = "") -> None:
     """Refuse, without fitting anything, what :func:`fit_cache` with these arguments would refuse before its first
     fit: a bad ``normal``, too few train rows for the method once ``val_fraction`` is held out, a run slot taken by
     something that is not a run. A sweep checks every fit first, so that it does not stop after hours of fits.
@@ -398,22 +422,9 @@ def check_fit(cache: str | os.PathLike, normal: str | int, runs_dir: str | os.Pa
         ValueError, RunError, CacheError: as :func:`fit_cache`.
     """
     with FeatureCache(cache) as fc:
-        resolved = resolve_features(features, fc.attrs)  # auto -> the cache's choice, others unchanged
-        classes = normal_classes(fc, normal)
-        _check_slots(fc, cache, method, classes, Path(runs_dir), seed, run_setting(setting, resolved), resolved,
-                     val_fraction, baseline_params)
-
-
-def _record_head(fc: FeatureCache, method: str, k: int, seed: int) -> dict:
-    return {"format": RUN_FORMAT, "format_version": RUN_VERSION, "method": method, "dataset": fc.attrs["dataset"],
-            "backbone": fc.attrs["backbone"], "normal_class": k, "normal_name": fc.class_names[k], "seed": seed}
-
-
-def _record_tail(fc: FeatureCache, cache, fingerprint: str) -> dict:
-    """The end of every run.json: how the features were computed (the cache's provenance, so the run can be used
-    on new images without its cache), the cache and its fingerprint, versions and time."""
-    return {"features": provenance(fc.attrs), "cache": str(Path(cache).resolve()), "cache_fingerprint": fingerprint,
-            "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        resolved = resolve_features(config.transform, fc.attrs)  # auto -> the cache's choice, others unchanged
+        classes = normal_classes(fc, config.normal)
+        _check_slots(fc, cache, config, classes, Path(runs_dir), run_setting(setting, resolved), resolved)
 
 
 def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutcome | None:
@@ -433,51 +444,6 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
         return None
     log(f"kept {path}: fitted before with the same cache, method, seed and settings (--refit fits it again)")
     return FitOutcome(path, record, kept=True)
-
-
-def _fit_baseline(cache, method: str, normal, runs_dir, seed: int, params: dict,
-                  log: Callable[[str], None], keep_existing: bool = False, val_fraction: float = 0.0,
-                  features: str = PAPER_FEATURES, setting: str = "") -> list[FitOutcome]:
-    """:func:`fit_cache` for the baselines of :mod:`flow.detectors.knn` and :mod:`flow.detectors.gaussian` (class tokens only; ``seed`` is recorded,
-    names the run and chooses the held-out rows, but the baselines are deterministic)."""
-    runs_dir = Path(runs_dir)
-    outcomes = []
-    with _open_for_fit(cache, normal, runs_dir) as (fc, classes, fingerprint):
-        names = _check_slots(fc, cache, method, classes, runs_dir, seed, setting, features, val_fraction, params)
-        train = fc.split("train")
-        for k in classes:
-            kept = keep_existing and _kept_run(runs_dir / names[k], {
-                "method": method, "normal_class": k, "seed": seed, "setting": setting,
-                "params": BASELINES[method](**params).params(), "val_fraction": val_fraction,
-                "feature_transform": features, "cache_fingerprint": fingerprint}, log)
-            if kept:
-                outcomes.append(kept)
-                continue
-            rows = train.rows_of_class(k)
-            cls_np, _ = train.read(rows)
-            fit_idx, val_idx = (i.numpy() for i in split_holdout(rows.size, val_fraction, seed))
-            start = time.perf_counter()
-            transform = FeatureTransform(features).fit(cls_np[fit_idx])  # the fitted rows only
-            cls_np = transform(cls_np)
-            detector = BASELINES[method](**params).fit(cls_np[fit_idx])
-            elapsed = time.perf_counter() - start
-            files, calibration = {}, {}
-            if val_idx.size:
-                files, calibration = _calibration(train, rows[val_idx], detector.scores(cls_np[val_idx]),
-                                                  val_fraction, seed, log)
-            if transform.state():
-                files[TRANSFORM_FILE] = transform.state()
-            record = {**_record_head(fc, method, k, seed), "setting": setting, "feature_transform": features,
-                      "params": detector.params(),
-                      "scores": list(detector.score_names), "num_train": int(fit_idx.size),
-                      "val_fraction": val_fraction, "num_val": int(val_idx.size), "wall_time_s": round(elapsed, 3),
-                      "primary_score": PRIMARY_SCORES[method], **calibration, **_record_tail(fc, cache, fingerprint)}
-            path = save_run(runs_dir, names[k], detector.state(), record, files)
-            log(f"fitted {method} for normal class {k} ({fc.class_names[k]}): {fit_idx.size} train rows"
-                f"{_features_note(features)}"
-                f"{f', {val_idx.size} held out for calibration' if val_idx.size else ''}, {elapsed:.1f} s -> {path}")
-            outcomes.append(FitOutcome(path, record))
-    return outcomes
 
 
 def _calibration(train, rows: np.ndarray, scores: dict[str, np.ndarray], val_fraction: float,

@@ -10,10 +10,10 @@ from typing import Callable, Sequence
 
 from cache import FeatureCache
 from extract.distributed import SINGLE, DistContext
+from flow.detectors.registry import FLOW_METHODS
 from flow.detectors.transforms import AUTO, resolve_features
+from flow.experiments.config import FitConfig
 from flow.experiments.fitting import check_fit, fit_cache, flow_setting, normal_classes
-from flow.model.train import TrainConfig
-from flow.store.run_folder import FLOW_METHODS
 
 #: The flow setting of the baselines' single row (they ignore it).
 _BASELINE_SIZE = (4, 1024)
@@ -76,50 +76,61 @@ def per_class(fits: Sequence[SweepFit]) -> list[SweepFit]:
     return out
 
 
-def _baseline_params(fit: SweepFit, knn_k: int) -> dict:
-    """The baseline constructor's keyword arguments of a fit (k for knn; none otherwise)."""
-    return {"k": knn_k} if fit.method == "knn" else {}
+def fit_config(fit: SweepFit, base: FitConfig, k: int = 2) -> FitConfig:
+    """The :class:`~flow.experiments.config.FitConfig` of one fit of a sweep: ``base`` (the options given once) with
+    the fit's method, seed, transform, normal class and flow size (reset for a baseline, which has none), and ``k``
+    for knn."""
+    config = replace(base.for_method(fit.method, k=k), seed=fit.seed, transform=fit.features, normal=fit.normal)
+    return replace(config, blocks=fit.num_blocks, hidden=fit.hidden) if config.is_flow else config
 
 
-def fit_sweep(caches: Sequence[Path], normal: str, methods: Sequence[str], seeds: Sequence[int],
-              features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int], runs_dir: str,
-              train_config: TrainConfig, knn_k: int, device: str, refit: bool, log: Callable[[str], None] = print,
-              dist: DistContext = SINGLE, val_fraction: float = 0.0) -> tuple[dict[Path, set[str]], set[str]]:
+def fit_sweep(caches: Sequence[Path], base: FitConfig, methods: Sequence[str], seeds: Sequence[int],
+              transforms: Sequence[str], blocks: Sequence[int], hidden: Sequence[int], runs_dir: str, device: str,
+              refit: bool, k: int = 2, log: Callable[[str], None] = print, dist: DistContext = SINGLE,
+              overwrite: bool = False) -> tuple[dict[Path, set[str]], set[str]]:
     """Fit every run of a sweep (see :func:`sweep_fits`); a run already fitted with the same cache, method, seed
-    and settings is kept unless ``refit``. ``val_fraction`` > 0 holds out that share of each normal class's train
-    rows in every run, flows and baselines alike, calibrating it (:func:`flow.experiments.fitting.fit_cache`).
+    and settings is kept unless ``refit``. ``base.val_fraction`` > 0 holds out that share of each normal class's
+    train rows in every run, flows and baselines alike, calibrating it (:func:`flow.experiments.fitting.fit_cache`).
 
     In a distributed job the fits are split per normal class (:func:`per_class`) and fit ``i`` goes to rank
     ``i mod world size``, on the rank's device; each flow is seeded alone, so the runs are those of one
     process up to float rounding. One progress bar on rank 0 counts the fits of every rank.
+
+    Args:
+        caches: the feature caches (one per MVTec AD category with ``--category all``).
+        base: the options every fit shares (normal class, held-out fraction, training, k, ...).
+        methods, seeds, transforms, blocks, hidden: the sweep's axes (the baselines: seed 0 and no flow size).
+        k: the neighbours of ``knn``.
+        runs_dir: where the run folders go.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        refit: fit again what was fitted before with the same settings (replacing it).
+        overwrite: replace runs fitted with other settings under the same names (refused otherwise).
+        log: where to print status lines.
+        dist: the distributed job, or :data:`extract.distributed.SINGLE`.
 
     Returns:
         ``(fitted, kept)`` on every rank: the run folder names fitted or kept, per cache, and the names of those
         kept (fitted before; their ``run.json`` holds the earlier fit's ``wall_time_s``).
 
     Raises:
-        As :func:`flow.experiments.fitting.fit_cache`; in a distributed job :class:`extract.distributed.JobError` as described by
-        :meth:`extract.distributed.DistContext.all_succeed`.
+        As :func:`flow.experiments.fitting.fit_cache`; in a distributed job :class:`extract.distributed.JobError`
+        as described by :meth:`extract.distributed.DistContext.all_succeed`.
     """
     fitted: dict[Path, set[str]] = {}
     kept: set[str] = set()
     with dist.all_succeed():
-        fits = sweep_fits(caches, normal, methods, seeds, features, blocks, hidden)
+        fits = sweep_fits(caches, base.normal, methods, seeds, transforms, blocks, hidden)
         for fit in fits:  # every fit's input checks before the first fit, not after hours of them
-            check_fit(fit.cache, fit.normal, runs_dir, fit.seed, fit.method, fit.features, val_fraction,
-                      _baseline_params(fit, knn_k), fit.setting)
+            check_fit(fit.cache, fit_config(fit, base, k), runs_dir, fit.setting)
         if dist.distributed:
             fits = per_class(fits)
             device = str(dist.device(device))
     mine = dist.share(fits)
     with dist.all_succeed(), dist.progress(len(fits), "fit", "fit") as step:
         for fit in mine:
-            outcomes = fit_cache(fit.cache, normal=fit.normal, runs_dir=runs_dir, seed=fit.seed, method=fit.method,
-                                 flow_config={"num_blocks": fit.num_blocks, "hidden": fit.hidden},
-                                 train_config=train_config, device=device, log=log,
-                                 baseline_params=_baseline_params(fit, knn_k), setting=fit.setting,
-                                 keep_existing=not refit, features=fit.features, progress=not dist.distributed,
-                                 val_fraction=val_fraction)
+            outcomes = fit_cache(fit.cache, fit_config(fit, base, k), runs_dir=runs_dir, device=device, log=log,
+                                 setting=fit.setting, keep_existing=not refit, overwrite=overwrite,
+                                 progress=not dist.distributed)
             fitted.setdefault(fit.cache, set()).update(o.path.name for o in outcomes)
             kept.update(o.path.name for o in outcomes if o.kept)
             step()

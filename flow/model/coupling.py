@@ -17,17 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Arctan soft clamp of a log-scale (eq. (8)): ``c(s) = (2 alpha / pi) * arctan(s / alpha)``.
+def soft_clamp(s: torch.Tensor, bound: float) -> torch.Tensor:
+    """Arctan soft clamp of a log-scale (eq. (8)): ``kappa_c(s) = (2 c / pi) * arctan(s / c)``, c the ``bound``.
 
     Args:
         s: raw log-scales, any shape.
-        alpha: clamp bound (paper: 3); the output lies in the open interval (-alpha, alpha).
+        bound: the clamp bound c (the paper's alpha = 3); the output lies in the open interval (-c, c).
 
     Returns:
         Tensor of the shape of ``s``.
     """
-    return (2.0 * alpha / math.pi) * torch.atan(s / alpha)
+    return (2.0 * bound / math.pi) * torch.atan(s / bound)
 
 
 def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
@@ -211,18 +211,18 @@ class FlowLayer(nn.Module):
         dim: D, channels of the semantic vector and of each patch token.
         hidden: H of the subnets.
         num_heads: class-attention heads.
-        alpha: soft-clamp bound c (eq. (8); the paper's alpha).
+        clamp: the soft-clamp bound c of the log-scales (eq. (8); the paper's alpha).
         use_caff: CAFF subnets (True) or MLP-only subnets (ablation).
         seed: seed of this layer's channel permutation.
     """
 
-    def __init__(self, dim: int, hidden: int = 1024, num_heads: int = 4, alpha: float = 3.0,
+    def __init__(self, dim: int, hidden: int = 1024, num_heads: int = 4, clamp: float = 3.0,
                  use_caff: bool = True, seed: int = 0) -> None:
         super().__init__()
         if dim < 2:
             raise ValueError(f"dim must be >= 2 to split into two halves, got {dim}")
         self.dim = dim
-        self.alpha = alpha
+        self.clamp = clamp
         self.dim_a = dim // 2
         self.dim_b = dim - self.dim_a
         perm = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
@@ -267,10 +267,10 @@ class FlowLayer(nn.Module):
         a, b = y[:, : self.dim_a], y[:, self.dim_a:]
         t_a, t_b = self._split_tokens(tokens)
         s1, t1 = self.subnet1(a, t_a)
-        s1 = soft_clamp(s1, self.alpha)
+        s1 = soft_clamp(s1, self.clamp)
         b = b * torch.exp(s1) + t1
         s2, t2 = self.subnet2(b, t_b)
-        s2 = soft_clamp(s2, self.alpha)
+        s2 = soft_clamp(s2, self.clamp)
         a = a * torch.exp(s2) + t2
         return torch.cat([a, b], dim=1), s1.sum(dim=1) + s2.sum(dim=1)
 
@@ -293,9 +293,9 @@ class FlowLayer(nn.Module):
         a, b = z[:, : self.dim_a], z[:, self.dim_a:]
         t_a, t_b = self._split_tokens(tokens)
         s2, t2 = self.subnet2(b, t_b)
-        s2 = soft_clamp(s2, self.alpha)
+        s2 = soft_clamp(s2, self.clamp)
         a = (a - t2) * torch.exp(-s2)
         s1, t1 = self.subnet1(a, t_a)
-        s1 = soft_clamp(s1, self.alpha)
+        s1 = soft_clamp(s1, self.clamp)
         b = (b - t1) * torch.exp(-s1)
         return torch.cat([a, b], dim=1), -(s1.sum(dim=1) + s2.sum(dim=1))

@@ -20,7 +20,8 @@ class FlowConfig:
         num_blocks: K, flow-based learning layers (paper: 4).
         hidden: H, hidden width of the coupling subnets (paper: 1024).
         num_heads: class-attention heads (reference code: 4).
-        alpha: soft-clamp bound c of the log-scales (eq. (8); the paper's alpha = 3).
+        clamp: the soft-clamp bound c of the log-scales (eq. (8); the paper's alpha = 3). ``run.json`` stores it
+            under the key ``alpha`` (:meth:`to_dict`, :meth:`from_dict`).
         use_caff: CAFF subnets (True) or the MLP-only ablation of Table 5 (False).
     """
 
@@ -28,7 +29,7 @@ class FlowConfig:
     num_blocks: int = 4
     hidden: int = 1024
     num_heads: int = 4
-    alpha: float = 3.0
+    clamp: float = 3.0
     use_caff: bool = True
 
     def __post_init__(self) -> None:
@@ -36,14 +37,29 @@ class FlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise ValueError(f"flow {name} must be an integer in 1..{most}, got {value!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-                or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"flow alpha must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.clamp, bool) or not isinstance(self.clamp, (int, float)) \
+                or not math.isfinite(self.clamp) or self.clamp <= 0:
+            raise ValueError(f"flow clamp must be a finite number > 0, got {self.clamp!r}")
         if not isinstance(self.use_caff, bool):
             raise ValueError(f"flow use_caff must be true or false, got {self.use_caff!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as ``run.json`` stores them (``clamp`` under its key since the first runs, ``alpha``)."""
+        out = asdict(self)
+        out["alpha"] = out.pop("clamp")
+        return {key: out[key] for key in ("dim", "num_blocks", "hidden", "num_heads", "alpha", "use_caff")}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "FlowConfig":
+        """The inverse of :meth:`to_dict` (``alpha`` read as ``clamp``).
+
+        Raises:
+            TypeError: unknown keys; ValueError: values out of range.
+        """
+        fields = dict(fields)
+        if "alpha" in fields:
+            fields["clamp"] = fields.pop("alpha")
+        return cls(**fields)
 
 
 class SANFFlow(nn.Module):
@@ -62,7 +78,7 @@ class SANFFlow(nn.Module):
             raise ValueError(f"num_blocks must be >= 1, got {config.num_blocks}")
         self.config = config
         self.layers = nn.ModuleList(
-            FlowLayer(config.dim, config.hidden, config.num_heads, config.alpha, config.use_caff, seed=k)
+            FlowLayer(config.dim, config.hidden, config.num_heads, config.clamp, config.use_caff, seed=k)
             for k in range(config.num_blocks)
         )
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cache import FileLock
 from flow.detectors.base import Detector
 from flow.detectors.calibration import DEFAULT_ALPHA, ConformalCalibration
 from flow.detectors.registry import BASELINES, FLOW_METHODS, METHODS, PRIMARY_SCORES, detector_class, method_score_names
@@ -43,6 +44,22 @@ TRANSFORM_FILE = "feature_transform.safetensors"
 
 class RunError(Exception):
     """A run folder or its cache is missing, changed or unreadable."""
+
+
+class RunLock(FileLock):
+    """One writer per run folder: an exclusive lock on ``<runs_dir>/.<name>.lock``, held while the run is fitted
+    and written (two fits of the same run at once would otherwise interleave their files). A context manager.
+
+    Raises:
+        RunError: another process holds it (the message names the run and the holder's pid).
+    """
+
+    def __init__(self, run: str | os.PathLike) -> None:
+        run = Path(run)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(run.parent / f".{run.name}.lock",
+                         lambda holder: f"the run {run} is being fitted by pid {holder}; wait for it to finish or "
+                                        "choose another --runs-dir", RunError)
 
 
 def _umask_mode(mode: int) -> int:
@@ -288,7 +305,7 @@ def read_run_record(path: str | os.PathLike) -> dict:
 
 
 def feature_transform_name(record: dict) -> str:
-    """The run's ``--features`` transform (``raw`` for runs fitted before the option)."""
+    """The run's ``--transform`` (feature transform) (``raw`` for runs fitted before the option)."""
     return record.get("feature_transform", PAPER_FEATURES)
 
 
@@ -338,7 +355,7 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     params = record["params"] if method in BASELINES else {"flow": record["flow"]}
     if method in FLOW_METHODS:
         try:
-            expected = parameter_count(FlowConfig(**record["flow"]))
+            expected = parameter_count(FlowConfig.from_dict(record["flow"]))
         except Exception as err:  # TypeError, ValueError, or torch's errors on impossible sizes
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise RunError(f"run {path}: run.json has an invalid flow configuration ({first})") from None

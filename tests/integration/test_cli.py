@@ -589,7 +589,7 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     column is the mean of its class columns, and a report."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]  # without the subcommand
-    args = ["run", *extraction, "--methods", "sanf,knn,gaussian", "--seeds", "0,1", "--epochs", "1",
+    args = ["sweep", *extraction, "--methods", "sanf,knn,gaussian", "--seeds", "0,1", "--epochs", "1",
             "--runs-dir", str(runs)]
     result = invoke(*args)
     assert_ok(result)
@@ -633,7 +633,7 @@ def test_fit_time_is_the_same_in_the_console_and_the_report_kept_runs_marked(tre
     the console summary line as in the report."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
-    args = ["run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1", "--normal", "blue",
+    args = ["sweep", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1", "--normal", "blue",
             "--runs-dir", str(runs)]
     assert_ok(first := invoke(*args))
     records = [json.loads((p / "run.json").read_text()) for p in runs.iterdir() if (p / "run.json").is_file()]
@@ -655,7 +655,7 @@ def test_fit_time_is_the_same_in_the_console_and_the_report_kept_runs_marked(tre
 def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
-    result = invoke("run", *extraction, "--methods", "sanf", "--blocks", "1,4", "--hidden", "8", "--epochs", "1",
+    result = invoke("sweep", *extraction, "--methods", "sanf", "--blocks", "1,4", "--hidden", "8", "--epochs", "1",
                     "--normal", "blue", "--runs-dir", str(runs))
     assert_ok(result)
     (cache,) = cache_dir.glob("*.h5")
@@ -665,7 +665,7 @@ def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):
     names = sorted(p.name for p in runs.iterdir() if p.is_dir() and "__plots" not in p.name)
     assert [n.split("__")[-3] for n in names] == ["sanf-K1-H8", "sanf-K4-H8"]
     assert "sanf[K1-H8]/nll" in result.output
-    bad = invoke("run", *extraction, "--blocks", "2,0", "--runs-dir", str(runs))
+    bad = invoke("sweep", *extraction, "--blocks", "2,0", "--runs-dir", str(runs))
     assert bad.exit_code == 2 and "'0' is not an integer in 1..256" in bad.output
 
 
@@ -691,10 +691,10 @@ def test_layer_is_recorded_and_names_its_cache(tmp_path):
 
 
 def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
-    """run --features a,b: one run per transform and method, labelled rows; a kept run is kept per transform."""
+    """sweep --transform a,b: one run per transform and method, labelled rows; a kept run is kept per transform."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
-    args = ["run", *extraction, "--methods", "knn,sanf", "--features", "raw,standardize", "--hidden", "8",
+    args = ["sweep", *extraction, "--methods", "knn,sanf", "--transform", "raw,standardize", "--hidden", "8",
             "--epochs", "1", "--normal", "blue", "--runs-dir", str(runs)]
     result = invoke(*args)
     assert_ok(result)
@@ -707,7 +707,7 @@ def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
     again = invoke(*args)
     assert_ok(again)
     assert again.output.count("kept ") == 4
-    bad = invoke(*args[:-2], "--features", "raw,whiten", "--runs-dir", str(runs))
+    bad = invoke(*args[:-2], "--transform", "raw,whiten", "--runs-dir", str(runs))
     assert bad.exit_code == 2
     assert "'whiten' is not one of auto, raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output
 
@@ -718,7 +718,7 @@ def test_run_with_val_fraction_calibrates_every_run(tree, tmp_path):
     settings; --early-stop without --val-fraction is refused before anything is extracted."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
-    args = ["run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "3", "--runs-dir", str(runs)]
+    args = ["sweep", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "3", "--runs-dir", str(runs)]
     refused = invoke(*args, "--early-stop")
     assert_input_error(refused, "--early-stop needs held-out normal rows", "--val-fraction")
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
@@ -791,7 +791,7 @@ def test_run_checks_every_fit_before_the_first_and_leaves_no_empty_runs_dir(tree
     and a refused fit leaves no empty --runs-dir (a new-user trial found both)."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
-    result = invoke("run", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1",
+    result = invoke("sweep", *extraction, "--methods", "sanf,knn", "--hidden", "8", "--epochs", "1",
                     "--val-fraction", "0.7", "--runs-dir", str(runs))
     assert_input_error(result, "--method knn needs at least 2 train rows; normal class 'blue' has 4, 1 after "
                                "--val-fraction 0.7 holds out 3; lower --val-fraction")

@@ -140,7 +140,7 @@ def test_mvtec_category_errors(mvtec_run, tmp_path):
 
 def test_run_on_good_defect_folders(tmp_path):
     root = make_mvtec(tmp_path / "mine", {"widget": {"good": (5, 3), "dent": 2, "crack": 2}}) / "widget"
-    result = invoke("run", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root),
+    result = invoke("sweep", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root),
                     "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
                     "--methods", "knn,gaussian", *COMMON)
     assert_ok(result)
@@ -154,7 +154,7 @@ def test_run_on_good_defect_folders(tmp_path):
 
 def test_run_mvtec_all_categories_writes_a_summary_per_category(tmp_path):
     root = make_mvtec(tmp_path / "mvtec")
-    result = invoke("run", "--dataset", "mvtec", "--category", "all", "--data-root", str(root), "--cache-dir",
+    result = invoke("sweep", "--dataset", "mvtec", "--category", "all", "--data-root", str(root), "--cache-dir",
                     str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--methods", "knn", *COMMON)
     assert_ok(result)
     summaries = sorted(p.name.split("__")[0] for p in (tmp_path / "runs").glob("*__summary.csv"))
@@ -167,7 +167,7 @@ def test_run_mvtec_all_categories_writes_a_summary_per_category(tmp_path):
 
 def test_run_keeps_runs_fitted_with_the_same_settings_and_refits_on_request(tmp_path):
     root = make_mvtec(tmp_path / "mine", {"widget": {"good": (5, 3), "dent": 2}}) / "widget"
-    args = ["run", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root), "--cache-dir",
+    args = ["sweep", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root), "--cache-dir",
             str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--methods", "sanf,knn", "--epochs", "1",
             "--hidden", "8", *COMMON]
     first = invoke(*args)

@@ -215,9 +215,9 @@ def _auroc(runs: Path) -> dict[tuple, float]:
 def test_run_on_two_ranks_gives_the_summary_of_one_process(uninterrupted, tmp_path):
     cache_dir = uninterrupted.parent  # both runs on the same features: the fits are compared, not the extraction
     one, two = tmp_path / "one", tmp_path / "two"
-    alone = invoke("run", *digits_args(cache_dir)[1:], *RUN_ARGS, "--runs-dir", str(one))
+    alone = invoke("sweep", *digits_args(cache_dir)[1:], *RUN_ARGS, "--runs-dir", str(one))
     assert alone.exit_code == 0, alone.output
-    done = torchrun("run", *digits_args(cache_dir)[1:], *RUN_ARGS, "--runs-dir", str(two))
+    done = torchrun("sweep", *digits_args(cache_dir)[1:], *RUN_ARGS, "--runs-dir", str(two))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[rank 1] fitted" in done.stdout and f"/{3 * 10} [" in done.stderr  # one bar: every fit of the job
     want, have = _auroc(one), _auroc(two)
@@ -238,7 +238,7 @@ def test_run_on_two_ranks_gives_the_summary_of_one_process(uninterrupted, tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (("extract", "--dataset", "nosuch"), "Invalid value for '--dataset': 'nosuch' is not one of"),  # click's parser
-    (("run", "--dataset", "digits", "--epochs", "2", "--steps", "5"),  # found by the command from its arguments
+    (("sweep", "--dataset", "digits", "--epochs", "2", "--steps", "5"),  # found by the command from its arguments
      "Error: --epochs and --steps exclude each other (a fit has one length); got --epochs 2 and --steps 5"),
     (("extract", "--dataset", "digits", "--device", "cuda"),  # before the ranks connect (no GPU here)
      "device 'cuda' was asked for but torch sees no CUDA device"),

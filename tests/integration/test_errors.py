@@ -319,11 +319,11 @@ def test_dangling_link_in_a_run_slot_is_refused_before_training(small_cache, tmp
     assert "fitted" not in result.output
 
 
-@pytest.mark.parametrize("command", ["fit", "run", "demo"])
+@pytest.mark.parametrize("command", ["fit", "sweep", "demo"])
 def test_epochs_and_steps_together_are_refused(tmp_path, command):
     """A fit has one length: --epochs and --steps both given is refused before anything is read or written."""
     where = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
-    where += ["--dataset", "digits"] if command == "run" else []
+    where += ["--dataset", "digits"] if command == "sweep" else []
     result = invoke(command, "--epochs", "3", "--steps", "40", *where)
     assert_input_error(result, "--epochs and --steps exclude each other (a fit has one length); got --epochs 3 "
                                "and --steps 40")

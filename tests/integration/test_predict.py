@@ -491,7 +491,7 @@ def test_layer_and_transform_carry_to_predict_and_export(tmp_path, backbone, lay
     tree = make_image_tree(tmp_path / "data", per_split={"train": 8, "test": 3})
     cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
     assert_ok(invoke(*extract_args(tree, cache_dir, "--layer", layer, backbone=backbone)))
-    assert_ok(invoke(*fit_args(cache_dir, runs_dir, method, "--val-fraction", "0.25", "--features", features)))
+    assert_ok(invoke(*fit_args(cache_dir, runs_dir, method, "--val-fraction", "0.25", "--transform", features)))
     assert_ok(invoke("score", "--runs-dir", str(runs_dir), "--device", "cpu", "--alpha", "0.5"))
     (run,) = [p for p in runs_dir.iterdir() if p.is_dir()]
     record = read_run_record(run)

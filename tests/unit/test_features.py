@@ -1,4 +1,4 @@
-"""Feature transforms (flow.features, fit/run --features): the same map on class and patch tokens, statistics
+"""Feature transforms (flow.detectors.transforms, fit/sweep --transform): the same map on class and patch tokens, statistics
 from the normal class's fitted train rows only, stored with the run and applied where it scores."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from flow.detectors.transforms import (
     check_features,
     resolve_features,
 )
+from flow.experiments.config import FitConfig
 from flow.experiments.fitting import fit_cache, split_holdout
 from flow.experiments.scoring import score_runs
 from flow.store.run_folder import TRANSFORM_FILE, RunError, load_feature_transform, load_scorer, read_run_record
@@ -74,7 +75,7 @@ def test_transform_definitions():
 
 
 def test_unknown_transform_and_unfitted_use_are_refused():
-    with pytest.raises(ValueError, match="--features must be one of raw, l2, ssqrt-l2, standardize, pca-whiten; "
+    with pytest.raises(ValueError, match="--transform must be one of raw, l2, ssqrt-l2, standardize, pca-whiten; "
                                          "got 'whiten'"):
         check_features("whiten")
     with pytest.raises(RuntimeError, match="not fitted"):
@@ -99,7 +100,7 @@ def test_a_constant_channel_keeps_the_typical_scale():
 
 @pytest.mark.parametrize("name", ["standardize", "pca-whiten"])
 def test_constant_train_features_are_refused_clearly(name):
-    with pytest.raises(ValueError, match=f"--features {name}: the normal train class tokens are all the same"):
+    with pytest.raises(ValueError, match=f"--transform {name}: the normal train class tokens are all the same"):
         FeatureTransform(name).fit(np.ones((5, 4), np.float32))
 
 
@@ -145,9 +146,7 @@ def test_statistics_come_from_the_fitted_normal_train_rows_only(tmp_path, method
     states = []
     for i, variant in enumerate((splits, moved)):
         cache = write_cache(tmp_path / f"c{i}.h5", variant, ["a", "b", "c"])
-        (outcome,) = fit_cache(cache, normal="a", runs_dir=tmp_path / f"runs{i}", method=method, features=name,
-                               val_fraction=0.25, flow_config={"hidden": 8}, log=lambda s: None, progress=False,
-                               train_config=_short())
+        (outcome,) = fit_cache(cache, FitConfig(normal="a", method=method, transform=name, val_fraction=0.25, **_short(method)), runs_dir=tmp_path / f"runs{i}", log=lambda s: None, progress=False)
         assert outcome.record["feature_transform"] == name and (outcome.path / TRANSFORM_FILE).is_file()
         states.append(load_feature_transform(outcome.path, outcome.record).state())
     for key in states[0]:
@@ -159,10 +158,9 @@ def test_statistics_come_from_the_fitted_normal_train_rows_only(tmp_path, method
         np.testing.assert_allclose(states[0][key], expected[key], rtol=1e-6, atol=1e-6)
 
 
-def _short():
-    from flow.model.train import TrainConfig
-
-    return TrainConfig(epochs=1, batch_size=16)
+def _short(method: str) -> dict:
+    """A short, narrow flow (the baselines take no flow options)."""
+    return {"hidden": 8, "epochs": 1, "batch_size": 16} if method.startswith("sanf") else {}
 
 
 def _read_scores(path: Path) -> dict[str, np.ndarray]:
@@ -174,8 +172,7 @@ def _read_scores(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("method", ["knn", "gaussian", "sanf"])
 @pytest.mark.parametrize("name", ["ssqrt-l2", "pca-whiten"])
 def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name):
-    (outcome,) = fit_cache(gaussian_cache, normal="b", runs_dir=tmp_path / "runs", method=method, features=name,
-                           flow_config={"hidden": 8}, log=lambda s: None, progress=False, train_config=_short())
+    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="b", method=method, transform=name, **_short(method)), runs_dir=tmp_path / "runs", log=lambda s: None, progress=False)
     assert f"-{name}__" in outcome.path.name  # the transform labels the run: runs of other transforms coexist
     score_runs(tmp_path / "runs", log=lambda s: None)
     scored = _read_scores(outcome.path / "scores.csv")
@@ -198,8 +195,7 @@ def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name
 
 
 def test_a_damaged_transform_file_is_a_run_error(tmp_path, gaussian_cache):
-    (outcome,) = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian",
-                           features="standardize", log=lambda s: None)
+    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="gaussian", transform="standardize"), runs_dir=tmp_path / "runs", log=lambda s: None)
     (outcome.path / TRANSFORM_FILE).write_bytes(b"garbage")
     with pytest.raises(RunError, match=f"cannot read {TRANSFORM_FILE}"):
         load_feature_transform(outcome.path, read_run_record(outcome.path))
@@ -226,7 +222,7 @@ def test_every_transform_is_offered_by_the_cli():
 def test_auto_is_ssqrt_l2_on_cnn_final_features_and_raw_otherwise(attrs, expected):
     assert resolve_features("auto", attrs) == expected
     assert resolve_features("standardize", attrs) == "standardize"  # an explicit choice is kept
-    with pytest.raises(ValueError, match="--features must be one of auto, raw, .*; got 'sqrt'"):
+    with pytest.raises(ValueError, match="--transform must be one of auto, raw, .*; got 'sqrt'"):
         resolve_features("sqrt", attrs)
     with pytest.raises(ValueError, match="got 'auto'"):
         FeatureTransform("auto")  # a run stores what auto resolved to, never auto itself
@@ -236,9 +232,9 @@ def test_auto_is_ssqrt_l2_on_cnn_final_features_and_raw_otherwise(attrs, expecte
 def test_fit_records_what_auto_resolved_to(tmp_path, semantic_vector, expected):
     cache = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"], semantic_vector=semantic_vector)
     logs = []
-    (outcome,) = fit_cache(cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian", log=logs.append)
+    (outcome,) = fit_cache(cache, FitConfig(normal="a", method="gaussian"), runs_dir=tmp_path / "runs", log=logs.append)
     assert outcome.record["feature_transform"] == expected
-    assert logs[0].startswith(f"--features auto: {expected} (")  # said even when it is raw
+    assert logs[0].startswith(f"--transform auto: {expected} (")  # said even when it is raw
     assert (f"gaussian-{expected}__" in outcome.path.name) == (expected != "raw")
     with FeatureCache(cache) as fc:
         cls = fc.split("train").read(fc.split("train").rows_of_class(0))[0]
@@ -247,22 +243,18 @@ def test_fit_records_what_auto_resolved_to(tmp_path, semantic_vector, expected):
     np.testing.assert_allclose(load_scorer(outcome.path).scores(test_cls, None)["mahalanobis"],
                                direct.scores(FeatureTransform(expected)(test_cls))["mahalanobis"], rtol=1e-6)
     # asking for the resolved transform by name keeps that run (the same setting), not a second one
-    (again,) = fit_cache(cache, normal="a", runs_dir=tmp_path / "runs", method="gaussian", features=expected,
-                         keep_existing=True, log=logs.append)
+    (again,) = fit_cache(cache, FitConfig(normal="a", method="gaussian", transform=expected), runs_dir=tmp_path / "runs", keep_existing=True, log=logs.append)
     assert again.path == outcome.path and any(line.startswith("kept") for line in logs)
 
 
 def test_resume_refits_a_run_whose_statistics_are_missing(tmp_path, gaussian_cache):
     logs = []
-    (first,) = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="knn",
-                         features="standardize", log=logs.append)
-    (again,) = fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="knn",
-                         features="standardize", log=logs.append, keep_existing=True)
+    (first,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs", log=logs.append)
+    (again,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs", log=logs.append, keep_existing=True)
     assert any(line.startswith("kept ") for line in logs)
     (first.path / TRANSFORM_FILE).unlink()
     logs.clear()
-    fit_cache(gaussian_cache, normal="a", runs_dir=tmp_path / "runs", method="knn", features="standardize",
-              log=logs.append, keep_existing=True)
+    fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs", log=logs.append, keep_existing=True)
     assert not any(line.startswith("kept ") for line in logs) and (first.path / TRANSFORM_FILE).is_file()
 
 
@@ -272,7 +264,6 @@ def test_too_few_rows_for_the_statistics_are_refused_before_any_fit(tmp_path):
     keep = (labels != 1) | (np.arange(len(labels)) == np.flatnonzero(labels == 1)[0])  # class b: one row
     splits["train"] = (cls[keep], patches[keep], labels[keep])
     cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
-    with pytest.raises(ValueError, match="--features standardize needs at least 2 train rows .* 'b' has 1"):
-        fit_cache(cache, normal="all", runs_dir=tmp_path / "runs", method="gaussian", features="standardize",
-                  log=lambda s: None)
+    with pytest.raises(ValueError, match="--transform standardize needs at least 2 train rows .* 'b' has 1"):
+        fit_cache(cache, FitConfig(normal="all", method="gaussian", transform="standardize"), runs_dir=tmp_path / "runs", log=lambda s: None)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # class a was not fitted

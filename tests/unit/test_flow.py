@@ -97,7 +97,7 @@ def test_single_layer_round_trip_and_log_det(use_caff):
 def test_log_scales_are_bounded_by_alpha_per_channel():
     """Each clamped log-scale lies in (-alpha, alpha), so |log-det of a layer| < alpha * D."""
     torch.manual_seed(0)
-    layer = FlowLayer(6, hidden=8, num_heads=2, alpha=0.5, seed=0).double()
+    layer = FlowLayer(6, hidden=8, num_heads=2, clamp=0.5, seed=0).double()
     with torch.no_grad():
         layer.subnet1.fc.bias.fill_(1e4)
         layer.subnet2.fc.bias.fill_(1e4)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from flow.experiments.config import FitConfig
 from flow.experiments.fitting import fit_cache
 from flow.experiments.scoring import score_runs
 from flow.store.run_folder import list_runs, read_run_record
 
-SMALL_FLOW = {"num_blocks": 2, "hidden": 8, "num_heads": 2}
+SMALL_FLOW = {"blocks": 2, "hidden": 8, "heads": 2}
 
 
 @pytest.fixture
@@ -23,13 +24,11 @@ def figures(gaussian_cache, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from flow.experiments import report
-    from flow.model.train import TrainConfig
 
     runs = tmp_path / "runs"
-    fit_cache(gaussian_cache, normal="0", runs_dir=runs, flow_config=SMALL_FLOW, train_config=TrainConfig(epochs=1),
-              device="cpu", progress=False, log=lambda _: None)
-    fit_cache(gaussian_cache, normal="0", runs_dir=runs, method="knn", val_fraction=0.5, log=lambda _: None)
-    fit_cache(gaussian_cache, normal="0", runs_dir=runs, method="gaussian", log=lambda _: None)
+    fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=runs, device="cpu", progress=False, log=lambda _: None)
+    fit_cache(gaussian_cache, FitConfig(normal="0", method="knn", val_fraction=0.5), runs_dir=runs, log=lambda _: None)
+    fit_cache(gaussian_cache, FitConfig(normal="0", method="gaussian"), runs_dir=runs, log=lambda _: None)
     score_runs(runs, device="cpu", log=lambda _: None)
     made = {}
 
