@@ -14,10 +14,16 @@ When every chunk is committed, :meth:`ChunkStore.assemble` writes the HDF5 cache
 While it works, the process holds an exclusive lock on ``<dir>/<name>.h5.lock`` (``fcntl.flock``, released by
 the kernel when the process dies), so a second extraction of the same cache is refused instead of
 interleaving writes. POSIX only (Linux, macOS).
+
+Disk space: the chunks and the assembled cache hold the same rows, and the chunks are deleted only once the cache
+is in place, so an extraction needs about twice the cache's size (:meth:`ChunkStore.space_needed`). A disk that
+fills anyway (another process wrote) ends a commit or the assembly with a :class:`CacheError` that says how much
+is needed; the temporary file is removed and the committed chunks kept.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -31,13 +37,60 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .schema import SPLITS, CacheError
-from .writer import CacheWriter
+from .writer import FILE_OVERHEAD_BYTES, CacheWriter, split_bytes
 
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 MANIFEST = "manifest.json"
 CHUNK_ARRAYS = ("cls", "patches", "label", "sample_id", "token_grid", "seconds")
 _CHUNK_NAME = re.compile(r"^(train|test)-(\d{10})\.npz$")
+#: Bytes a chunk file holds beyond its rows' arrays (the zip and .npy headers of its six arrays), rounded up.
+CHUNK_OVERHEAD_BYTES = 4096
+#: The errors of a write that found no room: the disk is full, or the user's quota is spent.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def chunk_bytes(num_rows: int, feature_dim: int, num_patches: int, dtype: str | np.dtype, id_chars: int) -> int:
+    """About the size of one committed chunk file (an uncompressed ``.npz``), in bytes.
+
+    Args:
+        num_rows: images in the chunk.
+        feature_dim: D, channels of the class token and of each patch token.
+        num_patches: P, patch tokens per image after pooling.
+        dtype: storage dtype of the features (float16: 2 bytes a value, float32: 4).
+        id_chars: characters of the longest sample id (numpy stores text as 4 bytes a character).
+
+    Returns:
+        ``num_rows * ((D + P * D) * itemsize + 8 + 4 * id_chars)`` (features, label, sample id) plus
+        ``CHUNK_OVERHEAD_BYTES``.
+    """
+    per_row = (feature_dim + num_patches * feature_dim) * np.dtype(dtype).itemsize + 8 + 4 * id_chars
+    return num_rows * per_row + CHUNK_OVERHEAD_BYTES
+
+
+def human_bytes(count: float) -> str:
+    """``count`` bytes in decimal units, one decimal: ``512 bytes``, ``1.5 kB``, ``2.1 GB``."""
+    if count < 1000:
+        return f"{int(count)} bytes"
+    for unit in ("kB", "MB", "GB", "TB"):
+        count /= 1000.0
+        if count < 999.95 or unit == "TB":
+            return f"{count:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def describe_need(chunks: int, assembly: int) -> str:
+    """``about 2.1 GB free (0.9 GB for the remaining chunks, 1.2 GB to assemble the cache)`` for the bytes of
+    :meth:`ChunkStore.space_needed`; ``about 1.2 GB free to assemble the cache`` when no chunk remains."""
+    if not chunks:
+        return f"about {human_bytes(assembly)} free to assemble the cache"
+    return (f"about {human_bytes(chunks + assembly)} free ({human_bytes(chunks)} for the remaining chunks, "
+            f"{human_bytes(assembly)} to assemble the cache)")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that found no room (``ENOSPC`` or ``EDQUOT``; h5py sets ``errno`` too)."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
 
 
 def partial_dir(path: str | os.PathLike) -> Path:
@@ -301,6 +354,45 @@ class ChunkStore:
         done = self._committed()
         return [(a, b) for a, b in self.chunks(split) if (split, a) not in done]
 
+    def space_needed(self, feature_dim: int, num_patches: int, dtype: str | np.dtype,
+                     id_chars: int) -> tuple[int, int]:
+        """Free disk space the rest of this extraction needs in the cache's folder, in bytes.
+
+        The committed chunks and the assembled cache hold the same rows, and the chunks are deleted only after the
+        cache is in place: so the chunks not committed yet cost their rows (:func:`chunk_bytes`), and the assembly
+        the whole cache again (:func:`cache.writer.split_bytes` of every split, plus ``FILE_OVERHEAD_BYTES``), about
+        twice the cache for a fresh extraction.
+
+        Args:
+            feature_dim: D, channels of the class token and of each patch token.
+            num_patches: P, patch tokens per image after pooling.
+            dtype: storage dtype of the features.
+            id_chars: characters of the longest sample id.
+
+        Returns:
+            ``(chunks, assembly)``: bytes of the chunks still to commit, and bytes of the assembled cache.
+        """
+        shape = (feature_dim, num_patches, dtype, id_chars)
+        chunks = sum(chunk_bytes(stop - start, *shape) for split in self.splits for start, stop in self.pending(split))
+        assembly = FILE_OVERHEAD_BYTES + sum(split_bytes(int(self.plan["splits"][split]["num_rows"]), *shape)
+                                             for split in self.splits)
+        return chunks, assembly
+
+    def _disk_full_error(self, cause: str, chunks: int, assembly: int) -> CacheError:
+        """The one-line error for a disk too full to go on: the folder and ``cause``, the space the rest of the
+        extraction needs (``chunks`` and ``assembly`` bytes, see :meth:`space_needed`) and the space free, and that
+        the committed chunks are kept for a resume."""
+        try:
+            free = human_bytes(shutil.disk_usage(self.path.parent).free)
+        except OSError:
+            free = "an unknown amount"
+        done, _ = self._progress()
+        kept = (f"the {done} committed chunk{'s are' if done > 1 else ' is'} kept in {self.work}: free space and "
+                "run the same extract command again to resume" if done
+                else "free space and run the same extract command again")
+        return CacheError(f"the disk holding {self.path.parent} {cause}; finishing the extraction needs "
+                          f"{describe_need(chunks, assembly)}, {free} is free; {kept}")
+
     def commit(self, split: str, start: int, cls: np.ndarray, patches: np.ndarray, labels: np.ndarray,
                sample_ids: list[str], token_grid: tuple[int, int], seconds: float = 0.0) -> None:
         """Commit one whole chunk atomically (temporary file, fsync, rename).
@@ -317,14 +409,23 @@ class ChunkStore:
 
         Raises:
             ValueError: ``start`` is not a chunk boundary or the rows do not fill the chunk.
+            CacheError: the disk is full (the temporary file is removed; the message says how much the rest of
+                the extraction needs, estimated from this chunk's shapes).
         """
         ranges = dict(self.chunks(split))
         if start not in ranges or ranges[start] - start != len(cls):
             raise ValueError(f"{split} rows {start}..{start + len(cls)} are not one planned chunk")
-        _atomic_write(self._chunk_path(split, start), lambda handle: np.savez(
-            handle, cls=cls, patches=patches, label=np.asarray(labels, dtype=np.int64),
-            sample_id=np.asarray(sample_ids, dtype=str), token_grid=np.asarray(token_grid, dtype=np.int64),
-            seconds=np.float64(seconds)))
+        try:
+            _atomic_write(self._chunk_path(split, start), lambda handle: np.savez(
+                handle, cls=cls, patches=patches, label=np.asarray(labels, dtype=np.int64),
+                sample_id=np.asarray(sample_ids, dtype=str), token_grid=np.asarray(token_grid, dtype=np.int64),
+                seconds=np.float64(seconds)))
+        except OSError as err:
+            if not disk_full(err):
+                raise
+            shape = (cls.shape[1], patches.shape[1], cls.dtype, max(map(len, sample_ids), default=0))
+            raise self._disk_full_error(f"is full ({os.strerror(err.errno)}): committing the chunk {split} rows "
+                                        f"{start}..{start + len(cls) - 1} failed", *self.space_needed(*shape)) from None
 
     def _load(self, split: str, start: int, stop: int, keys: tuple[str, ...] = CHUNK_ARRAYS) -> dict[str, np.ndarray]:
         """Read arrays of one committed chunk (``seconds`` is 0 when absent).
@@ -359,7 +460,9 @@ class ChunkStore:
             The final cache path.
 
         Raises:
-            CacheError: a chunk is missing or damaged, or the chunks disagree with ``attrs``.
+            CacheError: a chunk is missing or damaged, or the chunks disagree with ``attrs``; or the cache's folder
+                has less free space than the committed chunks take (the cache holds the same rows: checked before
+                writing), or the disk fills while writing (the temporary cache file is removed); the chunks are kept.
             ValueError: this store is a follower.
         """
         if self._lock is None:
@@ -367,6 +470,22 @@ class ChunkStore:
         missing = {s: n for s in self.splits if (n := len(self.pending(s)))}
         if missing:
             raise CacheError(f"cannot assemble {self.path}: chunks not committed yet {missing}")
+        size = sum(self._chunk_path(s, a).stat().st_size for s in self.splits for a, _ in self.chunks(s))
+        if shutil.disk_usage(self.path.parent).free < size:
+            raise self._disk_full_error("has too little free space left to assemble the cache", 0, size)
+        try:
+            final = self._write_cache(attrs, fine_labels)
+        except OSError as err:
+            if not disk_full(err):
+                raise
+            raise self._disk_full_error(f"is full ({os.strerror(err.errno)}): assembling the cache {self.path} "
+                                        "failed", 0, size) from None
+        _remove_tree(self.work)
+        self._lock.release()
+        return final
+
+    def _write_cache(self, attrs: Mapping[str, Any], fine_labels: Mapping[str, np.ndarray] | None) -> Path:
+        """The HDF5 cache from the committed chunks (see :meth:`assemble`); returns its path."""
         with CacheWriter(self.path, overwrite=True) as writer:
             for split in self.splits:
                 chunks = self.chunks(split)
@@ -391,10 +510,7 @@ class ChunkStore:
                 if planned is not None and digest.hexdigest() != planned:
                     raise CacheError(f"the committed chunks of split {split!r} in {self.work} do not hold the planned "
                                      f"images in order (a chunk was replaced?); delete {self.work} and run again")
-            final = writer.finish(attrs)
-        _remove_tree(self.work)
-        self._lock.release()
-        return final
+            return writer.finish(attrs)
 
     def geometry(self) -> dict[str, Any]:
         """``token_grid`` (h, w), ``num_patches`` P and ``feature_dim`` D of the first committed chunk.

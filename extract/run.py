@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,8 +18,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from cache import ChunkStore
-from cache.chunks import remove_finished_leftovers
+from cache import CacheError, ChunkStore
+from cache.chunks import describe_need, human_bytes, remove_finished_leftovers
 
 from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, create_backbone, parse_layer
 from .datasets import ToRGB, build_dataset, check_readable, unchecked_files
@@ -138,7 +139,10 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
 
     Raises:
         DatasetError, BackboneError, CacheError: bad input (see those types); CacheError also when another
-            process is extracting the same cache or an interrupted extraction of it used other settings.
+            process is extracting the same cache or an interrupted extraction of it used other settings, when
+            ``cache_dir`` has less free space than the rest of the extraction needs (checked by rank 0 before
+            any image is encoded: about twice the cache's size, chunks plus assembly), and when the disk fills
+            all the same (the committed chunks are kept: the same call resumes).
         ExtractionError: non-finite backbone output.
         ImageReadError: an image file cannot be decoded: found before encoding for image-folder trees (every
             unreadable file of the chunks to encode is named), else when it is reached.
@@ -207,6 +211,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                     store = stack.enter_context(ChunkStore(path, plan, overwrite=overwrite, log=log))
                     # listed once, here: a rank listing the folder itself could see another rank's fresh commits
                     todo = [(split, a, b) for split in source.splits for a, b in store.pending(split)]
+                    # rank 0 alone, before the work is shared: a refusal here stops every rank before any encoding
+                    _check_free_space(cache_dir, store, source, encoder, config, dev, dtype)
         finished, todo = dist.broadcast((finished, todo))
         if finished is not None:
             return finished
@@ -245,6 +251,44 @@ def _check_images(source, store: ChunkStore, todo: list[tuple[str, int, int]], m
     files = {split: unchecked_files(part.dataset) for split, part in source.splits.items()}
     resumed = len(todo) < sum(len(store.chunks(split)) for split in store.splits)
     check_readable([path for split, a, b in mine for path in files[split][a:b]], progress=progress, resumed=resumed)
+
+
+def _feature_shapes(encoder: TokenEncoder, input_size: tuple[int, int, int] | list[int],
+                   dev: torch.device) -> tuple[int, int]:
+    """``(D, P)``: channels and pooled patch tokens per image that ``encoder`` gives, from one blank image.
+
+    Args:
+        encoder: the extraction's encoder (on ``dev``).
+        input_size: (3, H, W) in pixels, the preprocessed image size.
+        dev: the encoder's device.
+    """
+    with torch.inference_mode():
+        cls, patches = encoder(torch.zeros(1, *input_size, device=dev))
+    return int(cls.shape[1]), int(patches.shape[1])
+
+
+def _check_free_space(cache_dir: str, store: ChunkStore, source, encoder: TokenEncoder, config: dict,
+                      dev: torch.device, dtype: str) -> None:
+    """Refuse to encode when the cache's folder lacks the free space the rest of the extraction needs: the
+    chunks still to commit plus the assembled cache (:meth:`cache.ChunkStore.space_needed`), about twice the
+    cache's size for a fresh run. The sizes come from the encoder's output shapes (:func:`_feature_shapes`), the
+    storage dtype and the sample ids of both splits.
+
+    Raises:
+        CacheError: names ``--cache-dir``, the space needed (remaining chunks, assembly) and the space free.
+    """
+    feature_dim, num_patches = _feature_shapes(encoder, config["input_size"], dev)
+    id_chars = max(len(i) for part in source.splits.values() for i in part.sample_ids)
+    chunks, assembly = store.space_needed(feature_dim, num_patches, dtype, id_chars)
+    free = shutil.disk_usage(store.path.parent).free
+    if chunks + assembly <= free:
+        return
+    committed = sum(len(store.chunks(split)) - len(store.pending(split)) for split in store.splits)
+    advice = (f"free space and run the same command again to resume (the {committed} committed "
+              f"chunk{'s are' if committed > 1 else ' is'} kept in {store.work})" if committed
+              else "free space or choose another --cache-dir")
+    raise CacheError(f"--cache-dir {cache_dir}: extracting needs {describe_need(chunks, assembly)}, "
+                     f"{human_bytes(free)} is free; {advice}")
 
 
 def _quiet(line: str) -> None:

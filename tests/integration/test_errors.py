@@ -9,6 +9,7 @@ missing cache at ``score``) are not repeated here.
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -171,7 +172,8 @@ def test_non_finite_backbone_output_stops_extraction_naming_the_image(image_tree
     def poisoned(self, images):
         cls, patches = forward(self, images)
         patches = patches.clone()
-        patches[1, 0, 0] = float("nan")  # the second image of every batch
+        if len(patches) > 1:  # (extract's free-space check encodes one blank image)
+            patches[1, 0, 0] = float("nan")  # the second image of every batch
         return cls, patches
 
     monkeypatch.setattr(TokenEncoder, "forward", poisoned)
@@ -377,3 +379,60 @@ def test_an_empty_class_folder_points_to_the_good_defect_layout(tmp_path, split)
                                f"({root}/train/good/, {root}/test/good/, {root}/test/<defect type>/) pass --layout "
                                "good-defect")
     assert not cache_dir.exists()
+
+
+def test_extract_refuses_up_front_when_the_disk_is_too_small(image_tree, tmp_path, monkeypatch):
+    """Before any image is encoded: the chunks still to commit plus the assembled cache (about twice the cache) are
+    compared with the free space of --cache-dir; the error names the folder, both sizes and what is free."""
+    import shutil
+
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr("extract.run.shutil.disk_usage", lambda path: disk_usage(path)._replace(free=1000))
+    cache_dir = tmp_path / "cache"
+    result = invoke(*extract_args(image_tree, cache_dir, backbone=SMALL))
+    line = assert_input_error(result, f"--cache-dir {cache_dir}: extracting needs about ",
+                              "1.0 kB is free; free space or choose another --cache-dir")
+    needed = re.search(r"needs about (\S+ \S+) free \((\S+ \S+) for the remaining chunks, (\S+ \S+) to assemble the "
+                       r"cache\), ", line)
+    assert needed, line
+    assert "encoded" not in result.output and list(cache_dir.iterdir()) == []  # no work folder, no lock, no cache
+
+
+def test_a_disk_that_fills_mid_run_keeps_the_committed_chunks_and_the_same_command_resumes(image_tree, tmp_path,
+                                                                                           monkeypatch):
+    """ENOSPC while the second chunk is written: one error line naming the folder and the space needed, the
+    half-written temporary chunk removed, the first chunk kept; the same command then resumes and finishes."""
+    import errno
+
+    from cache import FeatureCache
+
+    savez = np.savez
+    calls = []
+
+    def full_on_the_second_chunk(file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) == 2:
+            file.write(b"PK\x03\x04 the first bytes of a chunk")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return savez(file, *args, **kwargs)
+
+    monkeypatch.setattr("cache.chunks.np.savez", full_on_the_second_chunk)
+    cache_dir = tmp_path / "cache"
+    args = extract_args(image_tree, cache_dir, "--batch-size", "2", "--commit-every", "1", backbone=SMALL)
+    result = invoke(*args)
+    (work,) = cache_dir.glob("*.partial")
+    assert_input_error(result, f"the disk holding {cache_dir} is full (No space left on device): committing the "
+                               "chunk train rows 2..3 failed; finishing the extraction needs about ",
+                       f"is free; the 1 committed chunk is kept in {work}: free space and run the same extract "
+                       "command again to resume")
+    assert sorted(p.name for p in work.iterdir()) == ["manifest.json", "train-0000000000.npz"]  # no temporary file
+    assert [p.name for p in cache_dir.iterdir()] == [work.name]  # no cache, no lock
+
+    monkeypatch.setattr("cache.chunks.np.savez", savez)
+    result = invoke(*args)
+    assert_ok(result)
+    assert "resuming the interrupted extraction" in result.output and "1 of 7 chunks already committed" in result.output
+    (path,) = cache_dir.iterdir()
+    assert path.suffix == ".h5"
+    with FeatureCache(path) as cache:
+        assert cache.split("train").num_rows == 8 and cache.split("test").num_rows == 6

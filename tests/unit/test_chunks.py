@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,3 +306,89 @@ def test_a_follower_commits_into_the_lock_holders_work_folder_only(tmp_path):
         store.assemble(attrs())
     with FeatureCache(path) as fc:
         np.testing.assert_array_equal(fc.split("train").read(np.arange(5))[0][:, 0], np.arange(5))
+
+
+def _commit_features(store: ChunkStore, dim: int, patches: int, dtype: str = "float16") -> None:
+    """Commit every pending chunk with random features (dim D, ``patches`` P on a 4 x 4 grid)."""
+    rng = np.random.default_rng(0)
+    for split in store.splits:
+        for start, stop in store.pending(split):
+            n = stop - start
+            store.commit(split, start, rng.standard_normal((n, dim)).astype(dtype),
+                         rng.standard_normal((n, patches, dim)).astype(dtype), np.arange(start, stop) % 2,
+                         [f"{split}/{i}" for i in range(start, stop)], (4, 4))
+
+
+def test_space_needed_is_about_the_chunks_and_the_cache_they_assemble_into(tmp_path):
+    """Estimated from the shapes before any chunk exists: at least the size of the chunk files and of the assembled
+    cache, and within 10 % of each; once every chunk is committed only the assembly is left."""
+    path = tmp_path / "c.h5"
+    dim, patches = 48, 16
+    with ChunkStore(path, plan(num_train=1500, num_test=700, chunk_rows=256), log=lambda _: None) as store:
+        chunks, assembly = store.space_needed(dim, patches, "float16", len("train/1499"))
+        _commit_features(store, dim, patches)
+        written = sum(p.stat().st_size for p in partial_dir(path).glob("*.npz"))
+        assert store.space_needed(dim, patches, "float16", len("train/1499")) == (0, assembly)
+        store.assemble(cache_attrs(["even", "odd"], dim, (4, 4), token_grid=[4, 4], dtype="float16"))
+    assert written <= chunks <= 1.1 * written
+    assert path.stat().st_size <= assembly <= 1.1 * path.stat().st_size
+
+
+def test_a_disk_that_fills_during_assembly_removes_the_half_written_cache_and_keeps_the_chunks(tmp_path,
+                                                                                              monkeypatch):
+    """ENOSPC while HDF5 writes the cache (here after 64 kB): one error naming the folder and the space needed, no
+    ``.writing`` file left, every chunk kept; with room again the same store assembles the cache."""
+    import errno
+    import io
+
+    class SmallDisk(io.FileIO):
+        room = 64_000
+
+        def write(self, data):
+            size = memoryview(data).nbytes
+            if size > SmallDisk.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            SmallDisk.room -= size
+            return super().write(data)
+
+    path = tmp_path / "c.h5"
+    the_plan = plan(num_train=300, num_test=200, chunk_rows=128)
+    the_attrs = cache_attrs(["even", "odd"], 48, (4, 4), token_grid=[4, 4], dtype="float16")
+    monkeypatch.setattr("cache.writer.open", lambda file, mode, buffering: SmallDisk(file, "w+"), raising=False)
+    logs = []
+    with ChunkStore(path, the_plan, log=logs.append) as store:
+        _commit_features(store, 48, 16)
+        with pytest.raises(CacheError) as caught:
+            store.assemble(the_attrs)
+    message = str(caught.value)
+    assert message.startswith(f"the disk holding {tmp_path} is full (No space left on device): assembling the cache "
+                              f"{path} failed; finishing the extraction needs about ")
+    assert re.search(r"needs about \d+\.\d kB free to assemble the cache, \S+ \S+ is free; the 5 committed chunks "
+                     r"are kept in ", message), message
+    assert message.endswith(f"{partial_dir(path)}: free space and run the same extract command again to resume")
+    assert not path.exists() and not path.with_name("c.h5.writing").exists()
+    assert len(list(partial_dir(path).glob("*.npz"))) == 5 and not list(partial_dir(path).glob(".*"))
+
+    monkeypatch.undo()  # room again
+    with ChunkStore(path, the_plan, log=logs.append) as store:
+        assert store.assemble(the_attrs) == path
+    with FeatureCache(path) as fc:
+        assert fc.split("train").num_rows == 300 and fc.split("test").sample_ids[-1] == "test/199"
+
+
+def test_assembly_is_refused_before_writing_when_the_free_space_is_less_than_the_chunks(tmp_path, monkeypatch):
+    """The cache holds the rows of the chunks: with less free space than they take, nothing is written."""
+    import shutil
+
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr("cache.chunks.shutil.disk_usage", lambda path: disk_usage(path)._replace(free=1000))
+    path = tmp_path / "c.h5"
+    with ChunkStore(path, plan(), log=lambda _: None) as store:
+        commit_all(store)
+        with pytest.raises(CacheError, match=rf"^the disk holding {re.escape(str(tmp_path))} has too little free "
+                                             r"space left to assemble the cache; finishing the extraction needs about "
+                                             r"\d+\.\d kB free to assemble the cache, 1\.0 kB is free; the 5 committed "
+                                             r"chunks are kept in .*c\.h5\.partial: free space and run the same "
+                                             r"extract command again to resume$"):
+            store.assemble(attrs())
+        assert not path.with_name("c.h5.writing").exists() and store.pending("train") == []

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from extract import datasets as ds
-from extract.datasets import DatasetError, build_dataset
+from extract.datasets import DatasetError, build_dataset, protocols
 
 
 def assert_protocol(source, class_names, train_counts, test_counts, normal: int):
@@ -118,7 +118,7 @@ def test_cifar100_coarse_label_disagreeing_with_the_table_is_refused(tmp_path, n
 
 
 def test_cifar100_image_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(ds, "CIFAR100_COUNTS", {"train": 10, "test": 5})  # 2 / 1 per fine class
+    monkeypatch.setattr(protocols, "CIFAR100_COUNTS", {"train": 10, "test": 5})  # 2 / 1 per fine class; read there
     png = io.BytesIO()
     Image.new("RGB", (4, 4), (9, 9, 9)).save(png, format="PNG")
     for split, n in (("train", 2), ("test", 1)):

@@ -1,26 +1,22 @@
-"""Image sources of the extract stage: one sample index per split, served through torchvision datasets.
+"""Dataset protocols of the extract stage: one builder per ``--dataset`` (which files, which classes, which
+images are train and which test), and :func:`build_dataset`, which checks the options and calls one.
 
-Each builder returns a :class:`DatasetSource`: class names, and per split (``train``, ``test``) a
-torch ``Dataset`` yielding ``(image_tensor, label)`` together with the sample ids and labels known up
-front, so that protocol counts can be checked before any image is decoded.
+Each builder returns a :class:`~extract.datasets.sources.DatasetSource` (see :mod:`extract.datasets.sources`);
+image reading and the readability checks are in :mod:`extract.datasets.images`.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
+
+from .images import DatasetError, _few, _readable, check_unique_files
+from .sources import ArrayImages, DatasetSource, FileImages, LabelMap, SplitSource, _folder_split, check_source
 
 DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
             "folder")
@@ -42,186 +38,6 @@ CATS_VS_DOGS_CLASSES = ("cat", "dog")
 #: Fixed stratified split of scikit-learn's digits: half of each class for test, seed 0.
 DIGITS_TEST_FRACTION = 0.5
 DIGITS_SPLIT_SEED = 0
-
-
-class DatasetError(Exception):
-    """A dataset's data root is missing, malformed, or cannot be downloaded."""
-
-
-class ImageReadError(Exception):
-    """An image file could not be decoded; the message names the file."""
-
-
-@dataclass
-class SplitSource:
-    """One split: a Dataset of ``(image_tensor, label)`` with its sample ids and labels (N,); ``fine_labels``
-    (N,) only for datasets with a second label level (CIFAR-100's fine classes)."""
-
-    dataset: Dataset
-    sample_ids: list[str]
-    labels: np.ndarray
-    fine_labels: np.ndarray | None = None
-
-
-@dataclass
-class DatasetSource:
-    """A dataset ready for extraction.
-
-    Attributes:
-        name: dataset name as given to ``--dataset``.
-        class_names: names of the label indices.
-        splits: ``{"train": SplitSource, "test": SplitSource}``.
-        description: where the images came from (recorded in the cache as ``data_source``).
-        fine_class_names: names of ``SplitSource.fine_labels`` (CIFAR-100), else None.
-        normal_classes: the classes that can be the normal class (good/defect layouts: ``good``); None: all.
-        skipped_files: files of the dataset left out because they are not readable images (Cats vs Dogs).
-    """
-
-    name: str
-    class_names: list[str]
-    splits: dict[str, SplitSource]
-    description: str
-    fine_class_names: list[str] | None = None
-    skipped_files: list[str] | None = None
-    normal_classes: list[str] | None = None
-
-    def set_transform(self, transform: Callable) -> None:
-        """Use ``transform`` (PIL image -> tensor) in every split's Dataset."""
-        for part in self.splits.values():
-            part.dataset.transform = transform
-
-
-class ToRGB:
-    """Convert a PIL image to 3-channel RGB (grayscale is repeated); picklable for DataLoader workers."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-
-class ArrayImages(Dataset):
-    """Images held in a uint8 array (N, H, W) or (N, H, W, 3), served as transformed PIL images."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
-
-
-def load_image(path: str) -> Image.Image:
-    """Open an image file fully (decode now, so a truncated file fails here).
-
-    Raises:
-        ImageReadError: the file cannot be read or decoded; the message names it.
-    """
-    try:
-        with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-    except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
-        raise ImageReadError(f"cannot read image {path}: {_reason(err)}") from None
-    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits (PIL's convert would clip)
-        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
-    if image.mode in ("I", "F"):
-        raise ImageReadError(f"cannot read image {path}: {image.mode!r} (32-bit) images have no defined 8-bit range")
-    return image if image.mode in ("RGB", "L") else image.convert("RGB")
-
-
-def _reason(err: Exception) -> str:
-    """PIL's message for an unreadable file, without the repr of the file handle that some of them hold."""
-    return re.sub(r"\s*<_io\.\w+ name=.*?>", "", str(err)).strip() or type(err).__name__
-
-
-#: What to do about an unreadable image met by an extraction that may have committed chunks: rerunning alone
-#: meets the same file again, and removing it changes the image list, which a resume refuses.
-RESUME_ADVICE = ("replace it with a readable image and run the same command again to resume, or remove it and run "
-                 "again with --overwrite to start over (the image list changes)")
-
-
-def load_dataset_image(path: str) -> Image.Image:
-    """:func:`load_image` for the images of a dataset being extracted: the error also says what to do.
-
-    Raises:
-        ImageReadError: the file cannot be read or decoded; the message names it and gives ``RESUME_ADVICE``.
-    """
-    try:
-        return load_image(path)
-    except ImageReadError as err:
-        raise ImageReadError(f"{err}; {RESUME_ADVICE}") from None
-
-
-def _visible_image(path: str) -> bool:
-    """An image file by extension (torchvision's ``IMG_EXTENSIONS``) that is not hidden (``.name``, e.g. macOS
-    ``._x.png`` resource forks)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-
-    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
-
-
-class VisibleImageFolder(ImageFolder):
-    """torchvision ``ImageFolder`` that ignores hidden class folders (``.ipynb_checkpoints``) and hidden files, or,
-    with ``fixed_classes``, indexes exactly those class folders in that order (indices 0, 1, ...)."""
-
-    def __init__(self, root: str, fixed_classes: list[str] | None = None, **kwargs) -> None:
-        self.fixed_classes = fixed_classes
-        super().__init__(root, loader=load_dataset_image, is_valid_file=_visible_image, **kwargs)
-
-    def find_classes(self, directory):  # torchvision's hook for choosing the classes
-        names = self.fixed_classes if self.fixed_classes is not None else sorted(
-            e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        if not names:
-            raise FileNotFoundError(f"no class folder in {directory}")
-        return list(names), {c: i for i, c in enumerate(names)}
-
-
-def _folder_split(root: Path, split: str, transform: Callable, option: str = "--data-root",
-                  classes: list[str] | None = None, empty_hint: str = "") -> tuple[list[str], SplitSource]:
-    """Index ``root/split/<class>/<image>`` (every class folder, or the ``classes`` folders in that order).
-
-    Raises:
-        DatasetError: the folder cannot be indexed, image files lie in it outside any class folder, or a class
-            folder holds no images (the message adds ``empty_hint``).
-    """
-    folder = root / split
-    names = "<class>" if classes is None else classes[0] if len(classes) == 1 else "{" + ",".join(classes) + "}"
-    expected = f"{folder}/{names}/<image>"
-    try:
-        stray = sorted(e.name for e in os.scandir(folder) if e.is_file() and _visible_image(e.path))
-        dataset = VisibleImageFolder(str(folder), classes, transform=transform, allow_empty=True)
-    except (FileNotFoundError, OSError) as err:
-        raise DatasetError(f"{option} {root}: cannot index {folder}: {err}") from None
-    if stray:  # ImageFolder would leave them out without a word
-        raise DatasetError(f"{option} {root}: {split}/ holds {len(stray)} image files outside any class folder "
-                           f"({_few(stray)}); images must lie in {expected}: move them into class folders")
-    counts = np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=len(dataset.classes))
-    empty = [c for c, n in zip(dataset.classes, counts) if n == 0]
-    if empty:
-        raise DatasetError(f"{option} {root}: the class folder{'s' if len(empty) > 1 else ''} "
-                           f"{', '.join(f'{split}/{c}/' for c in empty)} hold{'' if len(empty) > 1 else 's'} no "
-                           f"images; every class needs images in {expected}{empty_hint}")
-    ids = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
-    labels = np.asarray(dataset.targets, dtype=np.int64)
-    return list(dataset.classes), SplitSource(dataset, ids, labels)
-
-
-def check_unique_files(root: Path, paths: list[str], option: str = "--data-root") -> None:
-    """Refuse an image file reached twice (a directory link, a loop, or a file linked into both splits).
-
-    Raises:
-        DatasetError: names the file and both paths.
-    """
-    seen: dict[str, str] = {}
-    for path in paths:  # ImageFolder follows directory links: a loop would repeat images
-        real = os.path.realpath(path)
-        if real in seen:
-            raise DatasetError(f"{option} {root}: the image {real} is reached twice ({seen[real]} and {path}); "
-                               "remove the duplicate or the link")
-        seen[real] = path
 
 
 def build_folder(root: Path, transform: Callable, name: str = "folder") -> DatasetSource:
@@ -482,36 +298,6 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
-class LabelMap:
-    """``target -> table[target]``: a picklable target transform (CIFAR-100 fine class -> superclass)."""
-
-    def __init__(self, table: np.ndarray) -> None:
-        self.table = np.asarray(table, dtype=np.int64)
-
-    def __call__(self, target: int) -> int:
-        return int(self.table[target])
-
-
-class FileImages(Dataset):
-    """Image files with labels, read with :func:`load_image` and transformed."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, transform: Callable) -> None:
-        self.paths = paths
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_dataset_image(self.paths[index])), int(self.labels[index])
-
-
-def _few(names: list[str], most: int = 5) -> str:
-    return "none" if not names else ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
-                                                                else "")
-
-
 def build_cifar100(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
     """CIFAR-100 with the 20 superclasses as classes (SPEC.md section 4); the fine class is kept as ``fine_labels``.
 
@@ -624,73 +410,6 @@ def build_svhn(data_root: Path | None, download: bool, transform: Callable) -> D
         dataset.labels = np.atleast_1d(dataset.labels)  # torchvision squeezes a 1-image split to 0-d
         splits[split] = _torchvision_split(dataset, split, labels=dataset.labels)
     return DatasetSource("svhn", list(DIGIT_CLASSES), splits, f"torchvision.datasets.SVHN {Path(root).resolve()}")
-
-
-def _image_problem(path: str) -> str | None:
-    """Why :func:`load_image` would refuse ``path``, or None when it would read it.
-
-    The whole file is decoded, JPEGs at reduced scale (``draft``: the entropy-coded data is still read to its end,
-    so a truncated file fails; the inverse DCT runs on 1/8 of the pixels). A header check (``Image.open`` and
-    ``verify``) would be cheaper but lets truncated JPEGs through: PIL's ``verify`` checks PNG chunk CRCs only.
-    """
-    try:
-        with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.draft("RGB", (64, 64))
-            image.load()
-    except Exception as err:  # PIL raises several types for bad files; a dangling link raises OSError
-        return _reason(err)
-    if image.mode in ("I", "F"):  # load_image refuses 32-bit images
-        return f"{image.mode!r} (32-bit) images have no defined 8-bit range"
-    return None
-
-
-def _image_problems(paths: list[str], progress: bool = False) -> list[str | None]:
-    """:func:`_image_problem` of every path, in order, decoded by a few threads (PIL decodes without the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(tqdm(pool.map(_image_problem, paths, chunksize=64), total=len(paths), desc="check images",
-                         unit="image", disable=not progress or not paths, leave=False))
-
-
-def _readable(paths: list[str]) -> list[bool]:
-    return [problem is None for problem in _image_problems(paths)]
-
-
-def unchecked_files(dataset: Dataset) -> list[str]:
-    """The image files of a split's Dataset, by row, that no builder decoded yet: those of a folder tree taken as
-    it is; [] for images held in arrays, and for Cats vs Dogs, whose builder decoded every file to skip the
-    unreadable ones."""
-    return [path for path, _ in dataset.samples] if isinstance(dataset, VisibleImageFolder) else []
-
-
-def check_readable(paths: list[str], progress: bool = False, resumed: bool = False) -> None:
-    """Refuse image files that :func:`load_image` cannot read, before any of them is encoded (see
-    :func:`_image_problem` for what is decoded and why). Every file is tried, so that one run names them all.
-
-    Cost, measured on CIFAR-10's 60,000 32 x 32 JPEGs (in the page cache, 2 shared cores): 7.4 s (0.1 ms an image;
-    a header check, ``Image.open`` + ``verify``, takes 2 s but passes truncated JPEGs), next to minutes of backbone
-    passes for the same images. Large PNGs, which cannot be decoded at reduced scale, cost a full decode each.
-
-    Args:
-        paths: the files.
-        progress: show a progress bar.
-        resumed: committed chunks of the extraction exist (the advice then says how to keep them).
-
-    Raises:
-        ImageReadError: names the first unreadable file and why, how many there are, and what to do.
-    """
-    bad = [(path, problem) for path, problem in zip(paths, _image_problems(paths, progress)) if problem is not None]
-    if not bad:
-        return
-    (first, reason), more = bad[0], [path for path, _ in bad[1:]]
-    also = f" (and {len(more)} more unreadable: {_few(more, 3)})" if more else ""
-    advice = RESUME_ADVICE if resumed else (f"remove or replace {'them' if more else 'it'}, then run the same "
-                                            "command again")
-    raise ImageReadError(f"cannot read image {first}: {reason}{also}; {advice}")
 
 
 def _file_number(name: str) -> tuple:
@@ -917,29 +636,3 @@ def _format_errors() -> tuple[type[BaseException], ...]:
 
 
 _RELEASE_FORMAT_ERRORS = _format_errors()
-
-
-def check_source(source: DatasetSource) -> None:
-    """Refuse a dataset whose labels cannot be stored: per split as many labels and sample ids as images, labels
-    (and fine labels) in range; checked before any image is encoded.
-
-    Raises:
-        DatasetError: names the split, the first bad sample and the allowed range.
-    """
-    for split, part in source.splits.items():
-        n = len(part.dataset)
-        labels = np.asarray(part.labels)
-        if labels.ndim != 1 or len(labels) != n or len(part.sample_ids) != n:
-            raise DatasetError(f"--dataset {source.name}: the {split} split has {n} images but {labels.size} labels "
-                               f"and {len(part.sample_ids)} sample ids")
-        for values, names, what in ((labels, source.class_names, "label"),
-                                    (part.fine_labels, source.fine_class_names, "fine label")):
-            if values is None or not len(values):
-                continue
-            bad = np.flatnonzero((values < 0) | (values >= len(names)))
-            if bad.size:
-                i = int(bad[0])
-                raise DatasetError(f"--dataset {source.name}: {split} image {part.sample_ids[i]!r} has {what} "
-                                   f"{int(values[i])}, outside 0..{len(names) - 1} ({bad.size} such images)")
-    if source.normal_classes is not None and not set(source.normal_classes) <= set(source.class_names):
-        raise DatasetError(f"--dataset {source.name}: normal classes {source.normal_classes} are not all classes")
