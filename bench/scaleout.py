@@ -1,4 +1,4 @@
-"""Extraction throughput of a torchrun job against one process, as ratios measured in one run (issue 16;
+"""Extraction throughput of a torchrun job against one process, as ratios measured in one run (
 docs/performance.md, "Many ranks").
 
     python bench/scaleout.py                              # CPU: 2 ranks x 1 thread against 1 process x 2 threads

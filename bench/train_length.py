@@ -1,5 +1,5 @@
 """How long to train the flow: held-out normal loss and test AUROC against optimiser steps, at several train sizes
-(issue 15, item 4; docs/results.md, "Training length").
+(docs/results.md, "Training length").
 
 For each train size n (a seeded random subset of the normal class's train rows), the flow is trained with the
 paper's optimiser for up to ``--max-steps`` steps. A fraction of the n rows is held out (``--val-fraction``, as

@@ -167,10 +167,7 @@ class CacheSplit:
                 bad = ~np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
                 if bad.any():
                     index = np.arange(self.num_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
-                    advice = "e.g. with --precision fp32"
-                    if self._cache.attrs.get("dtype") == "float16":
-                        advice = ("with --dtype float32 if the features exceed float16's range (65504), or with "
-                                  "--precision fp32 if the backbone's forward overflowed")
+                    advice = _non_finite_advice(self._cache.attrs.get("dtype"), self._cache.attrs.get("precision"))
                     raise CacheError(f"{self._cache.path}: /{self.name}/{name} row {int(index[np.argmax(bad)])} holds "
                                      f"NaN or infinite values ({int(bad.sum())} such rows read); extract again "
                                      f"(--overwrite) {advice}")
@@ -199,6 +196,19 @@ class CacheSplit:
         for start in range(0, self.num_rows, block_rows):
             cls, patches = self.read(slice(start, min(start + block_rows, self.num_rows)))
             yield start, cls, patches
+
+
+def _non_finite_advice(dtype: str | None, precision: str | None) -> str:
+    """How to extract again when cached rows are not finite: the causes the cache's attributes leave possible
+    (float16 storage overflowing, a bf16/fp16 forward overflowing), or the backbone's own output."""
+    causes = []
+    if dtype == "float16":
+        causes.append("with --dtype float32 if the features exceed float16's range (65504)")
+    if precision not in (None, "fp32"):
+        causes.append(f"with --precision fp32 if the backbone's {precision} forward overflowed")
+    if not causes:
+        return "after checking the backbone and its weights: its own fp32 output was not finite"
+    return ", or ".join(causes)
 
 
 class FeatureCache:

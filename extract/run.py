@@ -97,7 +97,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      skip_existing: bool = False, commit_every: int = 16, progress: bool = True,
                      category: str | None = None, layout: str = "classes", layer: str = DEFAULT_LAYER,
                      log: Callable[[str], None] = print, dist: DistContext = SINGLE) -> Path:
-    """Encode every train and test image of a dataset once and write one HDF5 cache (SPEC.md section 2).
+    """Encode every train and test image of a dataset once and write one HDF5 cache (docs/method.md section 2).
 
     In a distributed job (``dist``, see :mod:`extract.distributed`) every rank builds the same dataset, backbone
     and plan; rank 0 alone locks the cache and lists the chunks still to encode, chunk ``i`` of that list is
@@ -337,8 +337,9 @@ def _encode_chunks(store: ChunkStore, split: str, part, chunks: list[tuple[int, 
             if bad.any():
                 first = at + int(np.flatnonzero(bad)[0])
                 raise ExtractionError(f"the backbone gave non-finite features for {int(bad.sum())} images, "
-                                      f"first {part.sample_ids[first]!r} ({split} row {first}); "
-                                      "try --precision fp32")
+                                      f"first {part.sample_ids[first]!r} ({split} row {first})"
+                                      + ("; try --precision fp32" if isinstance(autocast, torch.autocast) else
+                                         " in an fp32 forward; check the backbone and its weights"))
             if not np.array_equal(labels.numpy(), part.labels[at:at + len(labels)]):
                 raise ExtractionError(f"{split} rows {at}..{at + len(labels) - 1}: the loader's labels differ "
                                       "from the sample index")

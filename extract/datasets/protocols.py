@@ -30,7 +30,7 @@ FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t1
                        "t10k-labels-idx1-ubyte")
 #: Images per class of each split in the standard releases (checked for the image-folder forms).
 CIFAR100_COUNTS = {"train": 2500, "test": 500}  # per superclass; 500 / 100 per fine class
-#: Cats vs Dogs protocol (SPEC.md section 4): per class, the first 10,000 readable images (by file number)
+#: Cats vs Dogs protocol (docs/method.md section 8): per class, the first 10,000 readable images (by file number)
 #: are train, the next 2,500 test.
 CATS_VS_DOGS_TRAIN = 10000
 CATS_VS_DOGS_TEST = 2500
@@ -299,7 +299,7 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
 def build_cifar100(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
-    """CIFAR-100 with the 20 superclasses as classes (SPEC.md section 4); the fine class is kept as ``fine_labels``.
+    """CIFAR-100 with the 20 superclasses as classes (docs/method.md section 8); the fine class is kept as ``fine_labels``.
 
     Sources, like :func:`build_cifar10`: an image-folder tree ``data_root/{train,test}/<fine class>/``
     whose folders are the 100 fine class names (500 / 100 images each; superclass from
@@ -425,7 +425,7 @@ def _class_folders(base: Path) -> dict[str, Path] | None:
 
 def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_class: int = CATS_VS_DOGS_TRAIN,
                        test_per_class: int = CATS_VS_DOGS_TEST) -> DatasetSource:
-    """Cats vs Dogs (Microsoft PetImages), protocol of SPEC.md section 4: per class 10,000 train, 2,500 test.
+    """Cats vs Dogs (Microsoft PetImages), protocol of docs/method.md section 8: per class 10,000 train, 2,500 test.
 
     Layouts: ``data_root/{Cat,Dog}/`` (or ``data_root/PetImages/{Cat,Dog}/``), the Microsoft release; every
     entry of a class folder except hidden ones is tried, ordered by file number (``123.jpg``; other names after,
@@ -557,7 +557,7 @@ def build_mvtec(data_root: Path | None, category: str | None, transform: Callabl
 
 def build_dataset(name: str, data_root: str | Path | None, download: bool, transform: Callable,
                   category: str | None = None, layout: str = "classes") -> DatasetSource:
-    """Build one of ``DATASETS`` (protocols: README, SPEC.md section 4).
+    """Build one of ``DATASETS`` (protocols: docs/method.md section 8 and docs/datasets.md).
 
     Args:
         name: one of ``DATASETS``.

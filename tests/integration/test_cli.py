@@ -131,7 +131,7 @@ def test_extract_writes_one_complete_cache(pipeline_run, tree):
 
 def test_an_average_pooled_vit_stores_its_pooled_embedding(tree, tmp_path):
     """test_vit2 pools the mean of its patch tokens through fc_norm: that is the stored semantic vector, the
-    attribute names it (issue 17, item 3)."""
+    attribute names it."""
     import torch
 
     from extract import create_backbone

@@ -1,4 +1,4 @@
-"""The datasets of issue 5 through the CLI: MVTec AD (one cache per category, per-defect-type AUROC) and
+"""The dataset protocols through the CLI: MVTec AD (one cache per category, per-defect-type AUROC) and
 CIFAR-100 (superclasses as classes, the fine class kept in the cache)."""
 
 from __future__ import annotations

@@ -180,8 +180,12 @@ def test_non_finite_backbone_output_stops_extraction_naming_the_image(image_tree
     cache_dir = tmp_path / "cache"
     result = invoke(*extract_args(image_tree, cache_dir, "--batch-size", "4", backbone=SMALL))
     assert_input_error(result, "the backbone gave non-finite features for 1 images, first 'train/blue/001.png' "
-                               "(train row 1); try --precision fp32")
+                               "(train row 1) in an fp32 forward; check the backbone and its weights")
     assert not list(cache_dir.glob("*.h5"))
+    # in a reduced-precision forward the message suggests fp32
+    result = invoke(*extract_args(image_tree, cache_dir, "--batch-size", "4", "--precision", "bf16", backbone=SMALL))
+    assert_input_error(result, "the backbone gave non-finite features for 1 images, first 'train/blue/001.png' "
+                               "(train row 1); try --precision fp32")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -211,14 +215,23 @@ def test_features_beyond_float16_range_are_refused_before_they_are_stored(image_
     assert not list(cache_dir.glob("*.h5")) and not list(cache_dir.glob("*.partial/*.npz"))
 
 
-def test_non_finite_rows_of_a_float16_cache_name_both_causes(tmp_path):
+@pytest.mark.parametrize("dtype, precision, advice", [
+    ("float16", "bf16", "with --dtype float32 if the features exceed float16's range (65504), or with --precision "
+                        "fp32 if the backbone's bf16 forward overflowed"),
+    ("float16", "fp32", "with --dtype float32 if the features exceed float16's range (65504)$"),
+    ("float32", "fp32", "after checking the backbone and its weights: its own fp32 output was not finite"),
+])
+def test_non_finite_rows_of_a_cache_name_the_causes_its_settings_leave(tmp_path, dtype, precision, advice):
+    """The advice names float16 storage only for a float16 cache and the forward precision only when it was not
+    fp32 (an fp32 cache was told to use --precision fp32, which it already had)."""
     splits = gaussian_splits(n_train=4, n_test=2)
     splits["train"][0][1, 3] = np.inf
-    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"], dtype="float16")
+    cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"], dtype=dtype, precision=precision)
     result = invoke("fit", "--cache", str(cache), "--normal", "a", "--runs-dir", str(tmp_path / "runs"), *FIT)
     assert_input_error(result, "/train/cls row 1 holds NaN or infinite values (1 such rows read); extract again "
-                               "(--overwrite) with --dtype float32 if the features exceed float16's range (65504), "
-                               "or with --precision fp32 if the backbone's forward overflowed")
+                               "(--overwrite) ")
+    assert re.search(re.escape(advice.rstrip("$")) + ("$" if advice.endswith("$") else ""),
+                     result.output.strip().splitlines()[-1]), result.output
 
 
 # found by a breaking session

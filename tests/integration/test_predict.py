@@ -140,7 +140,7 @@ def test_predict_odd_files_one_row_each(calibrated, odd_tree):
 ], ids=["beyond-float16", "backbone-inf"])
 def test_predict_names_why_features_are_not_finite(calibrated, tmp_path, monkeypatch, value, fragment):
     """A finite feature beyond the float16 cache's range and a backbone output that is itself infinite get
-    different error rows (issue 17, item 1: predict named the backbone for both)."""
+    different error rows (predict named the backbone for both)."""
     from extract.backbone import TokenEncoder
 
     forward = TokenEncoder.forward

@@ -385,7 +385,7 @@ def test_unknown_format_version(tmp_path, version):
 
 
 def test_format_1_caches_stay_readable(tmp_path):
-    """Format 2 changed what ``cls`` holds only for kinds format 1 never wrote (issue 17, item 3)."""
+    """Format 2 changed what ``cls`` holds only for kinds format 1 never wrote."""
     path = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=3, n_test=2), ["a", "b", "c"])
     with h5py.File(path, "r") as f:
         assert f.attrs["format_version"] == FORMAT_VERSION == 2

@@ -1,4 +1,4 @@
-"""The known-density check (issue 15): on samples of a known non-Gaussian density the flow is a density estimator
+"""The known-density check: on samples of a known non-Gaussian density the flow is a density estimator
 that works, whatever real features do. D = 16, a mixture of three Gaussians with different covariances: the
 flow's held-out negative log-likelihood comes close to the true entropy and beats the Gaussian baseline's."""
 

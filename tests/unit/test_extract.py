@@ -169,7 +169,7 @@ def test_vit_without_class_token_uses_the_mean_of_patch_tokens():
     ("convnext_atto", {}, "pre_logits"),
 ], ids=["token-pooled", "avg-pooled-fc-norm", "attention-pooled", "avg-pooled", "cnn", "convnext-head-norm"])
 def test_semantic_vector_is_the_models_pooled_embedding(name, kwargs, kind):
-    """cls = forward_head(forward_features(x), pre_logits=True), for every kind of timm head (issue 17, item 3);
+    """cls = forward_head(forward_features(x), pre_logits=True), for every kind of timm head;
     the patch tokens stay those of forward_features."""
     torch.manual_seed(0)
     model = _random_model(name, **kwargs)
@@ -344,7 +344,7 @@ def test_weights_file_wrapped_in_a_checkpoint_and_renamed_keys(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_weights_file_at_another_input_size_is_resampled_by_timm(tmp_path, suffix):
     """A ViT file saved at 224 px (14 x 14 position embeddings) loads at --img-size 64 (4 x 4) and 384: timm's
-    checkpoint filter resamples the position embeddings, the source says so (issue 17, item 2)."""
+    checkpoint filter resamples the position embeddings, the source says so."""
     from safetensors.torch import save_file
     from timm.layers import resample_abs_pos_embed
 

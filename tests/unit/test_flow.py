@@ -185,7 +185,7 @@ def test_flow_scores_agree_with_the_as_written_attention():
 
 def test_class_attention_is_finite_where_its_logits_overflow_float32():
     """Large finite inputs (logits near 1e40, past float32's 3.4e38): the softmax would be NaN on the plain
-    product; the stable logits give the float64 result (issue 17, item 5)."""
+    product; the stable logits give the float64 result."""
     torch.manual_seed(0)
     attn = ClassAttention(13, 20, 4)
     g = torch.Generator().manual_seed(5)

@@ -1,4 +1,4 @@
-"""Dataset protocols (SPEC.md section 4, issue 5): per-class train/test counts, the normal/anomalous counts of a
+"""Dataset protocols (docs/method.md section 8): per-class train/test counts, the normal/anomalous counts of a
 normal class, disjoint sample ids, and label names, on tiny files in each dataset's own on-disk format.
 
 torchvision checks the MD5 of the real release files; these tests write tiny files in the same format, so they
@@ -172,7 +172,7 @@ def test_stl10_train_and_test_splits(tmp_path, no_md5):
     assert_protocol(source, ds.STL10_CLASSES, [2] * 10, [3] * 10, normal=7)
     assert source.splits["train"].labels[:3].tolist() == [0, 1, 2]  # file label 1 is airplane
     assert loaded_labels(source.splits["test"]) == source.splits["test"].labels.tolist()
-    # the protocol of the real release (SPEC.md section 4): 500 train / 800 test per class
+    # the protocol of the real release (docs/method.md section 8): 500 train / 800 test per class
     assert ds.STL10_CLASSES == ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 
