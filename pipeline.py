@@ -361,20 +361,26 @@ def export(run_dir, out, check_images, **opts) -> None:
     click.echo(f"wrote {out}")
 
 
-def _comma_list(kind, choices=None):
-    """A click callback turning ``"a,b"`` into a list (each checked, duplicates dropped), refusing an empty one."""
+def _comma_list(choices=None, low: int | None = None, high: int | None = None):
+    """A click callback turning ``"a,b"`` into a list of names (one of ``choices``) or of integers in low..high,
+    each checked, duplicates dropped; an empty list is refused."""
+
+    def check(item: str):
+        if choices is not None:
+            if item not in choices:
+                raise ValueError(f"{item!r} is not one of {', '.join(choices)}")
+            return item
+        if not item.isascii() or not item.isdigit() or not low <= int(item) <= high:
+            raise ValueError(f"{item!r} is not an integer in {low}..{high}")
+        return int(item)
 
     def convert(ctx, param, value):
         if value is None:
             return None
-        items = [v.strip() for v in str(value).split(",") if v.strip()]
-        for item in items if choices else []:
-            if item not in choices:
-                raise click.BadParameter(f"{item!r} is not one of {', '.join(choices)}", ctx, param)
         try:
-            out = [kind(item) for item in items]
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers", ctx, param) from None
+            out = [check(v.strip()) for v in str(value).split(",") if v.strip()]
+        except ValueError as err:
+            raise click.BadParameter(str(err), ctx, param) from None
         if not out:
             raise click.BadParameter("give at least one value", ctx, param)
         return list(dict.fromkeys(out))
@@ -384,12 +390,12 @@ def _comma_list(kind, choices=None):
 
 @cli.command()
 @options(DATASET, *EXTRACT[1:-2], EXTRACT[-1], CACHE, NORMAL,
-         _opt("--methods", default=",".join(METHODS), callback=_comma_list(str, METHODS), help="Comma-separated."),
-         _opt("--seeds", default="0", callback=_comma_list(int), help="Flows' seeds (the baselines: once, seed 0)."),
+         _opt("--methods", default=",".join(METHODS), callback=_comma_list(METHODS), help="Comma-separated."),
+         _opt("--seeds", default="0", callback=_comma_list(low=0, high=2**32 - 1), help="Flows' seeds (the baselines: once, seed 0)."),
          EPOCHS, STEPS,
-         _opt("--blocks", default="4", callback=_comma_list(int), help="K; several (2,4,6,8: Table 7) sweep."),
-         _opt("--hidden", default="1024", callback=_comma_list(int), help="H; several sweep."), K,
-         _opt("--transform", default=None, callback=_comma_list(str, FEATURES_CHOICES),
+         _opt("--blocks", default="4", callback=_comma_list(low=1, high=256), help="K; several (2,4,6,8: Table 7) sweep."),
+         _opt("--hidden", default="1024", callback=_comma_list(low=1, high=65536), help="H; several sweep."), K,
+         _opt("--transform", default=None, callback=_comma_list(FEATURES_CHOICES),
               help=_TRANSFORM_HELP + "; several sweep [default: auto]."), FEATURES,
          _opt("--runs-dir", type=FOLDER, default=DEFAULT_RUNS_DIR, help="Run folders, auroc.csv, summary, report."),
          _opt("--refit", is_flag=True, help="Fit again what was fitted with the same settings (kept otherwise)."),
@@ -407,7 +413,7 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
     if features is not None and transform is not None:
         raise ArgumentError("--features is the old spelling of --transform; give only --transform")
     if features is not None:
-        transform = _comma_list(str, FEATURES_CHOICES)(None, None, features)
+        transform = _comma_list(FEATURES_CHOICES)(None, None, features)
     if (cache is None) == (dataset is None):
         raise ArgumentError("sweep needs either --dataset (what to extract) or --cache (an existing cache)")
     if k != 2 and "knn" not in methods:

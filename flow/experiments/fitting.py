@@ -273,15 +273,21 @@ def _check_replace(path: Path, settings: dict, overwrite: bool) -> None:
         return  # a damaged run is replaced, as before
     absent = {"setting": "", "feature_transform": PAPER_FEATURES}  # records written before these keys
     for key, value in settings.items():
-        old = record.get(key, absent.get(key))
-        if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
-            what = key if not isinstance(value, dict) else next(
-                (f"{key}.{f}" for f in sorted(set(value) | set(old or {}))
-                 if (old or {}).get(f) != value.get(f)), key)
-            old_v = old if not isinstance(value, dict) else (old or {}).get(what.split(".", 1)[1])
-            new_v = value if not isinstance(value, dict) else value.get(what.split(".", 1)[1])
-            raise RunError(f"the run folder {path} holds a run fitted with other settings ({what} {old_v}, now "
-                           f"{new_v}); pass --overwrite to replace it, or choose another --runs-dir")
+        old, new = _jsonable(record.get(key, absent.get(key))), _jsonable(value)
+        if old == new:
+            continue
+        what, old_v, new_v = key, old, new
+        if isinstance(new, dict) and isinstance(old, dict):  # name the field that differs: train.epochs 2, now 5
+            field = next(f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f))
+            what, old_v, new_v = f"{key}.{field}", old.get(field), new.get(field)
+        old_v, new_v = ("not set" if v is None else v for v in (old_v, new_v))
+        raise RunError(f"the run folder {path} holds a run fitted with other settings ({what} {old_v}, now "
+                       f"{new_v}); pass --overwrite to replace it, or choose another --runs-dir")
+
+
+def _jsonable(value):
+    """``value`` as it reads back from JSON (tuples become lists), for comparing settings with a run.json."""
+    return json.loads(json.dumps(value))
 
 
 def _fit_one(fc: FeatureCache, cache, config: FitConfig, k: int, path: Path, settings: dict, features: str,

@@ -564,8 +564,9 @@ def test_baseline_methods_fit_and_score_next_to_the_flow(tmp_path):
     cache = write_cache(tmp_path / "c.h5", gaussian_splits(n_train=40, n_test=20, dim=6), ["a", "b", "c"])
     runs = tmp_path / "runs"
     for method in ("knn", "gaussian", "sanf-nocaff"):
+        flow = ("--epochs", "1", "--hidden", "8") if method.startswith("sanf") else ()  # the baselines train nothing
         assert_ok(invoke("fit", "--cache", str(cache), "--normal", "a", "--method", method, "--runs-dir", str(runs),
-                         "--epochs", "1", "--hidden", "8", "--device", "cpu"))
+                         *flow, "--device", "cpu"))
     result = invoke("score", "--runs-dir", str(runs), "--device", "cpu")
     assert_ok(result)
     header, rows = read_csv(runs / "auroc.csv")
@@ -617,14 +618,14 @@ def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     assert f"]({cache.stem}__plots/roc_normal0.png)" in report
     assert "seeds 0 1, 1 epochs" in report and "blue 3 normal / 3 anomalous" in report
     # a second run reuses the cache, and its summary holds only what it fitted (not the earlier runs)
-    again = invoke(*args[:-2], "--runs-dir", str(runs), "--methods", "knn", "--normal", "red")
+    again = invoke("sweep", *extraction, "--runs-dir", str(runs), "--methods", "knn", "--normal", "red")
     assert_ok(again)
     assert "using the existing cache" in again.output
     header, rows = read_csv(runs / f"{cache.stem}__summary.csv")
     assert [(r["method"], r["score"]) for r in rows] == [("knn", "cosine"), ("knn", "l2")]
     assert header[-2:] == ["red", "mean"]
     assert len(read_csv(runs / "auroc.csv")[1]) == 2 * 2 * 2 + 2 * 2 + 2  # auroc.csv still lists every run
-    bad = invoke(*args[:-4], "--methods", "sanf,nope")
+    bad = invoke("sweep", *extraction, "--methods", "sanf,nope")
     assert bad.exit_code == 2 and "'nope' is not one of sanf, sanf-nocaff, knn, gaussian" in bad.output
 
 
@@ -707,7 +708,7 @@ def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
     again = invoke(*args)
     assert_ok(again)
     assert again.output.count("kept ") == 4
-    bad = invoke(*args[:-2], "--transform", "raw,whiten", "--runs-dir", str(runs))
+    bad = invoke("sweep", *extraction, "--methods", "knn", "--transform", "raw,whiten", "--runs-dir", str(runs))
     assert bad.exit_code == 2
     assert "'whiten' is not one of auto, raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output
 
@@ -741,22 +742,25 @@ def test_run_with_val_fraction_calibrates_every_run(tree, tmp_path):
     again = invoke(*args, "--val-fraction", "0.5", "--alpha", "0.5", "--early-stop")
     assert_ok(again)
     assert again.output.count("kept ") == 4  # the same settings: every run kept
-    uncalibrated = invoke(*args, "--normal", "blue")
+    refused = invoke(*args, "--normal", "blue")  # other settings in the same run folders: not replaced silently
+    assert_input_error(refused, "holds a run fitted with other settings (train.early_stop True, now not set); pass "
+                                "--overwrite to replace it")
+    uncalibrated = invoke(*args, "--normal", "blue", "--overwrite")
     assert_ok(uncalibrated)
     assert "kept " not in uncalibrated.output  # another val fraction: fitted, not taken for the calibrated runs
 
 
-def test_demo_writes_the_report_and_plots_of_run(tmp_path, monkeypatch):
-    """demo = run's summary, report and plots on the digits, plus each method's mean (the backbone swapped for a
+def test_demo_writes_the_report_and_plots_of_a_sweep(tmp_path, monkeypatch):
+    """demo = a sweep's summary, report and plots on the digits, plus each method's mean (the backbone swapped for a
     small random ViT here: the demo's own EfficientNet-Lite0 extraction takes minutes)."""
-    import extract
+    import extract.run
 
-    real = extract.extract_features
+    real = extract.run.extract_features
 
-    def small(**kwargs):
-        return real(**{**kwargs, "backbone": "test_vit", "random_init": True, "img_size": 32, "patch_grid": 0})
+    def small(*args, **kwargs):
+        return real(*args, **{**kwargs, "backbone": "test_vit", "random_init": True, "img_size": 32, "patch_grid": 0})
 
-    monkeypatch.setattr(extract, "extract_features", small)
+    monkeypatch.setattr(extract.run, "extract_features", small)
     runs = tmp_path / "runs"
     result = invoke("demo", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(runs), "--steps", "1",
                     "--device", "cpu")
