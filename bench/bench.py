@@ -457,9 +457,9 @@ def section_flow(args, work: Path) -> list[Row]:
     for name, peak in peaks.items():
         rows.append(Row("3 flow", f"matmul peak {name}", peak / 1e9, "GFLOP/s", note="2048 x 2048 x 2048"))
     flops_written = count_flops(config, P, as_written=True)
-    rows.append(Row("3 flow", "FLOPs per sample, forward, docs/method.md eq. (14)-(16) as written", flops_written / 1e9, "GFLOP",
-                    note="keys and values of all 1 + P tokens (the form the paper counts); the default computes "
-                         "the same function from the query side"))
+    rows.append(Row("3 flow", "FLOPs per sample, forward, docs/method.md eq. (14)-(16) as written", flops_written / 1e9,
+                    "GFLOP", note="keys and values of all 1 + P tokens (the form the paper counts); the default "
+                                  "computes the same function from the query side"))
     # (label, precision, torch.compile, attention as written, fused Adam); the first is what `fit` runs
     variants = [("fp32 eager", "fp32", False, False, True),
                 ("fp32, attention as written, fused Adam", "fp32", False, True, True),
@@ -566,7 +566,8 @@ def section_memory(args, work: Path) -> list[Row]:
     # the fixed cost of the modules fit and score import (torch, h5py, scikit-learn, ...), before any work
     # the runtime floor: the modules fit imports, with torch's CPU kernels and thread pools initialised by a few
     # steps of a tiny flow (fixed costs that no cache or model size changes)
-    floor_code = ("import pipeline, flow.experiments.fitting, flow.experiments.scoring, flow.experiments.report, cache, torch\n"
+    floor_code = ("import pipeline, flow.experiments.fitting, flow.experiments.scoring, flow.experiments.report, "
+                  "cache, torch\n"
                   "from flow.model.sanf import FlowConfig\nfrom flow.model.train import TrainConfig, fit_flow\n"
                   "fit_flow(torch.randn(64, 8), torch.randn(64, 4, 8), FlowConfig(dim=8, hidden=8), "
                   "TrainConfig(epochs=1), progress=False)\nprint(peak_kib())")
@@ -603,8 +604,8 @@ def section_memory(args, work: Path) -> list[Row]:
         Row("4 memory", "score peak RSS", score_peak, "MB", note="test split read in blocks of 2048 rows"),
         Row("4 memory", "score throughput (whole command)", test_rows / score_wall, "samples/s",
             note="includes interpreter start, model load and the CSV writes"),
-        Row("4 memory", "fit command wall, 1 epoch", fit_wall, "s", note=f"{n_normal} rows; includes interpreter start, "
-                                                                         "imports and reading the rows"),
+        Row("4 memory", "fit command wall, 1 epoch", fit_wall, "s",
+            note=f"{n_normal} rows; includes interpreter start, imports and reading the rows"),
     ]
 
 
@@ -662,7 +663,8 @@ def section_forwards(args, work: Path) -> list[Row]:
         path, _ = run_extract(args, tree, work / "s6cache", args.precision)
 
         fit_cache(path, FitConfig(normal="all", method="knn"), runs_dir=work / "s6runs", log=lambda s: None)
-        fit_cache(path, FitConfig(normal="0", epochs=1, hidden=16), runs_dir=work / "s6runs", device=args.device, log=lambda s: None, progress=False)
+        fit_cache(path, FitConfig(normal="0", epochs=1, hidden=16), runs_dir=work / "s6runs", device=args.device,
+                  log=lambda s: None, progress=False)
     finally:
         TokenEncoder.forward = original
     n_images = 20 * per
@@ -691,7 +693,8 @@ def section_onnx(args, work: Path) -> list[Row]:
     per = args.sizes["onnx_images"]
     tree = cifar_tree(work / "s7", {"train": per // 10, "test": per // 10})
     path, _ = run_extract(args, tree, work / "s7cache", "fp32")
-    (outcome,) = fit_cache(path, FitConfig(normal="0", epochs=1, val_fraction=0.25), runs_dir=work / "s7runs", device="cpu", log=lambda s: None, progress=False)
+    (outcome,) = fit_cache(path, FitConfig(normal="0", epochs=1, val_fraction=0.25), runs_dir=work / "s7runs",
+                           device="cpu", log=lambda s: None, progress=False)
     model_path = work / "s7.onnx"
     diffs = export_onnx(outcome.path, model_path, log=lambda s: None)
     record = read_run_record(outcome.path)

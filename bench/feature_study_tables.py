@@ -16,7 +16,7 @@ from pathlib import Path
 
 TRANSFORMS = ["raw", "l2", "ssqrt-l2", "standardize", "pca-whiten"]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flow.store.run_folder import PRIMARY_SCORES as PRIMARY
+from flow.store.run_folder import PRIMARY_SCORES as PRIMARY  # noqa: E402 (after sys.path is extended)
 
 
 def read(folder: Path) -> list[dict]:

@@ -106,8 +106,8 @@ def main(argv=None) -> int:
         difference = largest_difference(best[1]["cache"], best[args.ranks]["cache"])
     one, many = best[1], best[args.ranks]
     summary = {
-        "machine": f"{os.cpu_count()} CPUs", "load_average_1min": os.getloadavg()[0], "device": args.device, "backbone": args.backbone,
-        "dataset": args.dataset, "precision": args.precision, "batch_size": args.batch_size,
+        "machine": f"{os.cpu_count()} CPUs", "load_average_1min": os.getloadavg()[0], "device": args.device,
+        "backbone": args.backbone, "dataset": args.dataset, "precision": args.precision, "batch_size": args.batch_size,
         "commit_every": args.commit_every, "num_workers": args.num_workers, "repeats": args.repeats,
         "single": {"threads": threads, "images_per_s": one["images_per_s"], "wall_s": fastest_wall[1]},
         "job": {"ranks": args.ranks, "threads_per_rank": per_rank, "images_per_s": many["images_per_s"],
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     (out / "scaleout.json").write_text(json.dumps(summary, indent=1))
     print(f"| configuration | encoding images/s | whole command s |\n|---|---|---|\n"
           f"| 1 process x {threads} threads | {one['images_per_s']:.1f} | {fastest_wall[1]:.1f} |\n"
-          f"| {args.ranks} ranks x {per_rank} thread(s) | {many['images_per_s']:.1f} | {fastest_wall[args.ranks]:.1f} |\n"
+          f"| {args.ranks} ranks x {per_rank} thread(s) | {many['images_per_s']:.1f} | "
+          f"{fastest_wall[args.ranks]:.1f} |\n"
           f"encoding ratio {summary['encode_ratio']:.3f}, whole-command speed ratio {summary['wall_ratio']:.3f}, "
           f"largest feature difference {difference:.2e}; wrote {out / 'scaleout.json'}")
     return 0

@@ -10,8 +10,8 @@ test AUROC of both scores is recorded too, on a seeded subset of the test split.
     python bench/train_length.py --cache CACHE.h5 --normal automobile --train-rows 250,1000,4000 \\
         --max-steps 2000 --out train_length.csv
 
-One CSV row per (n, epoch): n, epoch, step, train loss (nats/dim, docs/method.md eq. (23)), held-out loss (same unit, without
-the constant), and, at the checkpoints, AUROC of nll and z2. Rows are appended and flushed as they come, so a
+One CSV row per (n, epoch): n, epoch, step, train loss (nats/dim, docs/method.md eq. (23)), held-out loss (same unit,
+without the constant), and, at the checkpoints, AUROC of nll and z2. Rows are appended and flushed as they come, so a
 killed run keeps what it measured.
 """
 
@@ -106,7 +106,7 @@ def main() -> None:
             head = {"dataset": label, "normal": args.normal, "method": args.method, "features": args.features,
                     "n": n, "n_fit": len(fit_idx), "n_val": len(val_idx)}
 
-            def write(model, epoch, step, result=None, rule="", score=True, head=head, start=start):
+            def write(model, epoch, step, result=None, rule="", score=True, head=head, start=start, tensors=tensors):
                 """One CSV row: the losses so far and, when ``score``, the test AUROC of ``model``."""
                 row = {**head, "epoch": epoch, "step": step, "rule": rule,
                        "seconds": f"{time.perf_counter() - start:.1f}" if result is not None else "0.0"}
@@ -120,7 +120,7 @@ def main() -> None:
                 writer.writerow(row)
                 handle.flush()
 
-            def on_epoch(epoch, model, result, marks=marks, write=write):
+            def on_epoch(epoch, model, result, marks=marks, write=write, steps_per_epoch=steps_per_epoch):
                 step = epoch * steps_per_epoch
                 write(model, epoch, step, result, score=any(step >= m > step - steps_per_epoch for m in marks))
 

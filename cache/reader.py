@@ -85,7 +85,7 @@ def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts = np.concatenate(([0], breaks))
     stops = np.concatenate((breaks, [rows.size]))
-    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
 
 
 #: errno values of HDF5's "unable to lock file" when another process holds the file; any other (ENOSYS, ENOLCK,
@@ -428,4 +428,4 @@ class FeatureCache:
     def class_counts(self, split: str) -> dict[str, int]:
         """Samples per class name in ``split``."""
         counts = np.bincount(self.split(split).labels, minlength=len(self.class_names))
-        return {name: int(c) for name, c in zip(self.class_names, counts)}
+        return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}

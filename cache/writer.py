@@ -296,7 +296,8 @@ class CacheWriter:
                 raise CacheError(f"split {split!r}: {int((~done).sum())} rows were never written")
         full = dict(attrs)
         full["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        missing = [k for k in REQUIRED_ROOT_ATTRS if k not in full and k not in ("format", "format_version", "complete")]
+        missing = [k for k in REQUIRED_ROOT_ATTRS
+                   if k not in full and k not in ("format", "format_version", "complete")]
         if missing:
             raise CacheError(f"cache attributes missing: {missing}")
         with_fine = {split for split in self._written if FINE_LABEL in self._file[split]}

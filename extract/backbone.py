@@ -63,7 +63,7 @@ def _map_by_order(state: dict[str, torch.Tensor], model: nn.Module, path: Path) 
     if len(state) != len(target):
         raise BackboneError(f"--weights {path}: {len(state)} tensors, the model has {len(target)}")
     mapped = {}
-    for (src_key, value), (dst_key, expected) in zip(state.items(), target.items()):
+    for (src_key, value), (dst_key, expected) in zip(state.items(), target.items(), strict=True):
         if value.shape != expected.shape:
             raise BackboneError(f"--weights {path}: tensor {src_key} {tuple(value.shape)} does not fit "
                                 f"{dst_key} {tuple(expected.shape)}")

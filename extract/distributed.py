@@ -108,7 +108,8 @@ class DistContext:
         return "nccl"
 
     def share(self, items: Sequence[T]) -> list[T]:
-        """This rank's share of ``items`` (the same list on every rank): item ``i`` goes to rank ``i mod world_size``."""
+        """This rank's share of ``items`` (the same list on every rank): item ``i`` goes to rank
+        ``i mod world_size``."""
         return assign(items, self.rank, self.world_size)
 
     def gather(self, obj: Any) -> list[Any]:

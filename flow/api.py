@@ -226,9 +226,10 @@ def export(run: str | os.PathLike, out: str | os.PathLike, alpha: float = DEFAUL
     return load(run).export(out, alpha=alpha, **options)
 
 
-def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = None, methods: Sequence[str] = (
-        "sanf", "sanf-nocaff", "knn", "gaussian"), seeds: Sequence[int] = (0,), transforms: Sequence[str] = ("auto",),
-          blocks: Sequence[int] = (4,), hidden: Sequence[int] = (1024,), k: int = 2, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,
+def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = None,
+          methods: Sequence[str] = ("sanf", "sanf-nocaff", "knn", "gaussian"), seeds: Sequence[int] = (0,),
+          transforms: Sequence[str] = ("auto",), blocks: Sequence[int] = (4,), hidden: Sequence[int] = (1024,),
+          k: int = 2, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,
           refit: bool = False, overwrite: bool = False, alpha: float = DEFAULT_ALPHA, device: str = "auto",
           means: bool = False, log: Callable[[str], None] = print, dist: DistContext = SINGLE,
           **extract_options) -> list[dict]:

@@ -143,7 +143,8 @@ def check_readable(paths: list[str], progress: bool = False, resumed: bool = Fal
     Raises:
         ImageReadError: names the first unreadable file and why, how many there are, and what to do.
     """
-    bad = [(path, problem) for path, problem in zip(paths, _image_problems(paths, progress)) if problem is not None]
+    bad = [(path, problem) for path, problem in zip(paths, _image_problems(paths, progress), strict=True)
+           if problem is not None]
     if not bad:
         return
     (first, reason), more = bad[0], [path for path, _ in bad[1:]]

@@ -99,7 +99,7 @@ def _check_counts(where: str, name: str, split: str, labels: np.ndarray, class_n
     """Refuse a split whose images per class (from ``labels``) are not all ``expected``; names the wrong classes."""
     counts = np.bincount(labels, minlength=len(class_names))
     if not (counts == expected).all():
-        wrong = {c: int(n) for c, n in zip(class_names, counts) if n != expected}
+        wrong = {c: int(n) for c, n in zip(class_names, counts, strict=True) if n != expected}
         raise DatasetError(f"{where}: {name} {split} must hold {expected} images per class; found {wrong}")
 
 
@@ -299,7 +299,8 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
 def build_cifar100(data_root: Path | None, download: bool, transform: Callable) -> DatasetSource:
-    """CIFAR-100 with the 20 superclasses as classes (docs/method.md section 8); the fine class is kept as ``fine_labels``.
+    """CIFAR-100 with the 20 superclasses as classes (docs/method.md section 8); the fine class is kept as
+    ``fine_labels``.
 
     Sources, like :func:`build_cifar10`: an image-folder tree ``data_root/{train,test}/<fine class>/``
     whose folders are the 100 fine class names (500 / 100 images each; superclass from
@@ -341,7 +342,8 @@ def build_cifar100(data_root: Path | None, download: bool, transform: Callable) 
         if tuple(dataset.classes) != CIFAR100_FINE_CLASSES:
             raise DatasetError(f"--data-root {root}: CIFAR-100 fine_label_names differ from the published list")
         _check_arrays("cifar100", root, split, dataset.data, dataset.targets, (32, 32, 3))
-        pickled = Path(root) / CIFAR100.base_folder / (dataset.train_list if split == "train" else dataset.test_list)[0][0]
+        pickled = (Path(root) / CIFAR100.base_folder
+                   / (dataset.train_list if split == "train" else dataset.test_list)[0][0])
         with open(pickled, "rb") as handle:  # torchvision keeps only the fine labels; the release has both
             entry = pickle.load(handle, encoding="latin1")
         if "coarse_labels" not in entry:
@@ -451,13 +453,13 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
             files = sorted((p for p in folders[name].iterdir() if not p.name.startswith(".") and not p.is_dir()),
                            key=lambda p: _file_number(p.name))
             ok = _readable([str(p) for p in files])
-            good = [p for p, k in zip(files, ok) if k]
-            skipped += [p.relative_to(data_root).as_posix() for p, k in zip(files, ok) if not k]
+            good = [p for p, k in zip(files, ok, strict=True) if k]
+            skipped += [p.relative_to(data_root).as_posix() for p, k in zip(files, ok, strict=True) if not k]
             if len(good) <= train_per_class:
                 raise DatasetError(f"--data-root {data_root}: {folders[name]} holds {len(good)} readable images "
-                                   f"({len(files) - len(good)} unreadable skipped); the Cats vs Dogs protocol takes the "
-                                   f"first {train_per_class} for train and up to {test_per_class} after them for test, "
-                                   f"so it needs more than {train_per_class}; for another split use "
+                                   f"({len(files) - len(good)} unreadable skipped); the Cats vs Dogs protocol takes "
+                                   f"the first {train_per_class} for train and up to {test_per_class} after them for "
+                                   f"test, so it needs more than {train_per_class}; for another split use "
                                    f"{data_root}/{{train,test}}/{{cat,dog}}/")
             chosen = {"train": good[:train_per_class], "test": good[train_per_class:train_per_class + test_per_class]}
             for split, paths in chosen.items():
@@ -481,7 +483,7 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
         for split, part in source.splits.items():
             paths = [path for path, _ in part.dataset.samples]
             ok = np.asarray(_readable(paths), dtype=bool)
-            skipped += [i for i, k in zip(part.sample_ids, ok) if not k]
+            skipped += [i for i, k in zip(part.sample_ids, ok, strict=True) if not k]
             keep = np.flatnonzero(ok)
             labels = to_label[part.labels[keep]]
             splits[split] = SplitSource(FileImages([paths[i] for i in keep], labels, transform),

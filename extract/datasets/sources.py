@@ -120,7 +120,7 @@ def _folder_split(root: Path, split: str, transform: Callable, option: str = "--
         raise DatasetError(f"{option} {root}: {split}/ holds {len(stray)} image files outside any class folder "
                            f"({_few(stray)}); images must lie in {expected}: move them into class folders")
     counts = np.bincount(np.asarray(dataset.targets, dtype=np.int64), minlength=len(dataset.classes))
-    empty = [c for c, n in zip(dataset.classes, counts) if n == 0]
+    empty = [c for c, n in zip(dataset.classes, counts, strict=True) if n == 0]
     if empty:
         raise DatasetError(f"{option} {root}: the class folder{'s' if len(empty) > 1 else ''} "
                            f"{', '.join(f'{split}/{c}/' for c in empty)} hold{'' if len(empty) > 1 else 's'} no "

@@ -188,7 +188,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
             entry.key, entry.value = METADATA_PREFIX + key, value
         onnx.save(model, str(tmp))
         session = onnx_session(tmp)
-        got = dict(zip(names, session.run(names, {"images": images.numpy()})))
+        got = dict(zip(names, session.run(names, {"images": images.numpy()}), strict=True))
         # the graph computes the backbone in float32: compare it with PyTorch in float32 too
         reference = CacheEncoder(encoder.encoder, {**features, "precision": "fp32"}, device, encoder.weights_note)
         expected = _reference(reference, scorer, images)

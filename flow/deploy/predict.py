@@ -252,7 +252,7 @@ def score_files(batches, num_files: int, names: tuple[str, ...] | list[str], sco
     scores = {name: np.full(num_files, np.nan) for name in names}
     errors = [""] * num_files
     for indices, images, batch_errors in batches:
-        for j, e in zip(indices, batch_errors):
+        for j, e in zip(indices, batch_errors, strict=True):
             errors[j] = e
         ok = [j for j, e in enumerate(batch_errors) if not e]
         if not ok:

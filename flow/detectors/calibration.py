@@ -171,5 +171,5 @@ def false_alarm_band(num_normal: int, alpha: float, level: float = 0.95, num_cal
     return float(betabinom.ppf((1.0 + level) / 2.0, num_normal, allowed, num_calibration + 1 - allowed)) / num_normal
 
 
-__all__ = ["ConformalCalibration", "DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "decision_threshold", "false_alarm_band",
-           "smallest_p_value"]
+__all__ = ["ConformalCalibration", "DEFAULT_ALPHA", "check_alpha", "conformal_p_values", "decision_threshold",
+           "false_alarm_band", "smallest_p_value"]

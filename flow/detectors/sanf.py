@@ -1,4 +1,5 @@
-"""The SANF-AD detector: the normalizing flow of :mod:`flow.model` as a detector (docs/method.md, section 3, eq. (20)-(25)).
+"""The SANF-AD detector: the normalizing flow of :mod:`flow.model` as a detector (docs/method.md, section 3,
+eq. (20)-(25)).
 
 ``sanf`` is the flow with CAFF subnets (patch tokens fused by class attention); ``sanf-nocaff`` the ablation with
 MLP-only subnets (docs/method.md, section 4), which reads no patch tokens.

@@ -4,8 +4,8 @@ The default, ``auto`` (:func:`resolve_features`), is ``ssqrt-l2`` on the final f
 paper's) on anything else; the paper's exact setting is ``--transform raw``.
 
 One transform maps every token the same way, class token and patch tokens alike, so the channels of the patch
-tokens stay aligned with those of the class token (what the class attention of CAFF, docs/method.md eq. (14)-(16), mixes) and every
-method (flow, k-NN, Gaussian) sees identical vectors. Statistics that need fitting (means, deviations,
+tokens stay aligned with those of the class token (what the class attention of CAFF, docs/method.md eq. (14)-(16),
+mixes) and every method (flow, k-NN, Gaussian) sees identical vectors. Statistics that need fitting (means, deviations,
 covariances) are computed from the class tokens of the rows the detector is fitted on (the normal class's train
 rows minus any held-out calibration rows), never from the test split.
 

@@ -166,7 +166,8 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high_open or high is None else ']'}"
+        bounds = (f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}"
+                  f"{')' if high_open or high is None else ']'}")
         raise ValueError(f"{_option(name)} must be a finite number in {bounds}; got {value!r}")
 
 

@@ -51,10 +51,10 @@ def summarize(rows: list[dict], metric: str = "auroc") -> tuple[list[str], list[
     for key in sorted(grouped):
         cells = grouped[key]
         seeds = sorted({s for _, s in cells})
-        row = dict(zip(SUMMARY_KEYS, key))
+        row = dict(zip(SUMMARY_KEYS, key, strict=True))
         row["metric"] = metric
         row["seeds"] = " ".join(str(s) for s in seeds)
-        for (k, name), column in zip(classes, class_columns):
+        for (k, _name), column in zip(classes, class_columns, strict=True):
             values = [cells[(k, s)] for s in seeds if (k, s) in cells]
             row[column] = _cell(values) if values else ""
         complete = [s for s in seeds if all((k, s) in cells for k, _ in classes)]
@@ -281,7 +281,7 @@ def score_histograms(panels: Sequence[HistPanel], title: str):
     low_q, high_q = HIST_PERCENTILES
     for ax in axes.flat[len(panels):]:
         fig.delaxes(ax)
-    for ax, panel in zip(axes.flat, panels):
+    for ax, panel in zip(axes.flat, panels, strict=False):
         low, high = (float(v) for v in np.percentile(panel.values, [low_q, high_q]))
         if high <= low:  # constant scores: a unit-wide range around them
             low, high = low - 0.5, high + 0.5
@@ -309,8 +309,8 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]], alpha: float = DEFA
     - ``roc_normal<k>.png``: ROC curves of every (method, score) of normal class k on one axes (flows: the
       lowest seed), with the AUROC in the legend (scikit-learn's ``roc_curve``).
     - ``hist_normal<k>.png``: :func:`score_histograms` of every (method, score) of normal class k; a calibrated
-      run's panels show its decision threshold at ``alpha`` (:func:`flow.detectors.calibration.decision_threshold` of the
-      score's held-out normal scores).
+      run's panels show its decision threshold at ``alpha`` (:func:`flow.detectors.calibration.decision_threshold` of
+      the score's held-out normal scores).
     - ``loss.png``: train loss per epoch of every flow run (and held-out loss where recorded), nats/dim.
 
     Args:
@@ -357,7 +357,7 @@ def write_plots(folder: Path, runs: list[tuple[Path, dict]], alpha: float = DEFA
     flows = [(path, record) for path, record in runs if record.get("epoch_losses")]
     if flows:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for path, record in flows:
+        for _path, record in flows:
             epochs = np.arange(1, len(record["epoch_losses"]) + 1)
             setting = f" {record['setting']}" if record.get("setting") else ""
             line, = ax.plot(epochs, record["epoch_losses"], linewidth=0.8, marker=".",
@@ -436,8 +436,8 @@ def auroc_table(rows: list[dict]) -> str:
 
 def method_means(rows: list[dict]) -> str:
     """One line comparing the methods on the same features: the mean AUROC over normal classes of each method's
-    primary score (:data:`flow.store.run_folder.PRIMARY_SCORES`) (seeds averaged first), e.g. ``mean AUROC on the same features: sanf nll 0.8123, knn cosine
-    0.9011, gaussian mahalanobis 0.9102``."""
+    primary score (:data:`flow.store.run_folder.PRIMARY_SCORES`) (seeds averaged first), e.g. ``mean AUROC on the same
+    features: sanf nll 0.8123, knn cosine 0.9011, gaussian mahalanobis 0.9102``."""
     per: dict[tuple[int, str], dict[int, list[float]]] = {}  # (method order, label) -> class -> AUROCs
     for r in rows:
         if PRIMARY_SCORES.get(r["method"]) == r["score"]:

@@ -170,7 +170,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
 
 
 def _metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """auroc, aupr and fpr95 of scores (N,) against 0/1 labels (N,) (anomalous positive; :mod:`flow.experiments.metrics`)."""
+    """auroc, aupr and fpr95 of scores (N,) against 0/1 labels (N,) (anomalous positive;
+    :mod:`flow.experiments.metrics`)."""
     return {name: fn(is_anomaly, scores) for name, fn in (("auroc", auroc), ("aupr", aupr), ("fpr95", fpr_at_tpr))}
 
 
@@ -199,9 +200,10 @@ def _decision_rates(flagged: np.ndarray, normal_rows: np.ndarray, alpha: float, 
 
 def _write_scores(path: Path, sample_ids: list[str], labels: np.ndarray, is_anomaly: np.ndarray,
                   scores: dict[str, np.ndarray]) -> None:
-    rows = [{"sample_id": s, "label": int(l), "is_anomaly": int(a)} for s, l, a in zip(sample_ids, labels, is_anomaly)]
+    rows = [{"sample_id": s, "label": int(label), "is_anomaly": int(a)}
+            for s, label, a in zip(sample_ids, labels, is_anomaly, strict=True)]
     for key, values in scores.items():
-        for row, value in zip(rows, values):
+        for row, value in zip(rows, values, strict=True):
             row[key] = int(value) if key == "anomalous" else float(value)  # written by write_csv's csv_value
     write_csv(path, ("sample_id", "label", "is_anomaly", *scores), rows)
 

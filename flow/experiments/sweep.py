@@ -21,7 +21,8 @@ _BASELINE_SIZE = (4, 1024)
 
 @dataclass(frozen=True)
 class SweepFit:
-    """One :func:`flow.experiments.fitting.fit_cache` call of a sweep: ``normal`` may be ``all`` (one call fits every class)."""
+    """One :func:`flow.experiments.fitting.fit_cache` call of a sweep: ``normal`` may be ``all`` (one call fits every
+    class)."""
 
     cache: Path
     method: str
@@ -37,8 +38,8 @@ def sweep_fits(caches: Sequence[Path], normal: str, methods: Sequence[str], seed
                features: Sequence[str], blocks: Sequence[int], hidden: Sequence[int]) -> list[SweepFit]:
     """The fits of a sweep in the order one process fits them: cache, method, then seed x transform x setting
     (the baselines once, seed 0, without a setting). A setting label (``K<K>-H<H>``) only when several
-    sizes are swept. ``auto`` is resolved for each cache (:func:`flow.detectors.transforms.resolve_features`) and a transform
-    asked for twice that way is fitted once.
+    sizes are swept. ``auto`` is resolved for each cache (:func:`flow.detectors.transforms.resolve_features`) and a
+    transform asked for twice that way is fitted once.
 
     Raises:
         CacheError: a cache cannot be read.

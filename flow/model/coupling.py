@@ -70,7 +70,8 @@ def stable_logits(key_side: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class ClassAttention(nn.Module):
-    """Multi-head class attention of one query vector over ``[v; tokens]`` (eq. (13)-(16); the query-side form is eq. (17)).
+    """Multi-head class attention of one query vector over ``[v; tokens]`` (eq. (13)-(16); the query-side form is
+    eq. (17)).
 
     ``Q = W_q v + b_q`` (1 token), ``K, V = W_{k,v} [v; T] + b`` (1 + P tokens),
     ``A = softmax(Q K^T / sqrt(d_head))``, ``Out_CA = W_o (A V) + b_o``. The paper prints the
@@ -86,8 +87,8 @@ class ClassAttention(nn.Module):
     last term is the same for every token j, so the softmax cancels it; and since each row of A sums
     to 1, ``sum_j A_hj (W_v,h m_j + b_v,h) = W_v,h (sum_j A_hj m_j) + b_v,h``. :meth:`forward` computes
     this form, with the logits computed by :func:`stable_logits` (finite for large finite inputs, where the
-    plain product overflows float32); :meth:`forward_as_written` computes eq. (14)-(16) literally (the tests check that both agree;
-    :func:`flow.model.sanf.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
+    plain product overflows float32); :meth:`forward_as_written` computes eq. (14)-(16) literally (the tests check that
+    both agree; :func:`flow.model.sanf.count_flops` counts either). A consequence of the same identity: ``b_k`` has no
     effect on the output (its gradient is 0), in the paper's form as in ours; it is kept so that the
     parameters are exactly those of eq. (14).
 

@@ -141,7 +141,7 @@ class SANFFlow(nn.Module):
             tokens = layer.permute_tokens(tokens)
             per_layer.append(tokens)
         log_det = z.new_zeros(z.shape[0])
-        for layer, layer_tokens in zip(reversed(self.layers), reversed(per_layer)):
+        for layer, layer_tokens in zip(reversed(self.layers), reversed(per_layer), strict=True):
             z, ld = layer.uncouple(z, layer_tokens)
             z = z.index_select(1, layer.inv_perm)
             log_det = log_det + ld
@@ -165,7 +165,8 @@ class SANFFlow(nn.Module):
 
 
 def flow_loss(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
-    """Training loss (eq. (23): the paper's eq. (22) divided by D) in nats per dimension: ``mean_b(0.5 ||z_b||^2 - log|det J_b|) / D``.
+    """Training loss (eq. (23): the paper's eq. (22) divided by D) in nats per dimension:
+    ``mean_b(0.5 ||z_b||^2 - log|det J_b|) / D``.
 
     Dividing by D as the reference code does; the constant (D/2) log(2 pi) is left out.
 

@@ -126,7 +126,7 @@ def calibration_text(rows: Sequence[int], sample_ids: Sequence[str], scores: dic
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["row", "sample_id", *scores])
-    for i, (row, sample_id) in enumerate(zip(rows, sample_ids)):
+    for i, (row, sample_id) in enumerate(zip(rows, sample_ids, strict=True)):
         writer.writerow([int(row), sample_id, *(csv_value(name, values[i]) for name, values in scores.items())])
     return buffer.getvalue()
 

@@ -118,7 +118,7 @@ def test_predict_odd_files_one_row_each(calibrated, odd_tree):
     assert columns == ["path", "score", "nll", "z2", "p_value", "anomalous", "error"]
     paths = [Path(r["path"]) for r in rows]
     assert paths == [odd_tree / p for p in ODD_IMAGES] + [explicit]
-    by_name = {p.name: r for p, r in zip(paths, rows)}
+    by_name = {p.name: r for p, r in zip(paths, rows, strict=True)}
     for name in ("rgb.png", "gray.png", "rgba.png", "palette.png", "sixteen.png"):
         row = by_name[name]
         assert row["error"] == "" and np.isfinite(float(row["nll"])) and row["score"] == row["nll"], name
@@ -174,7 +174,8 @@ def test_p_values_follow_the_held_out_scores(calibrated, odd_tree):
 
 
 def test_predictions_csv_writes_floats_with_9_significant_digits(calibrated, odd_tree):
-    """Scores and p-values are written at a fixed precision (flow.store.run_folder.csv_value), not as repr's 17 digits."""
+    """Scores and p-values are written at a fixed precision (flow.store.run_folder.csv_value), not as repr's 17
+    digits."""
     out = calibrated["work"] / "digits.csv"
     assert_ok(invoke("predict", str(run_of(calibrated["runs_dir"], "gaussian")), str(odd_tree / "a"), "--out",
                      str(out), "--num-workers", "0", "--device", "cpu"))
@@ -358,7 +359,7 @@ def test_onnx_round_trip_matches_pytorch(calibrated, odd_tree, method):
     columns_t, rows_t = read_csv(torch_csv)
     columns_o, rows_o = read_csv(onnx_csv)
     assert columns_t == columns_o and [r["path"] for r in rows_t] == [r["path"] for r in rows_o]
-    for a, b in zip(rows_t, rows_o):
+    for a, b in zip(rows_t, rows_o, strict=True):
         assert a["error"] == b["error"]
         if not a["error"]:
             for name in columns_t[1:-3]:
@@ -371,7 +372,7 @@ def test_onnx_round_trip_matches_pytorch(calibrated, odd_tree, method):
     assert outputs == [*{"sanf": ["nll", "z2"], "knn": ["l2", "cosine"], "gaussian": ["mahalanobis"]}[method],
                        "p_value", "anomalous"]
     images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)  # dynamic batch: 3, exported with 1
-    got = dict(zip(outputs, session.run(None, {"images": images})))
+    got = dict(zip(outputs, session.run(None, {"images": images}), strict=True))
     cal = read_calibration(run, record)[record["primary_score"]]
     np.testing.assert_allclose(got["p_value"], conformal_p_values(cal, got[record["primary_score"]]))
     np.testing.assert_array_equal(got["anomalous"], got["p_value"] <= 0.5)
@@ -511,7 +512,7 @@ def test_layer_and_transform_carry_to_predict_and_export(tmp_path, backbone, lay
     onnx_out = tmp_path / "o.csv"
     assert_ok(invoke("predict", str(run), str(tree / "test"), "--out", str(onnx_out), "--onnx", str(model),
                      "--num-workers", "0", "--alpha", "0.5"))
-    for a, b in zip(predicted, read_csv(onnx_out)[1]):
+    for a, b in zip(predicted, read_csv(onnx_out)[1], strict=True):
         for name in names:
             assert float(b[name]) == pytest.approx(float(a[name]), rel=1e-4, abs=1e-5), name
     statistics = run / "feature_transform.safetensors"

@@ -123,7 +123,7 @@ def test_rows_written_in_several_blocks(tmp_path):
                              [f"{name}/{i}" for i in range(start, stop)])
         writer.finish(cache_attrs(["a", "b"], 3, (2, 2)))
     with FeatureCache(path) as fc:
-        for name, (cls, patches, labels) in splits.items():
+        for name, (cls, patches, _labels) in splits.items():
             got_cls, got_patches = fc.split(name).read(slice(None))
             np.testing.assert_array_equal(got_cls, cls)
             np.testing.assert_array_equal(got_patches, patches)

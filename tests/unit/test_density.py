@@ -28,12 +28,13 @@ def _mixture(seed: int = 0):
 
     def sample(n: int) -> np.ndarray:
         counts = rng.multinomial(n, weights)
-        x = np.concatenate([rng.multivariate_normal(m, c, size=k) for m, c, k in zip(means, covariances, counts)])
+        x = np.concatenate([rng.multivariate_normal(m, c, size=k)
+                            for m, c, k in zip(means, covariances, counts, strict=True)])
         return x[rng.permutation(n)]
 
     def log_density(x: np.ndarray) -> np.ndarray:
         return np.logaddexp.reduce([np.log(w) + multivariate_normal(m, c).logpdf(x)
-                                    for w, m, c in zip(weights, means, covariances)], axis=0)
+                                    for w, m, c in zip(weights, means, covariances, strict=True)], axis=0)
 
     return sample, log_density
 

@@ -934,7 +934,7 @@ def test_vit_last_block_through_the_final_norm_is_the_final_features(vit_tiny_64
         first = TokenEncoder(vit_tiny_64, patch_grid=2, layer="block-0")(x)
         tokens, prefix = vit_tiny_64.forward_intermediates(x, indices=[0], norm=True, return_prefix_tokens=True,
                                                            output_fmt="NLC", intermediates_only=True)[0]
-    for a, b in zip(final, last):
+    for a, b in zip(final, last, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(first[0], prefix[:, 0], rtol=0, atol=0)  # the class token of block 0, normed
     grid = tokens.transpose(1, 2).reshape(2, -1, 4, 4)

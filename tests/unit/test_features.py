@@ -1,5 +1,5 @@
-"""Feature transforms (flow.detectors.transforms, fit/sweep --transform): the same map on class and patch tokens, statistics
-from the normal class's fitted train rows only, stored with the run and applied where it scores."""
+"""Feature transforms (flow.detectors.transforms, fit/sweep --transform): the same map on class and patch tokens,
+statistics from the normal class's fitted train rows only, stored with the run and applied where it scores."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def test_transform_definitions():
     # W^T Sigma_LW W = I: it whitens the Ledoit-Wolf covariance exactly; the sample covariance of the result is
     # diagonal (the same eigenvectors) with variances decreasing (the sample eigenvalues shrunk towards their mean)
     shrunk = LedoitWolf().fit(cls.astype(np.float64)).covariance_
-    np.testing.assert_allclose(whiten.state()["matrix"].T.astype(np.float64) @ shrunk @ whiten.state()["matrix"], np.eye(d), atol=1e-5)
+    np.testing.assert_allclose(whiten.state()["matrix"].T.astype(np.float64) @ shrunk @ whiten.state()["matrix"],
+                               np.eye(d), atol=1e-5)
     cov = np.cov(w, rowvar=False, bias=True)
     assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-5
     assert np.all(np.diff(np.diag(cov)) < 0)
@@ -146,7 +147,9 @@ def test_statistics_come_from_the_fitted_normal_train_rows_only(tmp_path, method
     states = []
     for i, variant in enumerate((splits, moved)):
         cache = write_cache(tmp_path / f"c{i}.h5", variant, ["a", "b", "c"])
-        (outcome,) = fit_cache(cache, FitConfig(normal="a", method=method, transform=name, val_fraction=0.25, **_short(method)), runs_dir=tmp_path / f"runs{i}", log=lambda s: None, progress=False)
+        (outcome,) = fit_cache(cache, FitConfig(normal="a", method=method, transform=name, val_fraction=0.25,
+                                                **_short(method)),
+                               runs_dir=tmp_path / f"runs{i}", log=lambda s: None, progress=False)
         assert outcome.record["feature_transform"] == name and (outcome.path / TRANSFORM_FILE).is_file()
         states.append(load_feature_transform(outcome.path, outcome.record).state())
     for key in states[0]:
@@ -172,7 +175,8 @@ def _read_scores(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("method", ["knn", "gaussian", "sanf"])
 @pytest.mark.parametrize("name", ["ssqrt-l2", "pca-whiten"])
 def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name):
-    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="b", method=method, transform=name, **_short(method)), runs_dir=tmp_path / "runs", log=lambda s: None, progress=False)
+    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="b", method=method, transform=name, **_short(method)),
+                           runs_dir=tmp_path / "runs", log=lambda s: None, progress=False)
     assert f"-{name}__" in outcome.path.name  # the transform labels the run: runs of other transforms coexist
     score_runs(tmp_path / "runs", log=lambda s: None)
     scored = _read_scores(outcome.path / "scores.csv")
@@ -195,7 +199,8 @@ def test_score_applies_the_runs_transform(tmp_path, gaussian_cache, method, name
 
 
 def test_a_damaged_transform_file_is_a_run_error(tmp_path, gaussian_cache):
-    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="gaussian", transform="standardize"), runs_dir=tmp_path / "runs", log=lambda s: None)
+    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="gaussian", transform="standardize"),
+                           runs_dir=tmp_path / "runs", log=lambda s: None)
     (outcome.path / TRANSFORM_FILE).write_bytes(b"garbage")
     with pytest.raises(RunError, match=f"cannot read {TRANSFORM_FILE}"):
         load_feature_transform(outcome.path, read_run_record(outcome.path))
@@ -243,18 +248,22 @@ def test_fit_records_what_auto_resolved_to(tmp_path, semantic_vector, expected):
     np.testing.assert_allclose(load_scorer(outcome.path).scores(test_cls, None)["mahalanobis"],
                                direct.scores(FeatureTransform(expected)(test_cls))["mahalanobis"], rtol=1e-6)
     # asking for the resolved transform by name keeps that run (the same setting), not a second one
-    (again,) = fit_cache(cache, FitConfig(normal="a", method="gaussian", transform=expected), runs_dir=tmp_path / "runs", keep_existing=True, log=logs.append)
+    (again,) = fit_cache(cache, FitConfig(normal="a", method="gaussian", transform=expected),
+                         runs_dir=tmp_path / "runs", keep_existing=True, log=logs.append)
     assert again.path == outcome.path and any(line.startswith("kept") for line in logs)
 
 
 def test_resume_refits_a_run_whose_statistics_are_missing(tmp_path, gaussian_cache):
     logs = []
-    (first,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs", log=logs.append)
-    (again,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs", log=logs.append, keep_existing=True)
+    (first,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"),
+                         runs_dir=tmp_path / "runs", log=logs.append)
+    (again,) = fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"),
+                         runs_dir=tmp_path / "runs", log=logs.append, keep_existing=True)
     assert any(line.startswith("kept ") for line in logs)
     (first.path / TRANSFORM_FILE).unlink()
     logs.clear()
-    fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs", log=logs.append, keep_existing=True)
+    fit_cache(gaussian_cache, FitConfig(normal="a", method="knn", transform="standardize"), runs_dir=tmp_path / "runs",
+              log=logs.append, keep_existing=True)
     assert not any(line.startswith("kept ") for line in logs) and (first.path / TRANSFORM_FILE).is_file()
 
 
@@ -265,5 +274,6 @@ def test_too_few_rows_for_the_statistics_are_refused_before_any_fit(tmp_path):
     splits["train"] = (cls[keep], patches[keep], labels[keep])
     cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
     with pytest.raises(ValueError, match="--transform standardize needs at least 2 train rows .* 'b' has 1"):
-        fit_cache(cache, FitConfig(normal="all", method="gaussian", transform="standardize"), runs_dir=tmp_path / "runs", log=lambda s: None)
+        fit_cache(cache, FitConfig(normal="all", method="gaussian", transform="standardize"),
+                  runs_dir=tmp_path / "runs", log=lambda s: None)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # class a was not fitted

@@ -70,13 +70,13 @@ def test_log_det_matches_autograd_jacobian(kwargs):
     y, tokens = inputs(kwargs["dim"], batch=3)
     _, log_det = model(y, tokens)
     for b in range(y.shape[0]):
-        jac = torch.autograd.functional.jacobian(lambda x: model(x[None], tokens[b:b + 1])[0][0], y[b])
+        jac = torch.autograd.functional.jacobian(lambda x, b=b: model(x[None], tokens[b:b + 1])[0][0], y[b])
         sign, logabs = torch.linalg.slogdet(jac)
         assert abs(sign.item()) == 1.0  # the channel permutations make the sign +-1; log|det| is what counts
         assert log_det[b].item() == pytest.approx(logabs.item(), abs=1e-9)
         # and the inverse's log-det is the log-det of the inverse's Jacobian
         z = model(y[b:b + 1], tokens[b:b + 1])[0][0]
-        jac_inv = torch.autograd.functional.jacobian(lambda x: model.inverse(x[None], tokens[b:b + 1])[0][0], z)
+        jac_inv = torch.autograd.functional.jacobian(lambda x, b=b: model.inverse(x[None], tokens[b:b + 1])[0][0], z)
         assert model.inverse(z[None], tokens[b:b + 1])[1].item() == pytest.approx(
             torch.linalg.slogdet(jac_inv)[1].item(), abs=1e-9)
 
@@ -127,7 +127,8 @@ def test_gradients_reach_every_parameter(kwargs):
 @pytest.mark.parametrize("shape", [(5, 13, 20, 4, 7), (3, 8, 16, 1, 1), (2, 6, 9, 3, 64)],
                          ids=["d13-heads4", "one-head", "many-tokens"])
 def test_class_attention_computes_eq_6_to_10_as_written(shape):
-    """The query-side form equals docs/method.md eq. (14)-(16) computed literally (float64), also for d not a multiple of heads."""
+    """The query-side form equals docs/method.md eq. (14)-(16) computed literally (float64), also for d not a multiple
+    of heads."""
     batch, d, hidden, heads, P = shape
     torch.manual_seed(0)
     attn = ClassAttention(d, hidden, heads).double()
@@ -161,7 +162,7 @@ def test_class_attention_forms_have_the_same_gradients():
         out = (form(v, tokens) * weights).sum()
         inputs_grad = torch.autograd.grad(out, [v, tokens] + list(attn.parameters()), allow_unused=True)
         grads.append([torch.zeros(1) if g_ is None else g_ for g_ in inputs_grad])
-    for (name, _), a, b in zip([("v", 0), ("tokens", 0)] + list(attn.named_parameters()), *grads):
+    for (name, _), a, b in zip([("v", 0), ("tokens", 0)] + list(attn.named_parameters()), *grads, strict=True):
         if name == "kv.bias":  # b_k: exactly 0 in one form, float noise in the other
             a, b = a[attn.attn_dim:], b[attn.attn_dim:]
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
@@ -385,7 +386,7 @@ def test_fit_is_deterministic_and_learns():
     m1, r1 = fit_flow(y, tokens, cfg, train, seed=3, progress=False)
     m2, r2 = fit_flow(y, tokens, cfg, train, seed=3, progress=False)
     assert r1.epoch_losses == r2.epoch_losses
-    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert r1.epoch_losses[-1] < r1.epoch_losses[0]
     _, r3 = fit_flow(y, tokens, cfg, train, seed=4, progress=False)
@@ -452,8 +453,8 @@ def test_subnet_output_shapes_for_unequal_halves():
 def test_flop_count_matches_the_hand_count_of_the_matrix_products():
     """ViT-L shapes (D = 1024, P = 64): 2 FLOPs per multiply-add of every matrix product.
 
-    As written (docs/method.md eq. (14)-(16), keys and values of all 1 + P tokens; torch's counter leaves out the two attention
-    products over the 1 + P tokens on CPU, 0.2 % here) and as computed (the query-side form of
+    As written (docs/method.md eq. (14)-(16), keys and values of all 1 + P tokens; torch's counter leaves out the two
+    attention products over the 1 + P tokens on CPU, 0.2 % here) and as computed (the query-side form of
     ClassAttention: W_k^T q, the logits and the weighted token sum per head, W_v on that sum).
     """
     from flow.model.sanf import count_flops

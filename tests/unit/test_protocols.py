@@ -56,7 +56,8 @@ def test_cifar100_superclass_table():
     assert list(ds.CIFAR100_FINE_CLASSES) == sorted(ds.CIFAR100_FINE_CLASSES)  # label order of the release
     assert list(table) == sorted(table)  # coarse_label_names of the release are in alphabetical order
     assert np.bincount(ds.CIFAR100_FINE_TO_COARSE).tolist() == [5] * 20
-    coarse = dict(zip(ds.CIFAR100_FINE_CLASSES, (ds.CIFAR100_COARSE_CLASSES[c] for c in ds.CIFAR100_FINE_TO_COARSE)))
+    coarse = dict(zip(ds.CIFAR100_FINE_CLASSES, (ds.CIFAR100_COARSE_CLASSES[c] for c in ds.CIFAR100_FINE_TO_COARSE),
+                      strict=True))
     for fine, superclass in [("beaver", "aquatic_mammals"), ("whale", "aquatic_mammals"), ("aquarium_fish", "fish"),
                              ("keyboard", "household_electrical_devices"), ("maple_tree", "trees"),
                              ("lawn_mower", "vehicles_2"), ("pickup_truck", "vehicles_1"), ("baby", "people"),
@@ -278,7 +279,8 @@ def test_cats_vs_dogs_too_few_readable_images(tmp_path):
     (tmp_path / "Cat" / "bad.jpg").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"Cat holds 3 readable images \(1 unreadable skipped\); the Cats vs Dogs "
                                            r"protocol takes the first 10000 for train and up to 2500 after them for "
-                                           r"test, so it needs more than 10000; for another split use .*/\{train,test\}"):
+                                           r"test, so it needs more than 10000; for another split use "
+                                           r".*/\{train,test\}"):
         build_dataset("cats-vs-dogs", tmp_path, False, no_transform)
     source = ds.build_cats_vs_dogs(tmp_path, no_transform, train_per_class=2, test_per_class=5)
     assert_protocol(source, ["cat", "dog"], [2, 2], [1, 1], normal=1)
@@ -338,7 +340,7 @@ def test_mvtec_category_protocol(tmp_path):
     assert source.name == "mvtec-bottle"
     assert_protocol(source, ["good", "broken_large", "contamination"], [6, 0, 0], [3, 2, 3], normal=0)
     test = source.splits["test"]
-    label_of = dict(zip(test.sample_ids, test.labels.tolist()))
+    label_of = dict(zip(test.sample_ids, test.labels.tolist(), strict=True))
     assert label_of["test/good/000.png"] == 0 and label_of["test/broken_large/001.png"] == 1
     assert label_of["test/contamination/002.png"] == 2 and len(label_of) == 8
     assert not any("ground_truth" in s for s in test.sample_ids)
@@ -529,5 +531,5 @@ def test_cats_vs_dogs_folder_names_in_mixed_case(tmp_path):
             (tmp_path / split / name / "0.jpg").write_bytes(_jpeg(colour))
     source = build_dataset("cats-vs-dogs", tmp_path, False, no_transform)
     test = source.splits["test"]
-    assert dict(zip(test.sample_ids, test.labels.tolist())) == {"test/cat/0.jpg": 0, "test/Dog/0.jpg": 1}
+    assert dict(zip(test.sample_ids, test.labels.tolist(), strict=True)) == {"test/cat/0.jpg": 0, "test/Dog/0.jpg": 1}
     assert loaded_labels(test) == [1, 0]  # ImageFolder order: Dog before cat; the loader yields the mapped labels

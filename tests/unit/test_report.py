@@ -26,7 +26,8 @@ def figures(gaussian_cache, tmp_path, monkeypatch):
     from flow.experiments import report
 
     runs = tmp_path / "runs"
-    fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=runs, device="cpu", progress=False, log=lambda _: None)
+    fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=runs, device="cpu",
+              progress=False, log=lambda _: None)
     fit_cache(gaussian_cache, FitConfig(normal="0", method="knn", val_fraction=0.5), runs_dir=runs, log=lambda _: None)
     fit_cache(gaussian_cache, FitConfig(normal="0", method="gaussian"), runs_dir=runs, log=lambda _: None)
     score_runs(runs, device="cpu", log=lambda _: None)

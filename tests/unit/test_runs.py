@@ -119,7 +119,8 @@ def test_split_holdout_is_disjoint_and_seeded():
 def test_fit_and_score_separate_gaussian_classes(gaussian_cache, tmp_path):
     """Classes N(6 e_k, I): every normal class is detected with AUROC >= 0.99 by both scores."""
     runs = tmp_path / "runs"
-    outcomes = fit_cache(gaussian_cache, FitConfig(normal="all", seed=0, **SMALL_FLOW, **FAST), runs_dir=runs, device="cpu", progress=False, log=quiet)
+    outcomes = fit_cache(gaussian_cache, FitConfig(normal="all", seed=0, **SMALL_FLOW, **FAST), runs_dir=runs,
+                         device="cpu", progress=False, log=quiet)
     assert [o.record["normal_class"] for o in outcomes] == [0, 1, 2]
     record = outcomes[0].record
     assert record["num_train"] == 40 and record["epochs"] == 20 and len(record["epoch_losses"]) == 20
@@ -145,7 +146,8 @@ def test_saved_run_reloads_to_identical_scores(gaussian_cache, tmp_path):
     import torch
 
     from cache import FeatureCache
-    outcome = fit_cache(gaussian_cache, FitConfig(normal="b", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)[0]
+    outcome = fit_cache(gaussian_cache, FitConfig(normal="b", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs",
+                        device="cpu", progress=False, log=quiet)[0]
     model, record = load_run(outcome.path)
     assert record == json.loads((outcome.path / "run.json").read_text())
     with FeatureCache(gaussian_cache) as fc:
@@ -158,14 +160,16 @@ def test_saved_run_reloads_to_identical_scores(gaussian_cache, tmp_path):
 
 def test_same_seed_gives_identical_scores(gaussian_cache, tmp_path):
     for name in ("r1", "r2"):
-        fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=2), runs_dir=tmp_path / name, device="cpu", progress=False, log=quiet)
+        fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=2), runs_dir=tmp_path / name, device="cpu",
+                  progress=False, log=quiet)
         score_runs(tmp_path / name, device="cpu", log=quiet)
     run = next((tmp_path / "r1").glob("*/scores.csv")).parent.name
     assert (tmp_path / "r1" / run / "scores.csv").read_text() == (tmp_path / "r2" / run / "scores.csv").read_text()
 
 
 def test_val_fraction_holds_out_train_rows(gaussian_cache, tmp_path):
-    outcome = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=3, val_fraction=0.25), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)[0]
+    outcome = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=3, val_fraction=0.25),
+                        runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)[0]
     assert outcome.record["num_train"] == 30 and outcome.record["num_val"] == 10
     assert len(outcome.record["val_losses"]) == 3
 
@@ -180,14 +184,16 @@ def test_steps_trains_exactly_that_many_optimiser_steps(gaussian_cache, tmp_path
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (calls.append(1), step(self, *a, **k))[1])
     config = {"steps": 6, "batch_size": 8}
     logs = []
-    outcome = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, **config, val_fraction=0.25), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=logs.append)[0]
+    outcome = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, **config, val_fraction=0.25),
+                        runs_dir=tmp_path / "runs", device="cpu", progress=False, log=logs.append)[0]
     assert len(calls) == 6
     record = outcome.record
     assert record["num_train"] == 30 and record["steps"] == 6 and record["epochs"] == 2
     assert record["train"]["steps"] == 6 and len(record["epoch_losses"]) == 2 == len(record["val_losses"])
     assert "6 steps (1.5 epochs)" in logs[-1]
     # the epoch count of a --steps run does not matter, and an epoch-counted run records what it did before
-    assert TrainConfig(steps=6, epochs=99).total_steps(30) == 6 and TrainConfig(epochs=3, batch_size=8).total_steps(30) == 12
+    assert (TrainConfig(steps=6, epochs=99).total_steps(30) == 6
+            and TrainConfig(epochs=3, batch_size=8).total_steps(30) == 12)
     assert "steps" not in TrainConfig(epochs=3).to_dict()
     with pytest.raises(ValueError, match="--steps must be >= 1; got 0"):
         TrainConfig(steps=0)
@@ -196,26 +202,31 @@ def test_steps_trains_exactly_that_many_optimiser_steps(gaussian_cache, tmp_path
 def test_early_stop_ends_at_the_first_epoch_whose_train_loss_is_below_the_held_out_loss(gaussian_cache, tmp_path):
     config = {"epochs": 200, "batch_size": 8, "lr": 1e-3, "early_stop": True}
     logs = []
-    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, **config, val_fraction=0.25), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=logs.append)
+    (outcome,) = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, **config, val_fraction=0.25),
+                           runs_dir=tmp_path / "runs", device="cpu", progress=False, log=logs.append)
     record = outcome.record
     train, held_out = record["epoch_losses"], record["val_losses"]
     assert record["stopped_early"] and 1 < record["epochs"] < 200 and len(train) == len(held_out) == record["epochs"]
-    assert train[-1] < held_out[-1] and all(t >= v for t, v in zip(train[:-1], held_out[:-1]))
+    assert train[-1] < held_out[-1] and all(t >= v for t, v in zip(train[:-1], held_out[:-1], strict=True))
     assert record["steps"] == 4 * record["epochs"]  # 30 fit rows in batches of 8
     assert record["train"]["early_stop"] is True
     assert f"stopped early after {record['epochs']} epochs" in logs[-1]
     # the same fit without the rule runs all its epochs and passes through the same first ones
-    (full,) = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=record["epochs"] + 2, batch_size=8, lr=1e-3, val_fraction=0.25), runs_dir=tmp_path / "full", device="cpu", progress=False, log=quiet)
+    (full,) = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=record["epochs"] + 2, batch_size=8,
+                                                  lr=1e-3, val_fraction=0.25),
+                        runs_dir=tmp_path / "full", device="cpu", progress=False, log=quiet)
     assert not full.record["stopped_early"] and full.record["epochs"] == record["epochs"] + 2
     np.testing.assert_allclose(full.record["epoch_losses"][:len(train)], train, rtol=1e-5)
     with pytest.raises(ValueError, match=r"--early-stop needs held-out normal rows .*--val-fraction"):
-        fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, **config), runs_dir=tmp_path / "none", device="cpu", progress=False, log=quiet)
+        fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, **config), runs_dir=tmp_path / "none",
+                  device="cpu", progress=False, log=quiet)
     assert not (tmp_path / "none").exists()
 
 
 def test_score_refuses_a_changed_or_missing_cache(tmp_path):
     cache = write_cache(tmp_path / "c.h5", gaussian_splits(), ["a", "b", "c"])
-    fit_cache(cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)
+    fit_cache(cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu",
+              progress=False, log=quiet)
     write_cache(tmp_path / "c.h5", gaussian_splits(seed=5), ["a", "b", "c"])  # re-extracted: other content
     with pytest.raises(RunError, match="changed since run"):
         score_runs(tmp_path / "runs", device="cpu", log=quiet)
@@ -233,7 +244,8 @@ def test_fit_refuses_a_normal_class_without_train_rows(tmp_path):
     splits["train"] = (cls[keep], patches[keep], labels[keep])
     cache = write_cache(tmp_path / "c.h5", splits, ["a", "b", "c"])
     with pytest.raises(ValueError, match="'c': the train split has no rows"):
-        fit_cache(cache, FitConfig(normal="c", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)
+        fit_cache(cache, FitConfig(normal="c", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu",
+                  progress=False, log=quiet)
 
 
 def test_auroc_table_mean_is_the_mean_of_its_rows():
@@ -262,7 +274,8 @@ def test_run_files_follow_the_umask(gaussian_cache, tmp_path):
 
     old = os.umask(0o022)
     try:
-        outcome = fit_cache(gaussian_cache, FitConfig(normal="a", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)[0]
+        outcome = fit_cache(gaussian_cache, FitConfig(normal="a", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs",
+                            device="cpu", progress=False, log=quiet)[0]
         score_runs(tmp_path / "runs", device="cpu", log=quiet)
     finally:
         os.umask(old)
@@ -411,7 +424,8 @@ def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_readme_says(gaussian_cache
 
     from flow.model.sanf import FlowConfig, parameter_count
 
-    outcome = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs", device="cpu", progress=False, log=quiet)[0]
+    outcome = fit_cache(gaussian_cache, FitConfig(normal="0", **SMALL_FLOW, epochs=1), runs_dir=tmp_path / "runs",
+                        device="cpu", progress=False, log=quiet)[0]
     size = (outcome.path / "model.safetensors").stat().st_size
     weights = 4 * outcome.record["num_parameters"] + 2 * SMALL_FLOW["blocks"] * 6 * 8  # D = 6
     assert weights < size < weights + 16_384
