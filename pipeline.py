@@ -391,9 +391,11 @@ def _comma_list(choices=None, low: int | None = None, high: int | None = None):
 @cli.command()
 @options(DATASET, *EXTRACT[1:-2], EXTRACT[-1], CACHE, NORMAL,
          _opt("--methods", default=",".join(METHODS), callback=_comma_list(METHODS), help="Comma-separated."),
-         _opt("--seeds", default="0", callback=_comma_list(low=0, high=2**32 - 1), help="Flows' seeds (the baselines: once, seed 0)."),
+         _opt("--seeds", default="0", callback=_comma_list(low=0, high=2**32 - 1),
+              help="Flows' seeds (the baselines: once, seed 0)."),
          EPOCHS, STEPS,
-         _opt("--blocks", default="4", callback=_comma_list(low=1, high=256), help="K; several (2,4,6,8: Table 7) sweep."),
+         _opt("--blocks", default="4", callback=_comma_list(low=1, high=256),
+              help="K; several (2,4,6,8: Table 7) sweep."),
          _opt("--hidden", default="1024", callback=_comma_list(low=1, high=65536), help="H; several sweep."), K,
          _opt("--transform", default=None, callback=_comma_list(FEATURES_CHOICES),
               help=_TRANSFORM_HELP + "; several sweep [default: auto]."), FEATURES,
