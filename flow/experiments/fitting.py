@@ -82,6 +82,10 @@ def resolve_normal(spec: str | int, class_names: Sequence[str]) -> list[int]:
                      f"{', '.join(class_names)}; got {str(spec)!r}")
 
 
+#: The default cache folder before it was renamed caches/ (it is also the name of the package folder cache/).
+OLD_CACHE_DIR = "cache"
+
+
 def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) -> Path:
     """The cache file to use: ``cache`` when given, else the only ``*.h5`` in ``cache_dir``.
 
@@ -106,7 +110,10 @@ def find_cache(cache: str | os.PathLike | None, cache_dir: str | os.PathLike) ->
                                  f"pid {holder}; wait for its extraction to finish")
             raise ValueError(f"no complete cache in --cache-dir {cache_dir}, only an interrupted extraction "
                              f"({unfinished[0].name}); run the same extract command again to resume it")
-        raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache")
+        old = "" if Path(cache_dir) == Path(OLD_CACHE_DIR) or not list(Path(OLD_CACHE_DIR).glob("*.h5")) else (
+            f" ({OLD_CACHE_DIR}/ holds caches: the default folder before it became caches/; pass --cache-dir "
+            f"{OLD_CACHE_DIR} or move them)")
+        raise ValueError(f"no cache (*.h5) in --cache-dir {cache_dir}; run 'extract' first or pass --cache{old}")
     raise ValueError(f"--cache-dir {cache_dir} holds {len(found)} caches; pass --cache with one of: "
                      + ", ".join(describe_caches(found)))
 

@@ -1,0 +1,157 @@
+"""The command line as a thin layer over the configuration and the API: option names are the fields of FitConfig,
+an option is given once, old spellings still work, options a method does not use are refused, run folders are
+never replaced by a fit of other settings without --overwrite nor written by two fits at once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+import numpy as np
+import pytest
+from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
+
+import pipeline
+from conftest import gaussian_splits, make_image_tree, write_cache
+
+FIT = ("--epochs", "1", "--hidden", "8", "--device", "cpu")
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    return write_cache(tmp_path / "c.h5", gaussian_splits(n_train=12, n_test=6), ["a", "b", "c"])
+
+
+def test_fit_options_are_the_fields_of_fit_config_with_the_same_defaults():
+    from flow.experiments.config import FitConfig
+
+    ctx = click.Context(pipeline.fit)
+    params = {p.name: p for p in pipeline.fit.params}
+    # options whose CLI default None stands for the field's default (told apart from an explicit value: --transform
+    # against its old spelling --features, --method against --no-caff)
+    implicit = {"transform": "auto", "method": "sanf"}
+    for field in dataclasses.fields(FitConfig):
+        assert field.name in params, f"FitConfig.{field.name} has no fit option"
+        option = params[field.name]
+        assert option.opts == ["--" + field.name.replace("_", "-")], option.opts
+        default = option.get_default(ctx)
+        assert (implicit[field.name] if default is None and field.name in implicit else default) == field.default, \
+            field.name
+
+
+def test_the_cli_defaults_are_the_apis():
+    import flow.api
+    from flow.detectors.registry import METHODS
+    from flow.detectors.transforms import DEFAULT_FEATURES, FEATURE_CHOICES
+
+    assert pipeline.DEFAULT_CACHE_DIR == flow.api.DEFAULT_CACHE_DIR == "caches"
+    assert pipeline.DEFAULT_RUNS_DIR == flow.api.DEFAULT_RUNS_DIR
+    assert pipeline.METHODS == list(METHODS)
+    assert pipeline.FEATURES_CHOICES == list(FEATURE_CHOICES) and pipeline.DEFAULT_FEATURES == DEFAULT_FEATURES
+
+
+def test_an_option_given_twice_is_refused(small_cache, tmp_path):
+    result = invoke("fit", "--cache", str(small_cache), "--transform", "raw", "--transform", "l2", "--runs-dir",
+                    str(tmp_path / "runs"))
+    assert result.exit_code == 2 and "--transform given twice" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_old_spellings_work_with_a_note(small_cache, tmp_path):
+    runs = tmp_path / "runs"
+    fit = invoke("fit", "--cache", str(small_cache), "--normal", "a", "--features", "l2", "--no-caff", *FIT,
+                 "--runs-dir", str(runs))
+    assert_ok(fit)
+    assert "note: --features is deprecated; use --transform" in fit.stderr
+    assert "note: --no-caff is deprecated; use --method sanf-nocaff" in fit.stderr
+    (run,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    assert "__sanf-nocaff-l2__normal0-a__" in run.name
+    old = invoke("run", "--cache", str(small_cache), "--methods", "knn", "--normal", "a", "--runs-dir",
+                 str(tmp_path / "sweep"))
+    assert_ok(old)
+    assert "note: 'run' is deprecated; use 'sweep'" in old.stderr
+    both = invoke("fit", "--cache", str(small_cache), "--features", "l2", "--transform", "raw")
+    assert_input_error(both, "--features is the old spelling of --transform; give only --transform")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("fit", "--method", "knn", "--steps", "5"), "--steps sets the flows (sanf, sanf-nocaff); --method knn trains no "
+                                                  "flow (got --steps 5)"),
+    (("fit", "--method", "gaussian", "--early-stop", "--val-fraction", "0.5"), "--early-stop sets the flows"),
+    (("fit", "--method", "sanf", "--k", "3"), "--k is the knn baseline's; --method sanf has no neighbours (got --k 3)"),
+    (("sweep", "--methods", "knn,gaussian", "--early-stop", "--val-fraction", "0.5"), "--early-stop sets the flows"),
+    (("sweep", "--methods", "sanf", "--k", "3"), "--k is the knn baseline's; --methods sanf has no knn"),
+])
+def test_options_a_method_does_not_use_are_refused(small_cache, tmp_path, args, message):
+    result = invoke(*args, "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"))
+    assert_input_error(result, message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_takes_an_existing_cache_and_needs_one_source(small_cache, tmp_path):
+    runs = tmp_path / "runs"
+    result = invoke("sweep", "--cache", str(small_cache), "--methods", "knn,gaussian", "--normal", "a", "--runs-dir",
+                    str(runs))
+    assert_ok(result)
+    assert (runs / f"{small_cache.stem}__summary.csv").is_file() and "extract" not in result.output.lower()
+    neither = invoke("sweep", "--methods", "knn", "--runs-dir", str(runs))
+    assert_input_error(neither, "sweep needs either --dataset (what to extract) or --cache (an existing cache)")
+
+
+def test_a_run_folder_being_written_is_locked(small_cache, tmp_path):
+    from flow.store.run_folder import RunLock, run_name
+
+    runs = tmp_path / "runs"
+    with RunLock(runs / run_name(small_cache.stem, "knn", 0, "a", 0)):
+        result = invoke("fit", "--cache", str(small_cache), "--normal", "a", "--method", "knn", "--runs-dir",
+                        str(runs))
+    assert_input_error(result, "__knn__normal0-a__seed0 is being fitted by pid ", "wait for it to finish")
+    assert_ok(invoke("fit", "--cache", str(small_cache), "--normal", "a", "--method", "knn", "--runs-dir", str(runs)))
+    assert not list(runs.glob(".*.lock"))  # released and removed
+
+
+def test_a_run_of_other_settings_is_replaced_only_with_overwrite(small_cache, tmp_path):
+    runs = tmp_path / "runs"
+    args = ("fit", "--cache", str(small_cache), "--normal", "a", "--runs-dir", str(runs), "--hidden", "8",
+            "--device", "cpu")
+    assert_ok(invoke(*args, "--epochs", "2"))
+    (run,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    before = (run / "model.safetensors").read_bytes()
+    refused = invoke(*args, "--epochs", "5")
+    assert_input_error(refused, f"the run folder {run} holds a run fitted with other settings (train.epochs 2, now "
+                                "5); pass --overwrite to replace it, or choose another --runs-dir")
+    assert (run / "model.safetensors").read_bytes() == before  # the fitted model is still there
+    assert_ok(invoke(*args, "--epochs", "2"))  # the same settings: fitted again, as always
+    assert_ok(invoke(*args, "--epochs", "5", "--overwrite"))
+    assert '"epochs": 5' in (run / "run.json").read_text()
+
+
+def test_fit_names_the_old_default_cache_folder(small_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    small_cache.rename(tmp_path / "cache" / small_cache.name)
+    result = invoke("fit", "--normal", "a", "--method", "knn")
+    assert_input_error(result, "no cache (*.h5) in --cache-dir caches; run 'extract' first or pass --cache (cache/ "
+                               "holds caches: the default folder before it became caches/; pass --cache-dir cache")
+
+
+def test_a_run_predicts_paths_pil_images_and_arrays_alike(tmp_path):
+    """The Python API's predict: the same image as a file, a PIL image and an array gives the same scores and
+    decisions; an unreadable input keeps its place with its reason."""
+    from PIL import Image
+
+    from flow.api import FitConfig, fit, load
+
+    tree = make_image_tree(tmp_path / "data", per_split={"train": 10, "test": 3})
+    assert_ok(invoke(*extract_args(tree, tmp_path / "caches", backbone=SMALL)))
+    (cache,) = (tmp_path / "caches").glob("*.h5")
+    (run,) = fit(cache, FitConfig(normal="blue", method="knn", val_fraction=0.4), tmp_path / "runs",
+                 log=lambda _: None)
+    path = sorted((tree / "test" / "red").iterdir())[0]
+    image = Image.open(path).convert("RGB")
+    result = load(run.path).predict([str(path), image, np.asarray(image), str(tmp_path / "missing.png")],
+                                    alpha=0.5, device="cpu")
+    assert result.names[:2] == [str(path), "<image 1>"] and result.errors[:3] == ["", "", ""]
+    np.testing.assert_array_equal(result.score[0], result.score[1:3])
+    assert result.anomalous[0] == result.anomalous[1] == result.anomalous[2]
+    assert "no such file" in result.errors[3] and np.isnan(result.score[3]) and not result.anomalous[3]
