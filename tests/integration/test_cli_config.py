@@ -12,6 +12,7 @@ import pytest
 from test_cli import SMALL, assert_input_error, assert_ok, extract_args, invoke
 
 import pipeline
+
 from conftest import gaussian_splits, make_image_tree, write_cache
 
 FIT = ("--epochs", "1", "--hidden", "8", "--device", "cpu")
