@@ -161,23 +161,23 @@ def job_command(fn):
     return wrapper
 
 
-def fit_config(**options):
-    """The :class:`~flow.experiments.config.FitConfig` of the options, refused as an :class:`ArgumentError`."""
-    from flow.experiments.config import FitConfig
-
+def checked(make, *args, **kwargs):
+    """``make(*args, **kwargs)`` (a configuration), its ValueError an :class:`ArgumentError`: found from the command
+    line alone, so every rank of a torchrun job finds it alike."""
     try:
-        return FitConfig(**options)
+        return make(*args, **kwargs)
     except ValueError as err:
         raise ArgumentError(str(err)) from None
 
 
 def _transform(transform, features, no_caff=False, method=None):
-    """``--transform`` (or its old spelling ``--features``) and ``--method`` (or ``--no-caff``), each given once."""
+    """``--transform`` (or its old spelling ``--features``; None when neither is given) and ``--method`` (or
+    ``--no-caff``), each given once."""
     if features is not None and transform is not None:
         raise ArgumentError("--features is the old spelling of --transform; give only --transform")
     if no_caff and method not in (None, "sanf-nocaff"):
         raise ArgumentError(f"--no-caff means --method sanf-nocaff; got --method {method}")
-    return transform or features or DEFAULT_FEATURES, method or ("sanf-nocaff" if no_caff else "sanf")
+    return transform or features, method or ("sanf-nocaff" if no_caff else "sanf")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -303,7 +303,9 @@ def fit(cache, cache_dir, runs_dir, transform, features, no_caff, method, overwr
     from flow.api import fit as fit_runs
 
     transform, method = _transform(transform, features, no_caff, method)
-    config = fit_config(transform=transform, method=method, **fields)
+    from flow.experiments.config import FitConfig
+
+    config = checked(FitConfig, transform=transform or DEFAULT_FEATURES, method=method, **fields)
     fit_runs(find_cache(cache, cache_dir), config, runs_dir, device=device, overwrite=overwrite, log=click.echo)
 
 
@@ -411,22 +413,15 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
     __plots/. Resumable: runs fitted before with the same settings are kept. Under torchrun the chunks and then the
     fits are shared among the ranks; rank 0 scores and writes."""
     from flow.api import sweep as run_sweep
+    from flow.experiments.config import sweep_base
 
-    if features is not None and transform is not None:
-        raise ArgumentError("--features is the old spelling of --transform; give only --transform")
-    if features is not None:
-        transform = _comma_list(FEATURES_CHOICES)(None, None, features)
-    if (cache is None) == (dataset is None):
-        raise ArgumentError("sweep needs either --dataset (what to extract) or --cache (an existing cache)")
-    if k != 2 and "knn" not in methods:
-        raise ArgumentError(f"--k is the knn baseline's; --methods {','.join(methods)} has no knn (got --k {k})")
-    flows = [m for m in methods if m.startswith("sanf")]  # the flow options are checked with a flow, or refused
-    base = fit_config(method=flows[0] if flows else methods[0], normal=normal, val_fraction=val_fraction,
-                      epochs=epochs, steps=steps, early_stop=early_stop)
+    transform, _ = _transform(transform, features and _comma_list(FEATURES_CHOICES)(None, None, features))
+    base = checked(sweep_base, methods, k, normal=normal, val_fraction=val_fraction, epochs=epochs, steps=steps,
+                   early_stop=early_stop)
     run_sweep(base, cache=cache, methods=methods, seeds=seeds, transforms=transform or [DEFAULT_FEATURES], k=k,
-              blocks=blocks, hidden=hidden,
-              runs_dir=runs_dir, refit=refit, overwrite=overwrite, alpha=alpha, device=device, log=job.log(click.echo),
-              dist=job, dataset=dataset, download=not no_download, **extract_options)
+              blocks=blocks, hidden=hidden, runs_dir=runs_dir, refit=refit, overwrite=overwrite, alpha=alpha,
+              device=device, log=job.log(click.echo), dist=job, dataset=dataset, download=not no_download,
+              **extract_options)
 
 
 @cli.command()
@@ -439,8 +434,9 @@ def demo(cache_dir: str, runs_dir: str, epochs: int | None, steps: int | None, d
     a flow per digit as normal class and the k-NN and Gaussian baselines on the same features, scored, the AUROC
     table with each method's mean, and the sweep's summary, report and plots."""
     from flow.api import demo as run_demo
+    from flow.experiments.config import FitConfig
 
-    fit_config(epochs=epochs, steps=steps)  # refused here, before the extraction
+    checked(FitConfig, epochs=epochs, steps=steps)  # refused here, before the extraction
     run_demo(cache_dir, runs_dir, epochs=epochs, steps=steps, device=device, log=click.echo)
 
 

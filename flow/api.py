@@ -253,7 +253,10 @@ def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = No
     Returns:
         The AUROC rows of every run under ``runs_dir`` (on rank 0; empty on the others).
     """
+    if (cache is None) == ("dataset" not in extract_options or extract_options["dataset"] is None):
+        raise ValueError("sweep needs either --dataset (what to extract) or --cache (an existing cache)")
     if cache is not None:
+        extract_options.pop("dataset", None)
         caches = [Path(cache)]
         with FeatureCache(cache):  # a bad cache is refused before any fit
             pass

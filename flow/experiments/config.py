@@ -146,6 +146,19 @@ class FitConfig:
         return asdict(self)
 
 
+def sweep_base(methods, k: int = 2, **fields) -> FitConfig:
+    """The options a sweep's fits share, checked against the methods swept: the flow options need a flow among
+    them (checked as that flow's), ``k`` needs knn.
+
+    Raises:
+        ValueError: as :class:`FitConfig`, or ``k`` given without knn in ``methods``.
+    """
+    if k != FitConfig.k and "knn" not in methods:
+        raise ValueError(f"--k is the knn baseline's; --methods {','.join(methods)} has no knn (got --k {k})")
+    flows = [m for m in methods if m in FLOW_METHODS]
+    return FitConfig(method=flows[0] if flows else methods[0], **fields)
+
+
 def fit_config_fields() -> list[str]:
     """The field names, in order (the ``fit`` options, with ``-`` for ``_``)."""
     return [f.name for f in fields(FitConfig)]
@@ -171,4 +184,4 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
         raise ValueError(f"{_option(name)} must be a finite number in {bounds}; got {value!r}")
 
 
-__all__ = ["DEFAULT_EPOCHS", "FLOW_FIELDS", "FitConfig", "fit_config_fields"]
+__all__ = ["DEFAULT_EPOCHS", "FLOW_FIELDS", "FitConfig", "fit_config_fields", "sweep_base"]
