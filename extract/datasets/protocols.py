@@ -136,23 +136,24 @@ def build_cifar10(data_root: Path | None, download: bool, transform: Callable) -
                          f"torchvision.datasets.CIFAR10 {Path(root).resolve()}")
 
 
-def _release_files(cls, root: Path, kwargs: dict) -> list[Path]:
+def _release_files(dataset_class, root: Path, kwargs: dict) -> list[Path]:
     """The files of a torchvision dataset class that it checks (CIFAR, STL-10: ``base_folder`` + file lists; SVHN:
     the split's .mat)."""
-    if hasattr(cls, "base_folder") and hasattr(cls, "train_list"):
-        return [Path(root) / cls.base_folder / n for n, _ in cls.train_list + cls.test_list]
-    if hasattr(cls, "split_list") and "split" in kwargs:
-        return [Path(root) / cls.split_list[kwargs["split"]][1]]
+    if hasattr(dataset_class, "base_folder") and hasattr(dataset_class, "train_list"):
+        files = dataset_class.train_list + dataset_class.test_list
+        return [Path(root) / dataset_class.base_folder / n for n, _ in files]
+    if hasattr(dataset_class, "split_list") and "split" in kwargs:
+        return [Path(root) / dataset_class.split_list[kwargs["split"]][1]]
     return []
 
 
-def _torchvision_dataset(cls, name: str, root: Path, download: bool, transform: Callable, expected: str,
+def _torchvision_dataset(dataset_class, name: str, root: Path, download: bool, transform: Callable, expected: str,
                          **kwargs):
     try:
-        return cls(str(root), download=download, transform=transform, **kwargs)
+        return dataset_class(str(root), download=download, transform=transform, **kwargs)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."; scipy: v7.3 .mat files
         first = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
-        files = _release_files(cls, root, kwargs)
+        files = _release_files(dataset_class, root, kwargs)
         if files and all(f.is_file() for f in files):
             raise DatasetError(f"--dataset {name}: the files under --data-root {root} are present but torchvision "
                                f"refused them ({first}); they are damaged, incomplete or of another release "
@@ -202,10 +203,10 @@ def _stage_idx_files(data_root: Path, staging: Path, folder: str, title: str) ->
     return True
 
 
-def _build_idx(name: str, title: str, cls, class_names: list[str], data_root: Path | None, download: bool,
+def _build_idx(name: str, title: str, dataset_class, class_names: list[str], data_root: Path | None, download: bool,
                transform: Callable) -> DatasetSource:
     root = data_root or Path("data")
-    folder = cls.__name__  # torchvision's raw folder: <root>/<class name>/raw
+    folder = dataset_class.__name__  # torchvision's raw folder: <root>/<class name>/raw
     expected = "the four idx files " + ", ".join(f + "[.gz]" for f in FASHION_MNIST_FILES)
     with tempfile.TemporaryDirectory(prefix=f"sanf-{name}-") as staging:
         staged = False
@@ -215,13 +216,13 @@ def _build_idx(name: str, title: str, cls, class_names: list[str], data_root: Pa
         for split in ("train", "test"):
             if staged:
                 try:
-                    dataset = cls(staging, train=(split == "train"), transform=transform, download=False)
+                    dataset = dataset_class(staging, train=(split == "train"), transform=transform, download=False)
                 except (RuntimeError, ValueError, AssertionError, EOFError, IndexError) as err:
                     raise DatasetError(f"--data-root {data_root}: the {title} idx files are damaged "
                                        f"({type(err).__name__}: {str(err).strip()[:200] or 'bad header or size'})"
                                        ) from None
             else:
-                dataset = _torchvision_dataset(cls, name, root, download, transform,
+                dataset = _torchvision_dataset(dataset_class, name, root, download, transform,
                                                train=(split == "train"), expected=expected)
             if len(dataset.data) != len(dataset.targets):
                 raise DatasetError(f"--data-root {root}: {title} {split} has {len(dataset.data)} images but "

@@ -585,7 +585,7 @@ def test_baseline_methods_fit_and_score_next_to_the_flow(tmp_path):
     assert_input_error(conflict, "--no-caff means --method sanf-nocaff; got --method knn")
 
 
-def test_run_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
+def test_sweep_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     """``run``: extract once (then reuse), two seeds of the flow, the baselines once, a summary whose mean
     column is the mean of its class columns, and a report."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
@@ -653,7 +653,7 @@ def test_fit_time_is_the_same_in_the_console_and_the_report_kept_runs_marked(tre
         assert f"| {method} | 1 (1 kept) | {recorded[method]:.1f} s (kept) |" in report, report
 
 
-def test_run_sweeps_blocks_as_labelled_rows(tree, tmp_path):
+def test_sweep_over_blocks_gives_labelled_rows(tree, tmp_path):
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
     result = invoke("sweep", *extraction, "--methods", "sanf", "--blocks", "1,4", "--hidden", "8", "--epochs", "1",
@@ -691,7 +691,7 @@ def test_layer_is_recorded_and_names_its_cache(tmp_path):
     assert_input_error(invoke(*args, "--layer", "block-99"), "--layer block-99", "has block-0 .. block-")
 
 
-def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
+def test_sweep_over_transforms_gives_labelled_rows(tree, tmp_path):
     """sweep --transform a,b: one run per transform and method, labelled rows; a kept run is kept per transform."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     extraction = extract_args(tree, cache_dir, backbone=SMALL)[1:]
@@ -713,7 +713,7 @@ def test_run_sweeps_feature_transforms_as_labelled_rows(tree, tmp_path):
     assert "'whiten' is not one of auto, raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output
 
 
-def test_run_with_val_fraction_calibrates_every_run(tree, tmp_path):
+def test_sweep_with_val_fraction_calibrates_every_run(tree, tmp_path):
     """run --val-fraction: every run (flows and baselines) holds out normal rows and is calibrated, so scores.csv
     holds p-values and decisions at --alpha, auroc.csv the realised rates, and the report both rates and the
     settings; --early-stop without --val-fraction is refused before anything is extracted."""
@@ -789,7 +789,7 @@ def test_the_sanf_ad_console_script_is_the_pipeline_main():
     assert rank1.returncode == 2 and rank1.stderr == "" and rank1.stdout == ""
 
 
-def test_run_checks_every_fit_before_the_first_and_leaves_no_empty_runs_dir(tree, tmp_path):
+def test_sweep_checks_every_fit_before_the_first_and_leaves_no_empty_runs_dir(tree, tmp_path):
     """--val-fraction 0.7 holds out 3 of the 4 train images: the flow could fit on 1 row, k-NN (k = 2) cannot; run
     refuses before fitting the flow (it used to fit it, then stop at k-NN with an error not naming --val-fraction),
     and a refused fit leaves no empty --runs-dir (a new-user trial found both)."""

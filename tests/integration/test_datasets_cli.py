@@ -138,7 +138,7 @@ def test_mvtec_category_errors(mvtec_run, tmp_path):
     assert not list(tmp_path.glob("**/*.h5"))
 
 
-def test_run_on_good_defect_folders(tmp_path):
+def test_sweep_on_good_defect_folders(tmp_path):
     root = make_mvtec(tmp_path / "mine", {"widget": {"good": (5, 3), "dent": 2, "crack": 2}}) / "widget"
     result = invoke("sweep", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root),
                     "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
@@ -152,7 +152,7 @@ def test_run_on_good_defect_folders(tmp_path):
     assert names == {"crack", "dent"}
 
 
-def test_run_mvtec_all_categories_writes_a_summary_per_category(tmp_path):
+def test_sweep_over_all_mvtec_categories_writes_a_summary_per_category(tmp_path):
     root = make_mvtec(tmp_path / "mvtec")
     result = invoke("sweep", "--dataset", "mvtec", "--category", "all", "--data-root", str(root), "--cache-dir",
                     str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--methods", "knn", *COMMON)
@@ -165,7 +165,7 @@ def test_run_mvtec_all_categories_writes_a_summary_per_category(tmp_path):
         assert {r["dataset"] for r in rows} == {path.name.split("__")[0]} and len(rows) == 2  # knn: l2, cosine
 
 
-def test_run_keeps_runs_fitted_with_the_same_settings_and_refits_on_request(tmp_path):
+def test_sweep_keeps_runs_fitted_with_the_same_settings_and_refits_on_request(tmp_path):
     root = make_mvtec(tmp_path / "mine", {"widget": {"good": (5, 3), "dent": 2}}) / "widget"
     args = ["sweep", "--dataset", "folder", "--layout", "good-defect", "--data-root", str(root), "--cache-dir",
             str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--methods", "sanf,knn", "--epochs", "1",

@@ -212,7 +212,7 @@ def _auroc(runs: Path) -> dict[tuple, float]:
     return {(r["method"], r["normal_class"], r["score"], r["seed"]): float(r["auroc"]) for r in rows}
 
 
-def test_run_on_two_ranks_gives_the_summary_of_one_process(uninterrupted, tmp_path):
+def test_sweep_on_two_ranks_gives_the_summary_of_one_process(uninterrupted, tmp_path):
     cache_dir = uninterrupted.parent  # both runs on the same features: the fits are compared, not the extraction
     one, two = tmp_path / "one", tmp_path / "two"
     alone = invoke("sweep", *digits_args(cache_dir)[1:], *RUN_ARGS, "--runs-dir", str(one))
