@@ -98,9 +98,7 @@ class FitConfig:
             raise ValueError(f"--epochs and --steps exclude each other (a fit has one length); got --epochs "
                              f"{self.epochs} and --steps {self.steps}")
         if self.method in FLOW_METHODS:
-            if self.early_stop and self.val_fraction == 0:
-                raise ValueError("--early-stop needs held-out normal rows to compare the train loss with: pass "
-                                 "--val-fraction (e.g. 0.2)")
+            self.train_config().check_held_out(self.val_fraction > 0)
             if self.k != FitConfig.k:
                 raise ValueError(f"--k is the knn baseline's; --method {self.method} has no neighbours (got --k "
                                  f"{self.k})")
