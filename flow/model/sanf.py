@@ -39,7 +39,7 @@ class FlowConfig:
                 raise ValueError(f"flow {name} must be an integer in 1..{most}, got {value!r}")
         if isinstance(self.clamp, bool) or not isinstance(self.clamp, (int, float)) \
                 or not math.isfinite(self.clamp) or self.clamp <= 0:
-            raise ValueError(f"flow clamp must be a finite number > 0, got {self.clamp!r}")
+            raise ValueError(f"flow clamp (alpha in run.json) must be a finite number > 0, got {self.clamp!r}")
         if not isinstance(self.use_caff, bool):
             raise ValueError(f"flow use_caff must be true or false, got {self.use_caff!r}")
 

@@ -178,10 +178,13 @@ def test_sweep_keeps_runs_fitted_with_the_same_settings_and_refits_on_request(tm
     assert_ok(again)
     assert again.output.count("kept ") == 2 and "fitted normal class" not in again.output
     assert (flow_run / "model.safetensors").read_bytes() == weights
-    other = invoke(*[a if a != "1" else "2" for a in args])  # another epoch count: fitted again
+    refused = invoke(*[a if a != "1" else "2" for a in args])  # another epoch count in the same run folder
+    assert_input_error(refused, "holds a run fitted with other settings (train.epochs 1, now 2); pass --overwrite")
+    assert (flow_run / "model.safetensors").read_bytes() == weights
+    other = invoke(*[a if a != "1" else "2" for a in args], "--overwrite")  # fitted again
     assert_ok(other)
     assert "fitted normal class 0 (good)" in other.output and other.output.count("kept ") == 1  # knn kept
-    refit = invoke(*args, "--refit")
+    refit = invoke(*args, "--refit", "--overwrite")  # the flow's run now holds 2 epochs: replaced only so
     assert_ok(refit)
     assert "kept " not in refit.output
 

@@ -297,7 +297,7 @@ def test_score_refuses_an_empty_test_split(tmp_path):
     (lambda r: r["flow"].update(hidden=-1), "run.json has an invalid flow configuration"),
     (lambda r: r.update(cache=5), "run.json has values of the wrong type for ['cache']"),
     (lambda r: r.update(normal_class="0", seed=None), "wrong type for ['normal_class', 'seed']"),
-    (lambda r: r["flow"].update(alpha="3"), "flow alpha must be a finite number > 0, got '3'"),
+    (lambda r: r["flow"].update(alpha="3"), "flow clamp (alpha in run.json) must be a finite number > 0, got '3'"),
     (lambda r: r["flow"].update(use_caff="false"), "flow use_caff must be true or false, got 'false'"),
     (lambda r: r["flow"].update(num_blocks=10**6), "flow num_blocks must be an integer in 1..256, got 1000000"),
     (lambda r: r["flow"].update(num_blocks=3), "model.safetensors does not fit the flow described in run.json"),

@@ -416,9 +416,9 @@ def test_every_csv_of_fit_and_score_writes_floats_with_a_fixed_precision(gaussia
         assert auroc(scores["is_anomaly"], scores[row["score"]]) == pytest.approx(row["auroc"], abs=1e-9)
 
 
-def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_readme_says(gaussian_cache, tmp_path):
+def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_docs_say(gaussian_cache, tmp_path):
     """model.safetensors: float32 weights (4 bytes a parameter), 2 int64 permutations of D per block, a header; the
-    README's disk figures for D = 1280 follow from the same count."""
+    disk figures of docs/usage.md for D = 1280 follow from the same count."""
     import re
     from pathlib import Path
 
@@ -429,7 +429,7 @@ def test_a_flow_run_weighs_4_bytes_a_parameter_as_the_readme_says(gaussian_cache
     size = (outcome.path / "model.safetensors").stat().st_size
     weights = 4 * outcome.record["num_parameters"] + 2 * SMALL_FLOW["blocks"] * 6 * 8  # D = 6
     assert weights < size < weights + 16_384
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()  # the disk-space figures
     full = parameter_count(FlowConfig(dim=1280))
     assert f"{full:,} parameters x 4 bytes =\n  **{4 * full / 1e6:.1f} MB**" in readme
     narrow = parameter_count(FlowConfig(dim=1280, hidden=256))
