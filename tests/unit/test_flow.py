@@ -369,7 +369,7 @@ def test_parameter_count_matches_the_hand_count(D, use_caff):
 
 
 def test_parameter_count_vit_large_value():
-    """Recorded in the README next to the paper's 13.6 M (Table 6)."""
+    """Recorded in docs/results.md ("Model size") and docs/method.md (eq. (41)) next to the paper's 13.6 M (Table 6)."""
     assert count_parameters(SANFFlow(FlowConfig(dim=1024))) == 48_295_936
 
 
