@@ -8,6 +8,7 @@ Options are parsed here and handed to the API under the same names (``fit``'s ar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -105,58 +106,44 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def user_errors(fn):
-    """Turn the library's input errors (:data:`flow.api.USER_ERRORS`) into :class:`InputError` (exit 2)."""
+def command(fn=None, *, job: bool = False):
+    """A command whose library errors (:data:`flow.api.USER_ERRORS`) print one line and exit 2. With ``job``, it may
+    run as a torchrun job and receives the :class:`extract.distributed.DistContext` as ``job``: a command-line error
+    (:class:`ArgumentError`, alike on every rank) is printed by rank 0 alone, other errors by their rank."""
+    if fn is None:
+        return functools.partial(command, job=job)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from extract.distributed import JobError
+        from extract.distributed import SINGLE, JobError
+        from extract.distributed import job as job_session
         from flow.api import USER_ERRORS
 
-        try:
-            return fn(*args, **kwargs)
-        except JobError as err:  # a distributed job: rank 0 says what failed where, the other ranks nothing
-            if err.silent:
-                raise click.exceptions.Exit(2) from None
-            raise InputError(f"[rank {err.rank}] {_one_line(err)}") from None
-        except USER_ERRORS as err:
-            raise InputError(_one_line(err)) from None
-
-    return wrapper
-
-
-def job_command(fn):
-    """:func:`user_errors` for a command that may run as a torchrun job: ``fn`` receives the job's
-    :class:`extract.distributed.DistContext` as ``job``; in a job the error line is printed before the ranks part."""
-    checked = user_errors(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from extract.distributed import from_env, session
-
-        device = kwargs.get("device", "auto")
-        try:
-            env = from_env()
-            if env.distributed:
-                env.backend(device)
-        except ValueError as err:  # malformed RANK / WORLD_SIZE / LOCAL_RANK, or too few GPUs for the ranks
-            rank = os.environ.get("RANK", "0")
-            if os.environ.get("LOCAL_RANK", "0") != "0":  # the ranks of a node fail alike: its local rank 0 says so
-                time.sleep(1.0)  # let it print before torchrun stops the job
+        def one_line(err: BaseException) -> click.ClickException:
+            if not isinstance(err, JobError):
+                return InputError(_one_line(err))
+            if err.silent:  # a job's error on another rank: rank 0 says what failed where, this rank nothing
                 raise click.exceptions.Exit(InputError.exit_code) from None
-            raise InputError(("" if rank == "0" else f"[rank {rank}] ") + _one_line(err)) from None
-        with session(device) as job:
-            try:
-                return checked(*args, job=job, **kwargs)
-            except click.ClickException as err:
-                if not job.distributed:
-                    raise
-                if isinstance(err, ArgumentError):
-                    job.mark_failed()  # every rank is here: meet at the end, after rank 0 has printed
-                    if not job.is_main:
-                        raise click.exceptions.Exit(err.exit_code) from None
-                err.show()
-                raise click.exceptions.Exit(err.exit_code) from None
+            return InputError((f"[rank {err.rank}] " if err.rank else "") + _one_line(err))
+
+        try:
+            with job_session(kwargs.get("device", "auto")) if job else contextlib.nullcontext(SINGLE) as ctx:
+                try:
+                    try:
+                        return fn(*args, **kwargs, **({"job": ctx} if job else {}))
+                    except USER_ERRORS as err:
+                        raise one_line(err) from None
+                except click.ClickException as err:  # in a job, printed inside it, before any rank exits
+                    if not ctx.distributed:
+                        raise
+                    if isinstance(err, ArgumentError):
+                        ctx.mark_failed()  # every rank is here: meet at the end, after rank 0 has printed
+                        if not ctx.is_main:
+                            raise click.exceptions.Exit(err.exit_code) from None
+                    err.show()
+                    raise click.exceptions.Exit(err.exit_code) from None
+        except JobError as err:  # the job's environment, checked before the ranks connect
+            raise one_line(err) from None
 
     return wrapper
 
@@ -189,7 +176,6 @@ def _opt(*decls, **kw):
     return click.option(*decls, **kw)
 
 
-PATH = NonEmptyPath(path_type=str)
 FOLDER = NonEmptyPath(file_okay=False, path_type=str)
 DEVICE = _opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto = CUDA if present.")
 ALPHA = _opt("--alpha", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
@@ -252,7 +238,7 @@ def options(*decorators):
 
 @cli.command()
 @options(*EXTRACT)
-@job_command
+@command(job=True)
 def extract(dataset, no_download, job, **opts) -> None:
     """Encode every image of a dataset once; write class tokens and patch tokens to HDF5 (resumable; under
     torchrun the chunks are shared among the ranks)."""
@@ -264,7 +250,7 @@ def extract(dataset, no_download, job, **opts) -> None:
 
 @cli.command()
 @click.argument("cache", type=NonEmptyPath(dir_okay=False, path_type=str))
-@user_errors
+@command
 def info(cache: str) -> None:
     """Print the attributes, per-split shapes and class counts of the cache file CACHE (.h5)."""
     from flow.api import describe_cache
@@ -296,7 +282,7 @@ def info(cache: str) -> None:
          _opt("--no-caff", is_flag=True, hidden=True, help="Old spelling of --method sanf-nocaff."),
          _opt("--overwrite", is_flag=True, help="Replace run folders that hold runs fitted with other settings."),
          DEVICE)
-@user_errors
+@command
 def fit(cache, cache_dir, runs_dir, transform, features, no_caff, method, overwrite, device, **fields) -> None:
     """Fit the CAFF flow (or a baseline) on the cached train rows of one normal class (or of each)."""
     from flow.api import find_cache
@@ -312,7 +298,7 @@ def fit(cache, cache_dir, runs_dir, transform, features, no_caff, method, overwr
 @cli.command()
 @options(_opt("--runs-dir", type=FOLDER, default=DEFAULT_RUNS_DIR, help="Folder of run folders; gets auroc.csv."),
          _opt("--batch-size", type=click.IntRange(min=1), default=256, help="Rows per forward pass."), DEVICE, ALPHA)
-@user_errors
+@command
 def score(runs_dir: str, batch_size: int, device: str, alpha: float) -> None:
     """Score the test split with every run folder: scores.csv per run, auroc.csv and auroc_by_anomaly.csv (normal
     against each anomalous class); calibrated runs add p-values, decisions and the realised false-alarm rate."""
@@ -337,7 +323,7 @@ WEIGHTS = _opt("--weights", default=None, type=NonEmptyPath(dir_okay=False, path
               help="Predict through this ONNX graph (from 'export' of RUN) with onnxruntime."), WEIGHTS,
          _opt("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass."),
          _opt("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader decoding processes."), DEVICE)
-@user_errors
+@command
 def predict(run_dir, paths, **opts) -> None:
     """Score new images with the run folder RUN: one CSV row per image file (folders searched recursively): path,
     score (the primary score), every score, p_value and anomalous (calibrated runs), error."""
@@ -353,7 +339,7 @@ def predict(run_dir, paths, **opts) -> None:
          _opt("--check-images", multiple=True, type=NonEmptyPath(exists=True, path_type=str),
               help="Images (files or folders; up to 8 used) to check onnxruntime against PyTorch on; default: "
                    "scikit-learn's two sample photographs. Repeatable."), WEIGHTS)
-@user_errors
+@command
 def export(run_dir, out, check_images, **opts) -> None:
     """Write the run folder RUN as one ONNX graph: float32 images (B, 3, H, W) in [0, 1] -> every score, and
     p_value / anomalous for a calibrated run; checked with onnxruntime against PyTorch."""
@@ -405,7 +391,7 @@ def _comma_list(choices=None, low: int | None = None, high: int | None = None):
          _opt("--refit", is_flag=True, help="Fit again what was fitted with the same settings (kept otherwise)."),
          _opt("--overwrite", is_flag=True, help="Replace runs fitted with other settings under the same names."),
          VAL_FRACTION, EARLY_STOP, ALPHA)
-@job_command
+@command(job=True)
 def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, blocks, hidden, k, transform, features,
           runs_dir, refit, overwrite, val_fraction, early_stop, alpha, device, job, **extract_options) -> None:
     """Extract (unless --cache is given or the cache exists), fit every method x seed x transform x flow size on
@@ -428,7 +414,7 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
 @options(_opt("--cache-dir", type=FOLDER, default=DEFAULT_CACHE_DIR, help="Folder of the digits cache."),
          _opt("--runs-dir", type=FOLDER, default=DEFAULT_RUNS_DIR, help="Folder receiving the run folders."),
          EPOCHS, STEPS, DEVICE)
-@user_errors
+@command
 def demo(cache_dir: str, runs_dir: str, epochs: int | None, steps: int | None, device: str) -> None:
     """The main job on the embedded default: digits, EfficientNet-Lite0 (packaged ImageNet weights, no download):
     a flow per digit as normal class and the k-NN and Gaussian baselines on the same features, scored, the AUROC

@@ -18,6 +18,7 @@ import datetime
 import itertools
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -297,6 +298,30 @@ def session(device: str = "auto", environ: Mapping[str, str] | None = None) -> I
             torch.distributed.destroy_process_group()
 
 
+
+@contextlib.contextmanager
+def job(device: str = "auto") -> Iterator[DistContext]:
+    """:func:`session`, with the environment checked before the ranks connect: a malformed ``RANK`` /
+    ``WORLD_SIZE`` / ``LOCAL_RANK``, or fewer GPUs than ranks, is one error of the job, reported by rank 0 (and by
+    each node's local rank 0, which finds it alike); the other ranks wait a second for it to be printed, then fail
+    silently.
+
+    Raises:
+        JobError: the environment is not that of a job (``rank`` 0 on a node's local rank 0: no rank prefix).
+    """
+    try:
+        env = from_env()
+        if env.distributed:
+            env.backend(device)
+    except ValueError as err:
+        silent = os.environ.get("LOCAL_RANK", "0") != "0"
+        if silent:
+            time.sleep(1.0)  # let the node's local rank 0 print before torchrun stops the job
+        rank = os.environ.get("RANK", "0")
+        raise JobError(str(err), rank=int(rank) if rank.isdigit() else 0, silent=silent) from None
+    with session(device) as ctx:
+        yield ctx
+
 SINGLE = DistContext()
 
-__all__ = ["JOB_TIMEOUT", "SINGLE", "DistContext", "JobError", "assign", "from_env", "session"]
+__all__ = ["JOB_TIMEOUT", "SINGLE", "DistContext", "JobError", "assign", "from_env", "job", "session"]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from extract.distributed import SINGLE, DistContext, JobError, assign, from_env
 from flow.experiments.sweep import SweepFit, per_class, sweep_fits
-from pipeline import user_errors
+from pipeline import command
 
 TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "localhost"}
 
@@ -122,7 +122,7 @@ def test_a_bug_on_another_rank_keeps_its_type_in_the_message():
 def test_the_cli_prints_rank_0s_line_and_nothing_on_the_other_ranks():
     @click.command()
     @click.option("--silent", is_flag=True)
-    @user_errors
+    @command
     def job(silent):
         raise JobError("cannot read image x.png", rank=1, silent=silent)
 
