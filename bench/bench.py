@@ -674,8 +674,9 @@ def section_forwards(args, work: Path) -> list[Row]:
         Row("6 forwards", "full CIFAR-10 protocol: re-encode per normal class", reference, "forwards"),
         Row("6 forwards", "saving", reference / protocol, "ratio"),
         Row("6 forwards", "counted in a run (extract + fit all classes)", counter["images"], "forwards",
-            f"= {n_images} images", "yes" if counter["images"] == n_images else "no",
-            f"{per} train + {per} test per class; re-encoding would need {expected_ref}"),
+            f"= {n_images} images + 1", "yes" if counter["images"] == n_images + 1 else "no",
+            f"{per} train + {per} test per class, and one blank image: the disk-space check's shape probe; "
+            f"re-encoding would need {expected_ref}"),
     ]
 
 
