@@ -9,7 +9,7 @@ records what the fit used (the flow's shape under ``flow``, the training under `
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from flow.detectors.registry import FLOW_METHODS, METHODS
@@ -157,11 +157,6 @@ def sweep_base(methods, k: int = 2, **fields) -> FitConfig:
     return FitConfig(method=flows[0] if flows else methods[0], **fields)
 
 
-def fit_config_fields() -> list[str]:
-    """The field names, in order (the ``fit`` options, with ``-`` for ``_``)."""
-    return [f.name for f in fields(FitConfig)]
-
-
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -182,4 +177,4 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
         raise ValueError(f"{_option(name)} must be a finite number in {bounds}; got {value!r}")
 
 
-__all__ = ["DEFAULT_EPOCHS", "FLOW_FIELDS", "FitConfig", "fit_config_fields", "sweep_base"]
+__all__ = ["DEFAULT_EPOCHS", "FLOW_FIELDS", "FitConfig", "sweep_base"]
