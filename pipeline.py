@@ -53,18 +53,25 @@ class NonEmptyPath(click.Path):
 
 class Command(click.Command):
     """Refuses an option given twice (click would keep the last one silently) and says when a deprecated spelling
-    (:data:`DEPRECATED`) was used."""
+    (:data:`DEPRECATED`) was used; option values are skipped, not taken for options."""
 
     def parse_args(self, ctx, args):
         seen: dict[str, str] = {}
+        value_next = False
         for arg in args:
-            if arg == "--":
-                break
+            if value_next or arg == "--" or not arg.startswith("--"):
+                value_next = False
+                if arg == "--":
+                    break
+                continue
             name = arg.split("=", 1)[0]
-            param = next((p for p in self.params if isinstance(p, click.Option) and not p.multiple
-                          and name in p.opts + p.secondary_opts), None)
-            if param is not None and param.name in seen:
-                raise click.UsageError(f"{name} given twice (as {seen[param.name]} and {name}); give it once", ctx)
+            param = next((p for p in self.params if isinstance(p, click.Option) and name in p.opts + p.secondary_opts),
+                         None)
+            value_next = param is not None and not param.is_flag and "=" not in arg
+            if param is not None and not param.multiple and param.name in seen:
+                same = seen[param.name] == name
+                raise click.UsageError(f"{name} given twice{'' if same else f' (as {seen[param.name]} and {name})'}; "
+                                       "give it once", ctx)
             if param is not None:
                 seen[param.name] = name
             if name in DEPRECATED:
@@ -77,7 +84,9 @@ class Group(click.Group):
 
     def get_command(self, ctx, cmd_name):
         if cmd_name in DEPRECATED:
-            click.echo(f"note: '{cmd_name}' is deprecated; use '{DEPRECATED[cmd_name]}'", err=True)
+            if not ctx.meta.get("sanf_ad.deprecated_noted"):  # click looks a command up more than once
+                click.echo(f"note: '{cmd_name}' is deprecated; use '{DEPRECATED[cmd_name]}'", err=True)
+                ctx.meta["sanf_ad.deprecated_noted"] = True
             cmd_name = DEPRECATED[cmd_name]
         return super().get_command(ctx, cmd_name)
 
@@ -401,9 +410,13 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
     from flow.api import sweep as run_sweep
     from flow.experiments.config import sweep_base
 
+    given = [name for name in extract_options if click.get_current_context().get_parameter_source(name)
+             is click.core.ParameterSource.COMMANDLINE] + (["no_download"] if no_download else [])
+    if cache is not None and given:  # nothing is extracted from an existing cache
+        raise ArgumentError(f"--{given[0].replace('_', '-')} sets the extraction; with --cache nothing is extracted")
     transform, _ = _transform(transform, features and _comma_list(FEATURES_CHOICES)(None, None, features))
-    base = checked(sweep_base, methods, k, normal=normal, val_fraction=val_fraction, epochs=epochs, steps=steps,
-                   early_stop=early_stop)
+    base = checked(sweep_base, methods, k, seeds, blocks, hidden, normal=normal, val_fraction=val_fraction,
+                   epochs=epochs, steps=steps, early_stop=early_stop)
     run_sweep(base, cache=cache, methods=methods, seeds=seeds, transforms=transform or [DEFAULT_FEATURES], k=k,
               blocks=blocks, hidden=hidden, runs_dir=runs_dir, refit=refit, overwrite=overwrite, alpha=alpha,
               device=device, log=job.log(click.echo), dist=job, dataset=dataset, download=not no_download,

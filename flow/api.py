@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from cache import CacheError, FeatureCache
 from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
 from extract.distributed import SINGLE, DistContext, JobError
@@ -140,9 +142,10 @@ class Run:
             self._predictors[key] = Predictor(self.path, device=device, onnx=onnx, weights=weights, log=lambda _: None)
         return self._predictors[key]
 
-    def predict(self, images: Sequence, alpha: float = DEFAULT_ALPHA, device: str = "auto",
+    def predict(self, images, alpha: float = DEFAULT_ALPHA, device: str = "auto",
                 onnx: str | os.PathLike | None = None, batch_size: int = 64) -> Predictions:
-        """Score new images: file paths, PIL images or uint8 arrays (H, W) or (H, W, 3).
+        """Score new images: a list of file paths, PIL images or uint8 arrays (H, W) or (H, W, 3), one of them
+        alone, or a stack of arrays (N, H, W) or (N, H, W, 3) (:func:`image_list`).
 
         Returns:
             :class:`~flow.deploy.predict.Predictions`: every score per image, and for a calibrated run the p-value
@@ -152,7 +155,7 @@ class Run:
         Raises:
             ValueError: a bad ``alpha``; RunError, BackboneError: the run cannot be loaded.
         """
-        return self.predictor(device, onnx).predict(list(images), alpha=alpha, batch_size=batch_size)
+        return self.predictor(device, onnx).predict(image_list(images), alpha=alpha, batch_size=batch_size)
 
     def export(self, out: str | os.PathLike, alpha: float = DEFAULT_ALPHA, **options) -> dict[str, float]:
         """Write the run as one ONNX graph (images in [0, 1] -> scores, p-value, decision) and check it against
@@ -164,6 +167,25 @@ class Run:
         """
         options.setdefault("log", lambda _: None)
         return export_onnx(self.path, out, alpha=alpha, **options)
+
+
+def image_list(images) -> list:
+    """``images`` as a list of single images: a path, a PIL image or an array (H, W), (H, W, 1) or (H, W, 3) is one
+    image; a stack (N, H, W) or (N, H, W, C) or any other sequence is N images.
+
+    Raises:
+        ValueError: anything else (the message names what was given).
+    """
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        one = images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3))
+        return [images] if one else list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    raise ValueError(f"images must be a path, a PIL image, an array or a list of them; got {type(images).__name__}")
 
 
 def load(path: str | os.PathLike) -> Run:
@@ -195,6 +217,9 @@ def fit(cache: str | os.PathLike, config: FitConfig = FitConfig(), runs_dir: str
     Raises:
         CacheError, ValueError, RunError, FlowTrainingError: see :func:`flow.experiments.fitting.fit_cache`.
     """
+    if not isinstance(config, FitConfig):
+        raise ValueError(f"config must be a flow.api.FitConfig (FitConfig(method=..., ...)); got "
+                         f"{type(config).__name__}")
     outcomes = fit_cache(cache, config, runs_dir=runs_dir, device=device, progress=progress, log=log,
                          overwrite=overwrite)
     return [Run(o.path, o.record) for o in outcomes]
@@ -253,8 +278,9 @@ def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = No
     Returns:
         The AUROC rows of every run under ``runs_dir`` (on rank 0; empty on the others).
     """
-    if (cache is None) == ("dataset" not in extract_options or extract_options["dataset"] is None):
-        raise ValueError("sweep needs either --dataset (what to extract) or --cache (an existing cache)")
+    if (cache is None) == (extract_options.get("dataset") is None):
+        raise ValueError("sweep needs either --dataset (what to extract) or --cache (an existing cache)"
+                         + ("; got both: give only one" if cache is not None else ""))
     if cache is not None:
         extract_options.pop("dataset", None)
         caches = [Path(cache)]
@@ -289,5 +315,5 @@ def demo(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, runs_dir: str | os.Pa
 
 
 __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_RUNS_DIR", "FitConfig", "Predictions", "Run", "USER_ERRORS", "demo",
-           "describe_cache", "export", "extract", "find_cache", "fit", "load", "open_cache", "predict_files", "score",
-           "sweep"]
+           "describe_cache", "export", "extract", "find_cache", "fit", "image_list", "load", "open_cache",
+           "predict_files", "score", "sweep"]

@@ -42,6 +42,7 @@ from flow.store.run_folder import (
     read_calibration,
     read_run_record,
     score_names,
+    umask_mode,
 )
 
 #: ONNX opset of the exported graphs (LayerNormalization is a single op from 17 on).
@@ -209,6 +210,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
             raise ExportError(f"onnxruntime and PyTorch disagree on {', '.join(bad)} (difference "
                               f"{max(bad.values()):.2e} of max(|score|, the score's mean magnitude) > "
                               f"{CHECK_TOLERANCE}); nothing written")
+        os.chmod(tmp, umask_mode(0o666))  # mkstemp made it 0600; a model is shared like any other output
         os.replace(tmp, out)
     except (ExportError, RunError):
         raise

@@ -144,16 +144,25 @@ class FitConfig:
         return asdict(self)
 
 
-def sweep_base(methods, k: int = 2, **fields) -> FitConfig:
-    """The options a sweep's fits share, checked against the methods swept: the flow options need a flow among
-    them (checked as that flow's), ``k`` needs knn.
+def sweep_base(methods, k: int = 2, seeds=(0,), blocks=(4,), hidden=(1024,), **fields) -> FitConfig:
+    """The options a sweep's fits share, checked against the methods swept: the flow options (and several seeds or
+    flow sizes) need a flow among them, ``k`` needs knn; the flow options are then checked as that flow's.
 
     Raises:
-        ValueError: as :class:`FitConfig`, or ``k`` given without knn in ``methods``.
+        ValueError: as :class:`FitConfig`, or an option the methods swept do not use.
     """
+    swept = f"--methods {','.join(methods)}"
     if k != FitConfig.k and "knn" not in methods:
-        raise ValueError(f"--k is the knn baseline's; --methods {','.join(methods)} has no knn (got --k {k})")
+        raise ValueError(f"--k is the knn baseline's; {swept} has no knn (got --k {k})")
     flows = [m for m in methods if m in FLOW_METHODS]
+    if not flows:
+        axes = {"seeds": (list(seeds), [0]), "blocks": (list(blocks), [4]), "hidden": (list(hidden), [1024])}
+        given = [(f"--{name}", ",".join(map(str, v))) for name, (v, default) in axes.items() if v != default]
+        given += [(_option(name), fields[name]) for name in FLOW_FIELDS
+                  if name in fields and fields[name] != getattr(FitConfig, name)]
+        if given:
+            raise ValueError(f"{given[0][0]} sets the flows (sanf, sanf-nocaff); {swept} has none (the baselines are "
+                             f"fitted once, seed 0; got {given[0][0]} {given[0][1]})")
     return FitConfig(method=flows[0] if flows else methods[0], **fields)
 
 

@@ -288,8 +288,20 @@ def _check_replace(path: Path, settings: dict, overwrite: bool) -> None:
             field = next(f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f))
             what, old_v, new_v = f"{key}.{field}", old.get(field), new.get(field)
         old_v, new_v = ("not set" if v is None else v for v in (old_v, new_v))
-        raise RunError(f"the run folder {path} holds a run fitted with other settings ({what} {old_v}, now "
-                       f"{new_v}); pass --overwrite to replace it, or choose another --runs-dir")
+        differs = (f"{_SETTING_OPTIONS.get(what, what)} {old_v}, now {new_v}" if key != "cache_fingerprint" else
+                   "another cache content: fitted on another extraction")
+        raise RunError(f"the run folder {path} holds a run fitted with other settings ({differs}); pass --overwrite "
+                       "to replace it, or choose another --runs-dir")
+
+
+#: The option that sets each entry of run.json, for messages.
+_SETTING_OPTIONS = {"method": "--method", "normal_class": "--normal", "seed": "--seed", "setting": "the sweep setting",
+                    "val_fraction": "--val-fraction", "feature_transform": "--transform", "flow.num_blocks": "--blocks",
+                    "flow.hidden": "--hidden", "flow.num_heads": "--heads", "flow.alpha": "--clamp",
+                    "flow.use_caff": "--method", "flow.dim": "the tokens' width D", "train.epochs": "--epochs",
+                    "train.steps": "--steps", "train.early_stop": "--early-stop", "train.batch_size": "--batch-size",
+                    "train.lr": "--lr", "train.betas": "--beta1/--beta2", "train.eps": "--adam-eps",
+                    "train.weight_decay": "--weight-decay", "params.k": "--k"}
 
 
 def _jsonable(value):

@@ -62,7 +62,7 @@ class RunLock(FileLock):
                                         "choose another --runs-dir", RunError)
 
 
-def _umask_mode(mode: int) -> int:
+def umask_mode(mode: int) -> int:
     """``mode`` with the process umask applied (tempfile creates 0600 files and 0700 folders)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -74,7 +74,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:  # file names
             handle.write(text)
-        os.chmod(tmp, _umask_mode(0o666))
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -189,7 +189,7 @@ def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: 
     runs_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, _umask_mode(0o777))
+        os.chmod(tmp, umask_mode(0o777))
         save_file(state, str(tmp / "model.safetensors"))
         for file_name, content in (files or {}).items():
             if isinstance(content, dict):
@@ -199,7 +199,7 @@ def save_run(runs_dir: Path, name: str, state: dict[str, torch.Tensor], record: 
                 (tmp / file_name).write_text(content)
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         for file in tmp.iterdir():  # safetensors writes 0600 files; a run is shared like any other output
-            os.chmod(file, _umask_mode(0o666))
+            os.chmod(file, umask_mode(0o666))
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

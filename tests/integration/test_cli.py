@@ -743,7 +743,7 @@ def test_sweep_with_val_fraction_calibrates_every_run(tree, tmp_path):
     assert_ok(again)
     assert again.output.count("kept ") == 4  # the same settings: every run kept
     refused = invoke(*args, "--normal", "blue")  # other settings in the same run folders: not replaced silently
-    assert_input_error(refused, "holds a run fitted with other settings (train.early_stop True, now not set); pass "
+    assert_input_error(refused, "holds a run fitted with other settings (--early-stop True, now not set); pass "
                                 "--overwrite to replace it")
     uncalibrated = invoke(*args, "--normal", "blue", "--overwrite")
     assert_ok(uncalibrated)

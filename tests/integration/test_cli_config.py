@@ -73,6 +73,15 @@ def test_old_spellings_work_with_a_note(small_cache, tmp_path):
     assert "note: 'run' is deprecated; use 'sweep'" in old.stderr
     both = invoke("fit", "--cache", str(small_cache), "--features", "l2", "--transform", "raw")
     assert_input_error(both, "--features is the old spelling of --transform; give only --transform")
+    assert old.stderr.count("is deprecated") == 1  # said once, though click looks the command up twice
+
+
+def test_a_value_is_not_taken_for_an_option(small_cache, tmp_path):
+    """A class named like an old spelling is a value: no note, and no "given twice" for --normal's value."""
+    result = invoke("fit", "--cache", str(small_cache), "--normal", "run", "--method", "knn", "--runs-dir",
+                    str(tmp_path / "runs"))
+    assert "deprecated" not in result.output
+    assert_input_error(result, "--normal must be 'all', an index 0..2 or one of a, b, c; got 'run'")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,6 +91,14 @@ def test_old_spellings_work_with_a_note(small_cache, tmp_path):
     (("fit", "--method", "sanf", "--k", "3"), "--k is the knn baseline's; --method sanf has no neighbours (got --k 3)"),
     (("sweep", "--methods", "knn,gaussian", "--early-stop", "--val-fraction", "0.5"), "--early-stop sets the flows"),
     (("sweep", "--methods", "sanf", "--k", "3"), "--k is the knn baseline's; --methods sanf has no knn"),
+    (("sweep", "--methods", "knn,gaussian", "--epochs", "2"), "--epochs sets the flows (sanf, sanf-nocaff); --methods "
+                                                              "knn,gaussian has none"),
+    (("sweep", "--methods", "knn", "--seeds", "0,1"), "--seeds sets the flows (sanf, sanf-nocaff); --methods knn has "
+                                                      "none (the baselines are fitted once, seed 0; got --seeds 0,1)"),
+    (("sweep", "--methods", "knn", "--backbone", "resnet18"), "--backbone sets the extraction; with --cache nothing "
+                                                              "is extracted"),
+    (("sweep", "--methods", "knn", "--dataset", "digits"), "sweep needs either --dataset (what to extract) or --cache "
+                                                           "(an existing cache); got both: give only one"),
 ])
 def test_options_a_method_does_not_use_are_refused(small_cache, tmp_path, args, message):
     result = invoke(*args, "--cache", str(small_cache), "--runs-dir", str(tmp_path / "runs"))
@@ -119,7 +136,7 @@ def test_a_run_of_other_settings_is_replaced_only_with_overwrite(small_cache, tm
     (run,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
     before = (run / "model.safetensors").read_bytes()
     refused = invoke(*args, "--epochs", "5")
-    assert_input_error(refused, f"the run folder {run} holds a run fitted with other settings (train.epochs 2, now "
+    assert_input_error(refused, f"the run folder {run} holds a run fitted with other settings (--epochs 2, now "
                                 "5); pass --overwrite to replace it, or choose another --runs-dir")
     assert (run / "model.safetensors").read_bytes() == before  # the fitted model is still there
     assert_ok(invoke(*args, "--epochs", "2"))  # the same settings: fitted again, as always
@@ -150,9 +167,19 @@ def test_a_run_predicts_paths_pil_images_and_arrays_alike(tmp_path):
                  log=lambda _: None)
     path = sorted((tree / "test" / "red").iterdir())[0]
     image = Image.open(path).convert("RGB")
-    result = load(run.path).predict([str(path), image, np.asarray(image), str(tmp_path / "missing.png")],
-                                    alpha=0.5, device="cpu")
+    model = load(run.path)
+    result = model.predict([str(path), image, np.asarray(image), str(tmp_path / "missing.png")], alpha=0.5,
+                           device="cpu")
     assert result.names[:2] == [str(path), "<image 1>"] and result.errors[:3] == ["", "", ""]
     np.testing.assert_array_equal(result.score[0], result.score[1:3])
     assert result.anomalous[0] == result.anomalous[1] == result.anomalous[2]
     assert "no such file" in result.errors[3] and np.isnan(result.score[3]) and not result.anomalous[3]
+    # one image alone (a path, a PIL image, an array) is one row; a stack of arrays is one row each
+    for alone in (str(path), image, np.asarray(image)):
+        assert len(one := model.predict(alone, alpha=0.5, device="cpu")) == 1
+        np.testing.assert_array_equal(one.score, result.score[:1])
+    assert len(model.predict(np.stack([np.asarray(image)] * 3), alpha=0.5, device="cpu")) == 3
+    with pytest.raises(ValueError, match="images must be a path, a PIL image, an array or a list of them; got int"):
+        model.predict(3)
+    with pytest.raises(ValueError, match="config must be a flow.api.FitConfig .*; got dict"):
+        fit(cache, {"method": "knn"}, tmp_path / "runs")

@@ -179,7 +179,7 @@ def test_sweep_keeps_runs_fitted_with_the_same_settings_and_refits_on_request(tm
     assert again.output.count("kept ") == 2 and "fitted normal class" not in again.output
     assert (flow_run / "model.safetensors").read_bytes() == weights
     refused = invoke(*[a if a != "1" else "2" for a in args])  # another epoch count in the same run folder
-    assert_input_error(refused, "holds a run fitted with other settings (train.epochs 1, now 2); pass --overwrite")
+    assert_input_error(refused, "holds a run fitted with other settings (--epochs 1, now 2); pass --overwrite")
     assert (flow_run / "model.safetensors").read_bytes() == weights
     other = invoke(*[a if a != "1" else "2" for a in args], "--overwrite")  # fitted again
     assert_ok(other)

@@ -332,6 +332,19 @@ def test_run_files_are_readable_by_others_under_the_umask(calibrated):
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
 
 
+def test_an_exported_model_is_readable_by_others_under_the_umask(calibrated, tmp_path):
+    """export writes through a temporary file (made 0600 by mkstemp): the model gets the umask's mode, as every
+    other output does."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "m.onnx"
+    assert_ok(invoke("export", str(run_of(calibrated["runs_dir"], "gaussian")), "--out", str(out)))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
 def test_a_folder_without_images_is_refused(calibrated, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("x")
