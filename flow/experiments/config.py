@@ -9,6 +9,7 @@ records what the fit used (the flow's shape under ``flow``, the training under `
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -79,19 +80,19 @@ class FitConfig:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.transform not in FEATURE_CHOICES:
             raise ValueError(f"--transform must be one of {', '.join(FEATURE_CHOICES)}; got {self.transform!r}")
-        _number("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
-        _integer("seed", self.seed, 0, 2**32 - 1)
+        self._set("val_fraction", _number("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True))
+        self._set("seed", _integer("seed", self.seed, 0, 2**32 - 1))
         for name, most in (("blocks", 256), ("hidden", 65536), ("heads", 1024), ("batch_size", 2**20), ("k", 1000)):
-            _integer(name, getattr(self, name), 1, most)
+            self._set(name, _integer(name, getattr(self, name), 1, most))
         for name in ("epochs", "steps"):
             if getattr(self, name) is not None:
-                _integer(name, getattr(self, name), 1, 2**31)
-        _number("clamp", self.clamp, low=0.0, low_open=True)
-        _number("lr", self.lr, low=0.0, low_open=True)
-        _number("adam_eps", self.adam_eps, low=0.0, low_open=True)
-        _number("weight_decay", self.weight_decay, low=0.0)
+                self._set(name, _integer(name, getattr(self, name), 1, 2**31 - 1))
+        self._set("clamp", _number("clamp", self.clamp, low=0.0, low_open=True))
+        self._set("lr", _number("lr", self.lr, low=0.0, low_open=True))
+        self._set("adam_eps", _number("adam_eps", self.adam_eps, low=0.0, low_open=True))
+        self._set("weight_decay", _number("weight_decay", self.weight_decay, low=0.0))
         for name in ("beta1", "beta2"):
-            _number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+            self._set(name, _number(name, getattr(self, name), low=0.0, high=1.0, high_open=True))
         if not isinstance(self.early_stop, bool):
             raise ValueError(f"--early-stop must be true or false; got {self.early_stop!r}")
         if self.epochs is not None and self.steps is not None:
@@ -110,6 +111,9 @@ class FitConfig:
             if self.method != "knn" and self.k != FitConfig.k:
                 raise ValueError(f"--k is the knn baseline's; --method {self.method} has no neighbours (got --k "
                                  f"{self.k})")
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # a frozen dataclass: the checked value, as a Python number
 
     @property
     def is_flow(self) -> bool:
@@ -170,20 +174,32 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _integer(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+def _integer(name: str, value, low: int, high: int) -> int:
+    """``value`` as a Python int (numpy integers welcome) if it is an integer in low..high.
+
+    Raises:
+        ValueError: otherwise (naming the option, the range and the value).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
         raise ValueError(f"{_option(name)} must be an integer in {low}..{high}; got {value!r}")
+    return int(value)
 
 
 def _number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
-            high_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            high_open: bool = False) -> float:
+    """``value`` as a Python float (numpy numbers welcome) if it is finite and within the bounds.
+
+    Raises:
+        ValueError: otherwise (naming the option, the interval and the value).
+    """
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
         bounds = (f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}"
                   f"{')' if high_open or high is None else ']'}")
         raise ValueError(f"{_option(name)} must be a finite number in {bounds}; got {value!r}")
+    return float(value)
 
 
 __all__ = ["DEFAULT_EPOCHS", "FLOW_FIELDS", "FitConfig", "sweep_base"]

@@ -39,6 +39,21 @@ def test_a_bad_fit_is_refused_naming_the_option_and_the_value(fields, message):
         FitConfig(**fields)
 
 
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """Values from numpy (a loop over np.arange, a grid of np.float32) are checked as numbers and stored as Python
+    ints and floats (run.json is JSON)."""
+    import json
+
+    import numpy as np
+
+    config = FitConfig(seed=np.int64(3), val_fraction=np.float32(0.25), hidden=np.int32(8), lr=np.float64(1e-3))
+    assert (config.seed, config.hidden) == (3, 8) and type(config.seed) is int and type(config.hidden) is int
+    assert config.val_fraction == 0.25 and type(config.val_fraction) is float and type(config.lr) is float
+    json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match="--epochs must be an integer in 1..2147483647; got 16.0"):
+        FitConfig(epochs=16.0)
+
+
 def test_a_sweep_resets_the_flow_options_for_its_baselines_and_keeps_k_for_knn():
     base = sweep_base(["sanf", "knn", "gaussian"], k=3, epochs=2, val_fraction=0.2)
     assert base.method == "sanf" and base.epochs == 2 and base.k == 2
