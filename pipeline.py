@@ -222,6 +222,8 @@ EXTRACT = [  # the options of extract; sweep takes all but --overwrite, and --da
     _opt("--layer", default="final", help="final (the paper's), pre-activation (EfficientNets) or block-N (timm's "
          "feature_info entry N)."),
     _opt("--img-size", type=click.IntRange(min=1), default=None, help="Input size override (pixels)."),
+    _opt("--train-per-class", type=click.IntRange(min=1), default=None, help="Keep a fixed subset of this many "
+         "train images per class (seed 0, recorded in the cache); default: all."),
     _opt("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=None, help="Centre-crop fraction override."),
     _opt("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass."),
     _opt("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader decoding processes."),

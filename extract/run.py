@@ -25,6 +25,8 @@ from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, crea
 from .datasets import ToRGB, build_dataset, check_readable, unchecked_files
 from .distributed import SINGLE, DistContext
 
+#: The seed of the train subset drawn with ``train_per_class`` (fixed, so that a subset is named by its size alone).
+TRAIN_SUBSET_SEED = 0
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -96,7 +98,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                      dtype: str = "float16", cache_dir: str = "cache", overwrite: bool = False,
                      skip_existing: bool = False, commit_every: int = 16, progress: bool = True,
                      category: str | None = None, layout: str = "classes", layer: str = DEFAULT_LAYER,
-                     log: Callable[[str], None] = print, dist: DistContext = SINGLE) -> Path:
+                     train_per_class: int | None = None, log: Callable[[str], None] = print,
+                     dist: DistContext = SINGLE) -> Path:
     """Encode every train and test image of a dataset once and write one HDF5 cache (docs/method.md section 2).
 
     In a distributed job (``dist``, see :mod:`extract.distributed`) every rank builds the same dataset, backbone
@@ -130,6 +133,9 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         layout: ``classes`` or ``good-defect`` (``dataset="folder"``).
         layer: which layer the tokens come from: ``final`` (the paper's), ``pre-activation`` or ``block-N``
             (see :class:`extract.backbone.TokenEncoder`); recorded as the attribute ``layer`` and in the name's hash.
+        train_per_class: keep a fixed subset of this many train images per class, drawn with seed
+            :data:`TRAIN_SUBSET_SEED` (:meth:`extract.datasets.DatasetSource.take_train_subset`); recorded as the
+            attributes ``train_per_class`` and ``train_subset_seed`` and in the name's hash. None: every image.
         log: where to print status lines (rank 0 alone prints them).
         dist: this process's place in a distributed job; default one process.
 
@@ -159,6 +165,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             parse_layer(layer)  # a malformed value before the data is indexed
             source = build_dataset(dataset, data_root, download, transform=None, category=category,
                                    layout=layout)  # data errors before the backbone
+            if train_per_class is not None:
+                source.take_train_subset(train_per_class, TRAIN_SUBSET_SEED)
             dataset = source.name  # mvtec-<category>: one cache per category
             model, loaded = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
             encoder = TokenEncoder(model, patch_grid=patch_grid, layer=layer).to(dev)
@@ -182,6 +190,9 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
             }
             if layer != DEFAULT_LAYER:  # in the hash only when not the default: older caches keep their name
                 settings["layer"] = layer
+            if train_per_class is not None:  # likewise
+                settings["train_per_class"] = train_per_class
+                settings["train_subset_seed"] = TRAIN_SUBSET_SEED
             if encoder.semantic_vector not in LEGACY_SEMANTIC_VECTORS:  # a kind format 1 did not store
                 settings["semantic_vector"] = encoder.semantic_vector
             path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
@@ -233,7 +244,8 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
         with dist.all_succeed():
             if dist.is_main:
                 elapsed = time.perf_counter() - start
-                final = _assemble(store, source, encoder, loaded, config, dataset, backbone, layer, precision, dtype)
+                final = _assemble(store, source, encoder, loaded, config, dataset, backbone, layer, precision, dtype,
+                                  train_per_class)
         final = dist.broadcast(final)
     if dist.is_main:
         log(f"encoded {total} images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} images/s) -> {final}")
@@ -368,7 +380,7 @@ def _encode_chunks(store: ChunkStore, split: str, part, chunks: list[tuple[int, 
 
 
 def _assemble(store: ChunkStore, source, encoder: TokenEncoder, loaded, config: dict, dataset: str, backbone: str,
-              layer: str, precision: str, dtype: str) -> Path:
+              layer: str, precision: str, dtype: str, train_per_class: int | None = None) -> Path:
     """The cache's attributes, from the extraction's settings and its committed chunks; then
     :meth:`ChunkStore.assemble`. Returns the final path."""
     encoded, encode_seconds = store.timing()  # every run's chunks, when the extraction was resumed
@@ -410,6 +422,9 @@ def _assemble(store: ChunkStore, source, encoder: TokenEncoder, loaded, config: 
         attrs["skipped_files"] = source.skipped_files
     if source.normal_classes is not None:
         attrs["normal_classes"] = source.normal_classes
+    if train_per_class is not None:
+        attrs["train_per_class"] = train_per_class
+        attrs["train_subset_seed"] = TRAIN_SUBSET_SEED
     return store.assemble(attrs, fine_labels=fine_labels)
 
 

@@ -56,10 +56,60 @@ class DatasetSource:
     skipped_files: list[str] | None = None
     normal_classes: list[str] | None = None
 
+    def take_train_subset(self, per_class: int, seed: int) -> None:
+        """Keep ``per_class`` train images of each class, drawn without replacement by
+        ``numpy.random.default_rng(seed)`` (one permutation per class, in class order) and kept in their original
+        order; classes without train images stay so, the test split is untouched.
+
+        Raises:
+            DatasetError: ``per_class`` is below 1, or a class has fewer train images than ``per_class``.
+        """
+        if per_class < 1:
+            raise DatasetError(f"--train-per-class must be at least 1; got {per_class}")
+        part = self.splits["train"]
+        labels = np.asarray(part.labels)
+        rng = np.random.default_rng(seed)
+        chosen = []
+        for c, name in enumerate(self.class_names):
+            rows = np.flatnonzero(labels == c)
+            if not len(rows):  # a class with no train images (the defect types of a good/defect layout)
+                continue
+            if len(rows) < per_class:
+                raise DatasetError(f"--train-per-class {per_class}: class {name!r} of {self.name} has "
+                                   f"{len(rows)} train images")
+            chosen.append(rows[rng.permutation(len(rows))[:per_class]])
+        rows = np.sort(np.concatenate(chosen))
+        self.splits["train"] = SplitSource(
+            SampledImages(part.dataset, rows), [part.sample_ids[i] for i in rows], labels[rows],
+            None if part.fine_labels is None else np.asarray(part.fine_labels)[rows])
+        self.description += f"; train: {per_class} images per class (seed {seed})"
+
     def set_transform(self, transform: Callable) -> None:
         """Use ``transform`` (PIL image -> tensor) in every split's Dataset."""
         for part in self.splits.values():
             part.dataset.transform = transform
+
+
+class SampledImages(Dataset):
+    """The rows ``indices`` of another Dataset (its transform is the base's)."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+
+    @property
+    def transform(self) -> Callable:
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value: Callable) -> None:
+        self.base.transform = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
 
 
 class ToRGB:
@@ -159,6 +209,9 @@ def unchecked_files(dataset: Dataset) -> list[str]:
     """The image files of a split's Dataset, by row, that no builder decoded yet: those of a folder tree taken as
     it is; [] for images held in arrays, and for Cats vs Dogs, whose builder decoded every file to skip the
     unreadable ones."""
+    if isinstance(dataset, SampledImages):
+        files = unchecked_files(dataset.base)
+        return [files[i] for i in dataset.indices] if files else []
     return [path for path, _ in dataset.samples] if isinstance(dataset, VisibleImageFolder) else []
 
 

@@ -691,6 +691,24 @@ def test_layer_is_recorded_and_names_its_cache(tmp_path):
     assert_input_error(invoke(*args, "--layer", "block-99"), "--layer block-99", "has block-0 .. block-")
 
 
+def test_train_subset_is_recorded_and_names_its_cache(tmp_path):
+    """--train-per-class N keeps N train images per class (seed 0), records both in the cache and gets its own name;
+    the test split stays whole."""
+    args = ["extract", "--dataset", "digits", "--backbone", "test_vit", "--random-init", "--img-size", "32",
+            "--patch-grid", "0", "--num-workers", "0", "--device", "cpu", "--dtype", "float32",
+            "--cache-dir", str(tmp_path), "--train-per-class", "5"]
+    result = invoke(*args)
+    assert_ok(result)
+    assert "train: 5 images per class (seed 0)" in result.output
+    (name,) = [p.name for p in tmp_path.glob("*.h5")]
+    assert name != "digits__test_vit__32px__g0__1d17e41d.h5"  # the name of the cache of every train image
+    with FeatureCache(tmp_path / name) as fc:
+        assert fc.attrs["train_per_class"] == 5 and fc.attrs["train_subset_seed"] == 0
+        assert np.bincount(fc.split("train").labels).tolist() == [5] * 10
+        assert fc.split("test").num_rows == 899
+    assert_input_error(invoke(*args[:-1], "0"), "--train-per-class")
+
+
 def test_sweep_over_transforms_gives_labelled_rows(tree, tmp_path):
     """sweep --transform a,b: one run per transform and method, labelled rows; a kept run is kept per transform."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"

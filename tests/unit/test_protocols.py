@@ -533,3 +533,31 @@ def test_cats_vs_dogs_folder_names_in_mixed_case(tmp_path):
     test = source.splits["test"]
     assert dict(zip(test.sample_ids, test.labels.tolist(), strict=True)) == {"test/cat/0.jpg": 0, "test/Dog/0.jpg": 1}
     assert loaded_labels(test) == [1, 0]  # ImageFolder order: Dog before cat; the loader yields the mapped labels
+
+
+def test_train_subset_keeps_n_images_per_class_in_their_order_and_the_test_split_whole():
+    full = build_dataset("digits", None, False, transform=None)
+    source = build_dataset("digits", None, False, transform=None)
+    source.take_train_subset(20, seed=0)
+    train = source.splits["train"]
+    assert np.bincount(train.labels).tolist() == [20] * 10
+    assert len(train.dataset) == 200 and train.sample_ids == sorted(train.sample_ids)
+    assert set(train.sample_ids) < set(full.splits["train"].sample_ids)
+    assert source.splits["test"].sample_ids == full.splits["test"].sample_ids
+    row = full.splits["train"].sample_ids.index(train.sample_ids[7])  # the same image behind the same id
+    full.set_transform(np.asarray)
+    source.set_transform(np.asarray)
+    assert np.array_equal(train.dataset[7][0], full.splits["train"].dataset[row][0])
+    again = build_dataset("digits", None, False, transform=None)
+    again.take_train_subset(20, seed=0)
+    assert again.splits["train"].sample_ids == train.sample_ids  # a fixed subset: the seed decides
+    other = build_dataset("digits", None, False, transform=None)
+    other.take_train_subset(20, seed=1)
+    assert other.splits["train"].sample_ids != train.sample_ids
+    assert "train: 20 images per class (seed 0)" in source.description
+
+
+def test_a_train_subset_larger_than_a_class_is_refused_naming_the_class():
+    source = build_dataset("digits", None, False, transform=None)
+    with pytest.raises(DatasetError, match=r"--train-per-class 100: class '0' of digits has 89 train images"):
+        source.take_train_subset(100, seed=0)
