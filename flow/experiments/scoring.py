@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,8 @@ BY_ANOMALY_COLUMNS = ("dataset", "backbone", "normal_class", "normal_name", "met
 
 
 def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, device: str = "auto",
-               block_rows: int = 2048, log: Callable[[str], None] = print, alpha: float = DEFAULT_ALPHA) -> list[dict]:
+               block_rows: int = 2048, log: Callable[[str], None] = print, alpha: float = DEFAULT_ALPHA,
+               only: Sequence[str | os.PathLike] | None = None) -> list[dict]:
     """Score the test split of its cache with every run under ``runs_dir``; write scores and AUROCs.
 
     The test split is read once per cache in blocks of ``block_rows`` rows and every run on that cache
@@ -68,6 +69,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
         alpha: significance level of the calibrated runs' decisions: their AUROC rows also hold the realised
             false-alarm rate (normal test images with p <= alpha, each score with its own calibration) and
             detection rate (anomalous ones), which the guarantee of :mod:`flow.detectors.calibration` bounds by alpha.
+        only: score these run folders alone (their ``scores.csv`` is written, ``runs_dir``'s tables are not, so
+            that they stay complete); None: every run under ``runs_dir``.
 
     Returns:
         The AUROC rows (dicts keyed by ``AUROC_COLUMNS``; the calibration columns empty for other runs).
@@ -79,7 +82,7 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
     """
     alpha = check_alpha(alpha)
     dev = resolve_device(device)
-    runs = list_runs(runs_dir)
+    runs = list_runs(runs_dir) if only is None else [Path(run) for run in only]
     if not runs:
         raise RunError(f"no fitted runs under {runs_dir}; run 'fit' first")
     by_cache: dict[str, list[Path]] = {}
@@ -153,8 +156,8 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                 f"in {elapsed:.1f} s")
     # every AUROC is computed, and every destination checked, before anything is written: an error leaves the
     # earlier outputs as they were
-    outputs = [args[0] for args in pending_writes] + [Path(runs_dir) / "auroc_by_anomaly.csv",
-                                                      Path(runs_dir) / "auroc.csv"]
+    tables = [Path(runs_dir) / "auroc_by_anomaly.csv", Path(runs_dir) / "auroc.csv"] if only is None else []
+    outputs = [args[0] for args in pending_writes] + tables
     for path in outputs:
         if os.path.lexists(path) and not path.is_file():
             raise RunError(f"cannot write {path}: it exists and is not a file; move it away")
@@ -164,8 +167,9 @@ def score_runs(runs_dir: str | os.PathLike = "runs", batch_size: int = 256, devi
                              r["score"]))
     by_anomaly.sort(key=lambda r: (r["dataset"], r["backbone"], r["method"], r["setting"], r["normal_class"],
                                    r["seed"], r["score"], r["anomaly_class"]))
-    write_csv(Path(runs_dir) / "auroc_by_anomaly.csv", BY_ANOMALY_COLUMNS, by_anomaly)
-    write_csv(Path(runs_dir) / "auroc.csv", AUROC_COLUMNS, rows)
+    if tables:
+        write_csv(tables[0], BY_ANOMALY_COLUMNS, by_anomaly)
+        write_csv(tables[1], AUROC_COLUMNS, rows)
     return rows
 
 
