@@ -426,6 +426,39 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
 
 
 @cli.command()
+@options(_opt("--tables", default="2,5,6,7", callback=_comma_list(["2", "5", "6", "7"]), help="Comma-separated."),
+         _opt("--scale", type=click.Choice(["quick", "cpu", "paper"]), default="quick", help="quick: digits, minutes; "
+              "cpu: CIFAR-10 with EfficientNet-Lite0, hours; paper: ViT-L/16, a GPU (docs/paper_tables.md)."),
+         _opt("--seeds", default=None, callback=_comma_list(low=0, high=2**32 - 1),
+              help="The flows' seeds [default: the scale's: quick 0,1; cpu and paper 0,1,2]."),
+         _opt("--out", type=FOLDER, required=True, help="Folder of tables.md, table<N>.csv and fits.csv (resumed)."),
+         DATASET, *EXTRACT[1:-2], CACHE, NORMAL, EPOCHS, STEPS)
+@command(job=True)
+def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, device, job, **extract_options) -> None:
+    """The paper's tables 2 (per class), 5 (CAFF ablation), 6 (size) and 7 (coupling blocks): extract once (unless
+    --cache), fit and score what each needs, write <out>/tables.md and table<N>.csv beside the paper's numbers.
+    Killed, the same command resumes: finished fits are reused, never fitted again."""
+    from flow.api import reproduce as reproduce_tables
+    from flow.experiments.config import FitConfig
+
+    source = click.get_current_context().get_parameter_source
+    given = {name: value for name, value in extract_options.items() if name != "no_download"
+             and source(name) is click.core.ParameterSource.COMMANDLINE}
+    if extract_options["no_download"]:
+        given["download"] = False
+    if cache is not None and given:
+        raise ArgumentError(f"--{next(iter(given)).replace('_', '-')} sets the extraction; with --cache nothing is "
+                            "extracted")
+    checked(FitConfig, epochs=epochs, steps=steps)
+    done = reproduce_tables(out, [int(t) for t in tables], scale, seeds=seeds, cache=cache, normal=normal,
+                            epochs=epochs, steps=steps, device=device, log=job.log(click.echo), dist=job, **given)
+    if job.is_main:
+        click.echo(f"{done.fitted} fits fitted, {done.reused} reused; wall time: "
+                   + ", ".join(f"{k} {v:.0f} s" for k, v in done.seconds.items()))
+        click.echo("wrote " + ", ".join(str(p) for p in done.files))
+
+
+@cli.command()
 @options(_opt("--cache-dir", type=FOLDER, default=DEFAULT_CACHE_DIR, help="Folder of the digits cache."),
          _opt("--runs-dir", type=FOLDER, default=DEFAULT_RUNS_DIR, help="Folder receiving the run folders."),
          EPOCHS, STEPS, DEVICE)

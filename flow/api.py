@@ -40,6 +40,8 @@ from flow.detectors.calibration import DEFAULT_ALPHA
 from flow.experiments.config import FitConfig
 from flow.experiments.fitting import find_cache, fit_cache
 from flow.experiments.metrics import MetricError
+from flow.experiments.reproduce import SCALES, TABLES, Reproduction
+from flow.experiments.reproduce import reproduce as reproduce_tables
 from flow.experiments.scoring import score_runs
 from flow.experiments.summary import summarise
 from flow.experiments.sweep import fit_sweep
@@ -296,6 +298,59 @@ def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = No
     return summarise(caches, fitted, kept, runs_dir, device=device, alpha=alpha, means=means, log=log)
 
 
+def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str = "quick", *,
+              seeds: Sequence[int] | None = None, cache: str | os.PathLike | None = None, normal: str = "all",
+              epochs: int | None = None, steps: int | None = None, device: str = "auto",
+              log: Callable[[str], None] = print, progress: bool = True, dist: DistContext = SINGLE,
+              **extract_options) -> Reproduction:
+    """The paper's tables 2, 5, 6 and 7 (``pipeline.py reproduce``): extract once (or use ``cache``), fit and score
+    what each table needs, and write ``<out>/tables.md``, ``table<N>.csv`` and the ledger ``fits.csv``; resumable.
+
+    Args:
+        out: the output folder.
+        tables: a subset of (2, 5, 6, 7).
+        scale: ``quick`` (digits, minutes), ``cpu`` (CIFAR-10 with EfficientNet-Lite0, hours) or ``paper`` (ViT-L/16,
+            a GPU; :data:`flow.experiments.reproduce.SCALES`).
+        seeds: the flows' seeds (default: the scale's).
+        cache: an existing cache; otherwise the scale's extraction, with ``extract_options`` (``dataset``,
+            ``data_root``, ``batch_size``, ...) given here winning over the scale's.
+        normal: the normal classes: ``all`` (the tables' protocol) or one class (a name or an index).
+        epochs, steps: the flows' training length (default: the scale's).
+        device, log, progress, dist: as :func:`sweep`.
+
+    Returns:
+        A :class:`flow.experiments.reproduce.Reproduction` (files written, fits fitted and reused, wall times).
+
+    Raises:
+        ValueError: a table or scale not known; with ``cache``, extraction options. As :func:`extract` and
+            :func:`fit`. Data that is absent (a :class:`extract.DatasetError` while extracting) does not raise:
+            the tables say "not run: data absent".
+    """
+    if scale not in SCALES:
+        raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
+    preset = SCALES[scale]
+    if cache is not None and extract_options:
+        raise ValueError(f"--{next(iter(extract_options)).replace('_', '-')} sets the extraction; with --cache "
+                         "nothing is extracted")
+    given = epochs is not None or steps is not None
+    base = FitConfig(normal=normal, epochs=epochs, steps=steps if given else preset.steps)
+    absent = None
+    if cache is None:
+        options = {**preset.extract, **extract_options}
+        dataset = options.pop("dataset", preset.dataset)
+        try:
+            caches = extract(dataset, options.pop("cache_dir", DEFAULT_CACHE_DIR), log=log, dist=dist, device=device,
+                             progress=progress, **options)
+            if len(caches) != 1:
+                raise ValueError(f"reproduce takes one cache; --category all gave {len(caches)}: pass one --category")
+            cache = caches[0]
+        except DatasetError as err:
+            absent = f"--dataset {dataset}: {err}"
+            log(f"not run: data absent ({absent})")
+    return reproduce_tables(cache, out, tables, scale=scale, seeds=seeds, base=base, device=device, log=log,
+                            progress=progress, dist=dist, absent=absent)
+
+
 def demo(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,
          epochs: int | None = None, steps: int | None = None, device: str = "auto",
          log: Callable[[str], None] = print) -> list[dict]:
@@ -316,4 +371,4 @@ def demo(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, runs_dir: str | os.Pa
 
 __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_RUNS_DIR", "FitConfig", "Predictions", "Run", "USER_ERRORS", "demo",
            "describe_cache", "export", "extract", "find_cache", "fit", "image_list", "load", "open_cache",
-           "predict_files", "score", "sweep"]
+           "predict_files", "reproduce", "score", "sweep"]

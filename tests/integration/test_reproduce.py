@@ -1,0 +1,200 @@
+"""``pipeline.py reproduce``: the paper's tables from one command, checked by their rows, columns and ranges, killed
+with SIGKILL and resumed without fitting again what had finished."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from flow.experiments.config import FitConfig
+from flow.experiments.reproduce import LEDGER, SCALES, TABLE7_BLOCKS, plan_units, read_ledger, write_tables
+from pipeline import cli
+
+from conftest import ROOT, gaussian_splits, write_cache
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def in_unit_range(text: str) -> bool:
+    return 0.0 <= float(text) <= 1.0
+
+
+@pytest.fixture
+def two_class_cache(tmp_path) -> Path:
+    return write_cache(tmp_path / "g.h5", gaussian_splits(n_train=24, n_test=12, num_classes=2), ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def quick_digits(tmp_path_factory):
+    """``reproduce --scale quick`` end to end on the embedded digits (extraction included), with timm's randomly
+    initialised ``test_vit`` at 32 px as the backbone and normal class 0, two seeds: every table."""
+    root = tmp_path_factory.mktemp("quick")
+    result = invoke("reproduce", "--scale", "quick", "--out", str(root / "out"), "--normal", "0", "--seeds", "0,1",
+                    "--backbone", "test_vit", "--random-init", "--img-size", "32", "--patch-grid", "0",
+                    "--num-workers", "0", "--device", "cpu", "--cache-dir", str(root / "caches"))
+    assert result.exit_code == 0, result.output
+    return root / "out", result.output
+
+
+def test_quick_scale_writes_every_table_with_its_rows_columns_and_ranges(quick_digits):
+    out, output = quick_digits
+    assert "9 fits fitted, 0 reused" in output  # 2 flows x 2 seeds, 2 baselines, K = 2, 6, 8 once
+    table2 = read(out / "table2.csv")
+    assert {(r["row"], r["method"], r["score"]) for r in table2} == {
+        (row, m, s) for row in ("0", "mean") for m, s in (("sanf", "nll"), ("sanf", "z2"), ("sanf-nocaff", "nll"),
+                                                          ("sanf-nocaff", "z2"), ("knn", "cosine"),
+                                                          ("gaussian", "mahalanobis"))}
+    for r in table2:
+        assert in_unit_range(r["auroc_mean"])
+        assert r["n_seeds"] == ("2" if r["method"].startswith("sanf") else "1")
+        assert (r["auroc_std"] != "") == r["method"].startswith("sanf")
+        if r["auroc_std"]:
+            assert 0.0 <= float(r["auroc_std"]) <= 0.75
+        assert r["paper"] == ""  # the paper has no digits numbers
+    table5 = read(out / "table5.csv")
+    assert [(r["method"], r["score"], r["n_fits"]) for r in table5] == [
+        ("sanf", "nll", "2"), ("sanf", "z2", "2"), ("sanf-nocaff", "nll", "2"), ("sanf-nocaff", "z2", "2")]
+    assert all(in_unit_range(r["auroc_mean"]) for r in table5)
+    # Table 2's flows are Table 5's: the same numbers
+    means2 = {(r["method"], r["score"]): r["auroc_mean"] for r in table2 if r["row"] == "mean"}
+    assert all(means2[r["method"], r["score"]] == r["auroc_mean"] for r in table5)
+    table6 = read(out / "table6.csv")
+    assert [r["features"] for r in table6][::2] == ["ViT-B/16-384", "ViT-L/16-384", "this run: test_vit"]
+    assert all(int(r["num_parameters"]) > 0 and float(r["gflops_as_printed"]) >= float(r["gflops_computed"]) > 0
+               for r in table6)
+    vit_l = next(r for r in table6 if r["features"] == "ViT-L/16-384" and r["method"] == "sanf")
+    assert abs(float(vit_l["gflops_as_printed"]) - 0.69) / 0.69 < 0.1  # the paper's FLOPs (docs/paper_tables.md)
+    table7 = read(out / "table7.csv")
+    assert [(int(r["blocks"]), r["score"]) for r in table7] == [(k, s) for k in TABLE7_BLOCKS for s in ("nll", "z2")]
+    params = [int(r["num_parameters"]) for r in table7][::2]
+    assert params == sorted(params) and len(set(params)) == 4
+    assert all(in_unit_range(r["auroc_mean"]) and r["n_seeds"] == "1" for r in table7)
+    md = (out / "tables.md").read_text()
+    for heading in ("## Table 2", "## Table 5", "## Table 6", "## Table 7", "What differs from the paper",
+                    "nothing is selected on the test split", "normal class 0 only", "Wall time"):
+        assert heading in md
+
+
+def test_a_second_call_reuses_every_fit_and_fits_nothing(quick_digits, tmp_path):
+    out, _ = quick_digits
+    runs = sorted((out / "runs").iterdir())
+    before = {p: (p / "run.json").stat().st_mtime_ns for p in runs}
+    ledger = (out / LEDGER).read_text()
+    caches = out.parent / "caches"
+    result = invoke("reproduce", "--scale", "quick", "--out", str(out), "--normal", "0", "--seeds", "0,1",
+                    "--cache", str(next(caches.glob("*.h5"))))
+    assert result.exit_code == 0, result.output
+    assert "9 reused" in result.output and "0 fits fitted" in result.output
+    assert (out / LEDGER).read_text() == ledger
+    assert {p: (p / "run.json").stat().st_mtime_ns for p in runs} == before
+
+
+def test_results_of_other_settings_in_the_output_folder_are_refused(quick_digits):
+    out, _ = quick_digits
+    caches = out.parent / "caches"
+    result = invoke("reproduce", "--scale", "quick", "--out", str(out), "--normal", "0", "--seeds", "0",
+                    "--tables", "2", "--steps", "3", "--cache", str(next(caches.glob("*.h5"))))
+    assert result.exit_code == 2
+    assert "holds results of other settings" in result.output and "--out" in result.output
+
+
+def test_killed_mid_way_the_same_command_resumes_without_refitting(two_class_cache, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "pipeline.py", "reproduce", "--scale", "quick", "--cache", str(two_class_cache),
+            "--out", str(out), "--seeds", "0", "--tables", "2", "--steps", "2", "--device", "cpu"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len({r["run"] for r in _ledger_rows(out)}) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the command finished before it could be killed"
+    finished = {r["run"] for r in _ledger_rows(out)}
+    assert 3 <= len(finished) < 8
+    mtimes = {run: (out / "runs" / run / "run.json").stat().st_mtime_ns for run in finished}
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(finished)} reused from" in done.stdout
+    rows = read_ledger(out / LEDGER)
+    units = [(r["method"], r["blocks"], r["seed"], r["normal_class"]) for r in rows if r["score"] in
+             ("nll", "cosine", "mahalanobis")]
+    assert len(units) == len(set(units)) == 8  # 2 classes x (sanf, sanf-nocaff, knn, gaussian)
+    assert {run: (out / "runs" / run / "run.json").stat().st_mtime_ns for run in finished} == mtimes
+    assert all(in_unit_range(r["auroc_mean"]) for r in read(out / "table2.csv"))
+
+
+def _ledger_rows(out: Path) -> list[dict]:
+    try:
+        return read_ledger(out / LEDGER)
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def test_absent_data_says_not_run_and_still_writes_the_size_table(tmp_path):
+    result = invoke("reproduce", "--scale", "cpu", "--tables", "2,6", "--out", str(tmp_path / "out"),
+                    "--data-root", str(tmp_path / "nowhere"), "--no-download", "--cache-dir", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "not run: data absent" in md and "Not run: data absent" in md and "## Table 6" in md
+    assert [r["features"] for r in read(tmp_path / "out" / "table6.csv")][::2] == ["ViT-B/16-384", "ViT-L/16-384"]
+    assert not (tmp_path / "out" / "table2.csv").exists()
+
+
+def test_extraction_options_with_a_cache_are_refused(two_class_cache, tmp_path):
+    result = invoke("reproduce", "--cache", str(two_class_cache), "--out", str(tmp_path / "o"), "--backbone", "x")
+    assert result.exit_code == 2 and "--backbone sets the extraction; with --cache" in result.output
+
+
+def test_units_are_planned_seed_by_seed_each_once():
+    classes = [(0, "a"), (1, "b")]
+    units = plan_units([2, 5, 7], classes, seeds=[0, 1, 2], table7_seeds=[0])
+    assert [u.seed for u in units] == sorted(u.seed for u in units)  # whole seeds first
+    assert len({u.key for u in units}) == len(units)
+    # seed 0: sanf, sanf-nocaff, knn, gaussian, K = 2, 6, 8 (K = 4 is Table 2's); seeds 1, 2: the two flows
+    assert len(units) == 2 * 7 + 2 * 2 * 2
+    assert {u.method for u in units if u.seed > 0} == {"sanf", "sanf-nocaff"}
+    assert not plan_units([6], classes, [0], [0])
+
+
+def test_table_means_are_over_classes_per_seed_then_over_seeds(tmp_path):
+    """Table 2's mean row: the mean over the classes within each seed, then mean ± sample std over the seeds."""
+    auroc = {(0, 0): 0.9, (1, 0): 0.7, (0, 1): 0.8, (1, 1): 0.6}  # (class, seed)
+    rows = [{"method": "sanf", "blocks": 4, "seed": s, "normal_class": k, "normal_name": "ab"[k], "score": "nll",
+             "auroc": a, "fit_seconds": 1.0, "score_seconds": 0.5, "num_train": 10, "transform": "raw",
+             "run": f"r{k}{s}", "settings": "x"} for (k, s), a in auroc.items()]
+    attrs = {"dataset": "cifar10", "backbone": "b", "input_size": [3, 8, 8], "num_patches": 4, "patch_grid": [2, 2],
+             "feature_dim": 6}
+    files, seconds = write_tables(tmp_path, [2, 5], rows, attrs, SCALES["quick"], [0, 1], FitConfig(), {"k": "x"},
+                                  classes=[(0, "airplane"), (1, "automobile")])
+    table2 = {(r["row"], r["method"], r["score"]): r for r in read(tmp_path / "table2.csv")}
+    assert float(table2["mean", "sanf", "nll"]["auroc_mean"]) == pytest.approx(0.75)  # (0.8 + 0.7) / 2
+    assert float(table2["mean", "sanf", "nll"]["auroc_std"]) == pytest.approx(np.std([0.8, 0.7], ddof=1), abs=1e-6)
+    assert float(table2["mean", "sanf", "nll"]["paper"]) == 0.993
+    assert float(table2["airplane", "sanf", "nll"]["auroc_mean"]) == pytest.approx(0.85)
+    assert float(table2["airplane", "sanf", "nll"]["paper"]) == 0.995
+    table5 = read(tmp_path / "table5.csv")
+    assert float(table5[0]["auroc_mean"]) == pytest.approx(0.75)
+    assert float(table5[0]["auroc_std"]) == pytest.approx(np.std(list(auroc.values()), ddof=1), abs=1e-6)
+    assert (float(table5[0]["paper_ViT-B/16"]), float(table5[0]["paper_ViT-L/16"])) == (0.986, 0.993)
+    assert seconds["table 2"] == pytest.approx(6.0)  # 4 fits of 1.5 s
+    md = (tmp_path / "tables.md").read_text()
+    assert "| **mean** | 0.750 ± 0.071 |" in md and "Transformaly, mean 0.981" in md
+    assert files[0] == tmp_path / "tables.md" and os.path.exists(files[1])
