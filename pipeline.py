@@ -8,14 +8,22 @@ Options are parsed here and handed to the API under the same names (``fit``'s ar
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
 import os
-import sys
-import time
 
 import click
+
+from flow.cli import (
+    ArgumentError,
+    FiniteFloat,
+    Group,
+    NonEmptyPath,
+    checked,
+    comma_list,
+    command,
+    old_spellings,
+    options,
+    run,
+)
 
 #: extract.DATASETS, repeated so that --help does not import torch (a test checks they agree)
 DATASET_CHOICES = ["cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
@@ -32,157 +40,12 @@ _TRANSFORM_HELP = ("Feature transform of class and patch tokens before the detec
                    "from the normal train rows; docs/results.md says what each does)")
 
 
-class FiniteFloat(click.FloatRange):
-    """A float within bounds that is neither NaN nor infinite."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
-
-
-class NonEmptyPath(click.Path):
-    """``click.Path`` that refuses the empty string (which would silently mean the current folder)."""
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("an empty path is not allowed.", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class Command(click.Command):
-    """Refuses an option given twice (click would keep the last one silently) and says when a deprecated spelling
-    (:data:`DEPRECATED`) was used; option values are skipped, not taken for options."""
-
-    def parse_args(self, ctx, args):
-        seen: dict[str, str] = {}
-        value_next = False
-        for arg in args:
-            if value_next or arg == "--" or not arg.startswith("--"):
-                value_next = False
-                if arg == "--":
-                    break
-                continue
-            name = arg.split("=", 1)[0]
-            param = next((p for p in self.params if isinstance(p, click.Option) and name in p.opts + p.secondary_opts),
-                         None)
-            value_next = param is not None and not param.is_flag and "=" not in arg
-            if param is not None and not param.multiple and param.name in seen:
-                same = seen[param.name] == name
-                raise click.UsageError(f"{name} given twice{'' if same else f' (as {seen[param.name]} and {name})'}; "
-                                       "give it once", ctx)
-            if param is not None:
-                seen[param.name] = name
-            if name in DEPRECATED:
-                click.echo(f"note: {name} is deprecated; use {DEPRECATED[name]}", err=True)
-        return super().parse_args(ctx, args)
-
-
-class Group(click.Group):
-    command_class = Command
-
-    def get_command(self, ctx, cmd_name):
-        if cmd_name in DEPRECATED:
-            if not ctx.meta.get("sanf_ad.deprecated_noted"):  # click looks a command up more than once
-                click.echo(f"note: '{cmd_name}' is deprecated; use '{DEPRECATED[cmd_name]}'", err=True)
-                ctx.meta["sanf_ad.deprecated_noted"] = True
-            cmd_name = DEPRECATED[cmd_name]
-        return super().get_command(ctx, cmd_name)
-
-
-#: Old spellings that still work, with the new ones: ``run`` (the command) is ``sweep`` ("run" is a run folder),
-#: ``--features`` is ``--transform`` ("features" are the cached tokens), ``--no-caff`` is ``--method sanf-nocaff``.
-DEPRECATED = {"run": "sweep", "--features": "--transform", "--no-caff": "--method sanf-nocaff"}
-
-
-class InputError(click.ClickException):
-    """A one-line ``Error: ...`` and exit code 2 (bad input: argument, file, data)."""
-
-    exit_code = 2
-
-
-class ArgumentError(InputError):
-    """An :class:`InputError` found from the command line alone, so every rank of a torchrun job finds it at the
-    same point: rank 0 reports it, the other ranks exit 2 without repeating it."""
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    if "Original Traceback" in text:  # an exception re-raised from a DataLoader worker
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def command(fn=None, *, job: bool = False):
-    """A command whose library errors (:data:`flow.api.USER_ERRORS`) print one line and exit 2. With ``job``, it may
-    run as a torchrun job and receives the :class:`extract.distributed.DistContext` as ``job``: a command-line error
-    (:class:`ArgumentError`, alike on every rank) is printed by rank 0 alone, other errors by their rank."""
-    if fn is None:
-        return functools.partial(command, job=job)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from extract.distributed import SINGLE, JobError
-        from extract.distributed import job as job_session
-        from flow.api import USER_ERRORS
-
-        def one_line(err: BaseException) -> click.ClickException:
-            if not isinstance(err, JobError):
-                return InputError(_one_line(err))
-            if err.silent:  # a job's error on another rank: rank 0 says what failed where, this rank nothing
-                raise click.exceptions.Exit(InputError.exit_code) from None
-            return InputError((f"[rank {err.rank}] " if err.rank else "") + _one_line(err))
-
-        try:
-            with job_session(kwargs.get("device", "auto")) if job else contextlib.nullcontext(SINGLE) as ctx:
-                try:
-                    try:
-                        return fn(*args, **kwargs, **({"job": ctx} if job else {}))
-                    except USER_ERRORS as err:
-                        raise one_line(err) from None
-                except click.ClickException as err:  # in a job, printed inside it, before any rank exits
-                    if not ctx.distributed:
-                        raise
-                    if isinstance(err, ArgumentError):
-                        ctx.mark_failed()  # every rank is here: meet at the end, after rank 0 has printed
-                        if not ctx.is_main:
-                            raise click.exceptions.Exit(err.exit_code) from None
-                    err.show()
-                    raise click.exceptions.Exit(err.exit_code) from None
-        except JobError as err:  # the job's environment, checked before the ranks connect
-            raise one_line(err) from None
-
-    return wrapper
-
-
-def checked(make, *args, **kwargs):
-    """``make(*args, **kwargs)`` (a configuration), its ValueError an :class:`ArgumentError`: found from the command
-    line alone, so every rank of a torchrun job finds it alike."""
-    try:
-        return make(*args, **kwargs)
-    except ValueError as err:
-        raise ArgumentError(str(err)) from None
-
-
-def _transform(transform, features, no_caff=False, method=None):
-    """``--transform`` (or its old spelling ``--features``; None when neither is given) and ``--method`` (or
-    ``--no-caff``), each given once."""
-    if features is not None and transform is not None:
-        raise ArgumentError("--features is the old spelling of --transform; give only --transform")
-    if no_caff and method not in (None, "sanf-nocaff"):
-        raise ArgumentError(f"--no-caff means --method sanf-nocaff; got --method {method}")
-    return transform or features, method or ("sanf-nocaff" if no_caff else "sanf")
-
-
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def cli() -> None:
     """SANF-AD: semantics-aware normalizing flow anomaly detection (Ma, Lan et al., ICME 2023)."""
 
 
-def _opt(*decls, **kw):
-    return click.option(*decls, **kw)
+_opt = click.option
 
 
 FOLDER = NonEmptyPath(file_okay=False, path_type=str)
@@ -238,15 +101,6 @@ EXTRACT = [  # the options of extract; sweep takes all but --overwrite, and --da
 ]
 
 
-def options(*decorators):
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
-
-    return apply
-
-
 @cli.command()
 @options(*EXTRACT)
 @command(job=True)
@@ -299,7 +153,7 @@ def fit(cache, cache_dir, runs_dir, transform, features, no_caff, method, overwr
     from flow.api import find_cache
     from flow.api import fit as fit_runs
 
-    transform, method = _transform(transform, features, no_caff, method)
+    transform, method = old_spellings(transform, features, no_caff, method)
     from flow.experiments.config import FitConfig
 
     config = checked(FitConfig, transform=transform or DEFAULT_FEATURES, method=method, **fields)
@@ -360,43 +214,16 @@ def export(run_dir, out, check_images, **opts) -> None:
     click.echo(f"wrote {out}")
 
 
-def _comma_list(choices=None, low: int | None = None, high: int | None = None):
-    """A click callback turning ``"a,b"`` into a list of names (one of ``choices``) or of integers in low..high,
-    each checked, duplicates dropped; an empty list is refused."""
-
-    def check(item: str):
-        if choices is not None:
-            if item not in choices:
-                raise ValueError(f"{item!r} is not one of {', '.join(choices)}")
-            return item
-        if not item.isascii() or not item.isdigit() or not low <= int(item) <= high:
-            raise ValueError(f"{item!r} is not an integer in {low}..{high}")
-        return int(item)
-
-    def convert(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            out = [check(v.strip()) for v in str(value).split(",") if v.strip()]
-        except ValueError as err:
-            raise click.BadParameter(str(err), ctx, param) from None
-        if not out:
-            raise click.BadParameter("give at least one value", ctx, param)
-        return list(dict.fromkeys(out))
-
-    return convert
-
-
 @cli.command()
 @options(DATASET, *EXTRACT[1:-2], EXTRACT[-1], CACHE, NORMAL,
-         _opt("--methods", default=",".join(METHODS), callback=_comma_list(METHODS), help="Comma-separated."),
-         _opt("--seeds", default="0", callback=_comma_list(low=0, high=2**32 - 1),
+         _opt("--methods", default=",".join(METHODS), callback=comma_list(METHODS), help="Comma-separated."),
+         _opt("--seeds", default="0", callback=comma_list(low=0, high=2**32 - 1),
               help="Flows' seeds (the baselines: once, seed 0)."),
          EPOCHS, STEPS,
-         _opt("--blocks", default="4", callback=_comma_list(low=1, high=256),
+         _opt("--blocks", default="4", callback=comma_list(low=1, high=256),
               help="K; several (2,4,6,8: Table 7) sweep."),
-         _opt("--hidden", default="1024", callback=_comma_list(low=1, high=65536), help="H; several sweep."), K,
-         _opt("--transform", default=None, callback=_comma_list(FEATURES_CHOICES),
+         _opt("--hidden", default="1024", callback=comma_list(low=1, high=65536), help="H; several sweep."), K,
+         _opt("--transform", default=None, callback=comma_list(FEATURES_CHOICES),
               help=_TRANSFORM_HELP + "; several sweep [default: auto]."), FEATURES,
          _opt("--runs-dir", type=FOLDER, default=DEFAULT_RUNS_DIR, help="Run folders, auroc.csv, summary, report."),
          _opt("--refit", is_flag=True, help="Fit again what was fitted with the same settings (kept otherwise)."),
@@ -416,7 +243,7 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
              is click.core.ParameterSource.COMMANDLINE] + (["no_download"] if no_download else [])
     if cache is not None and given:  # nothing is extracted from an existing cache
         raise ArgumentError(f"--{given[0].replace('_', '-')} sets the extraction; with --cache nothing is extracted")
-    transform, _ = _transform(transform, features and _comma_list(FEATURES_CHOICES)(None, None, features))
+    transform, _ = old_spellings(transform, features and comma_list(FEATURES_CHOICES)(None, None, features))
     base = checked(sweep_base, methods, k, seeds, blocks, hidden, normal=normal, val_fraction=val_fraction,
                    epochs=epochs, steps=steps, early_stop=early_stop)
     run_sweep(base, cache=cache, methods=methods, seeds=seeds, transforms=transform or [DEFAULT_FEATURES], k=k,
@@ -426,10 +253,10 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
 
 
 @cli.command()
-@options(_opt("--tables", default="2,5,6,7", callback=_comma_list(["2", "5", "6", "7"]), help="Comma-separated."),
+@options(_opt("--tables", default="2,5,6,7", callback=comma_list(["2", "5", "6", "7"]), help="Comma-separated."),
          _opt("--scale", type=click.Choice(["quick", "cpu", "paper"]), default="quick", help="quick: digits, minutes; "
               "cpu: CIFAR-10 with EfficientNet-Lite0, hours; paper: ViT-L/16, a GPU (docs/paper_tables.md)."),
-         _opt("--seeds", default=None, callback=_comma_list(low=0, high=2**32 - 1),
+         _opt("--seeds", default=None, callback=comma_list(low=0, high=2**32 - 1),
               help="The flows' seeds [default: the scale's: quick 0,1; cpu and paper 0,1,2]."),
          _opt("--out", type=FOLDER, required=True, help="Folder of tables.md, table<N>.csv and fits.csv (resumed)."),
          DATASET, *EXTRACT[1:-2], CACHE, NORMAL, EPOCHS, STEPS)
@@ -475,23 +302,8 @@ def demo(cache_dir: str, runs_dir: str, epochs: int | None, steps: int | None, d
 
 
 def main() -> None:
-    """The command line. On the ranks other than 0 of a torchrun job, a usage error (the same command line on every
-    rank) is left to rank 0 to print."""
-    name = os.path.basename(sys.argv[0])
-    if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
-        cli(prog_name=name)
-        return
-    try:
-        code = cli.main(prog_name=name, standalone_mode=False)
-    except click.UsageError as err:
-        time.sleep(1.0)  # let rank 0 print it before torchrun stops the job
-        sys.exit(err.exit_code)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    """The ``sanf-ad`` command (also ``python pipeline.py``)."""
+    run(cli)
 
 
 if __name__ == "__main__":

@@ -9,4 +9,7 @@ Sub-packages, from the bottom layer up (the import rules are the import-linter c
 - :mod:`flow.store`: run folders on disk (atomic writes, ``run.json``, loading a fitted detector back).
 - :mod:`flow.experiments`: fitting on a cache, scoring its test split, sweeps, metrics and reports.
 - :mod:`flow.deploy`: a fitted run on new images: predict and ONNX export.
+- :mod:`flow.api`: the public Python API, the calls ``pipeline.py`` makes, one per command.
+- :mod:`flow.cli`: the command line's machinery (click types, the error boundary); ``pipeline.py`` declares the
+  commands.
 """
