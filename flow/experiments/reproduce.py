@@ -303,12 +303,16 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
 
     try:
         with dist.all_succeed():
-            for unit in mine:
+            for i, unit in enumerate(mine):
                 bar.set_description(unit.describe())
                 rows, was_kept = _fit_unit(cache, unit, base, keys[unit.key], runs_dir, device, say)
                 _append_ledger(ledger_path, rows)
                 kept += was_kept
                 bar.update()
+                if not dist.distributed and i + 1 < len(mine) and mine[i + 1].seed != unit.seed:
+                    # a seed is done: the tables so far, in case the call is stopped before the end
+                    write_tables(out, tables, read_ledger(ledger_path), attrs, preset, seeds, base, keys,
+                                 table7_seeds=table7_seeds, classes=classes)
     finally:
         bar.close()
     kept = sum(dist.gather(kept))
