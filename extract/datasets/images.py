@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -24,27 +25,41 @@ class ImageReadError(Exception):
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image file fully (decode now, so a truncated file fails here).
+    """Open an image file fully (decode now, so a truncated file fails here): :func:`read_image` of the file.
 
     Raises:
         ImageReadError: the file cannot be read or decoded; the message names it.
     """
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            image.load()
-    except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+            return read_image(handle, path)
+    except OSError as err:
         raise ImageReadError(f"cannot read image {path}: {_reason(err)}") from None
+
+
+def read_image(handle: BinaryIO, name: str) -> Image.Image:
+    """Decode the image in an open binary file (or an upload's bytes in a ``BytesIO``) fully, as 8-bit RGB or
+    grayscale: 16-bit grayscale keeps its top 8 bits, other modes (RGBA, palette, CMYK) become RGB.
+
+    Raises:
+        ImageReadError: ``cannot read image <name>: <reason>``: not an image, truncated, 32-bit, or any error of
+            PIL's (a decompression-bomb warning too, where the caller makes warnings errors).
+    """
+    try:
+        image = Image.open(handle)
+        image.load()
+    except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+        raise ImageReadError(f"cannot read image {name}: {_reason(err)}") from None
     if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits (PIL's convert would clip)
         return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
     if image.mode in ("I", "F"):
-        raise ImageReadError(f"cannot read image {path}: {image.mode!r} (32-bit) images have no defined 8-bit range")
+        raise ImageReadError(f"cannot read image {name}: {image.mode!r} (32-bit) images have no defined 8-bit range")
     return image if image.mode in ("RGB", "L") else image.convert("RGB")
 
 
 def _reason(err: Exception) -> str:
     """PIL's message for an unreadable file, without the repr of the file handle that some of them hold."""
-    return re.sub(r"\s*<_io\.\w+ name=.*?>", "", str(err)).strip() or type(err).__name__
+    return re.sub(r"\s*<_io\.\w+ (name=.*?|object at 0x[0-9a-f]+)>", "", str(err)).strip() or type(err).__name__
 
 
 #: What to do about an unreadable image met by an extraction that may have committed chunks: rerunning alone
