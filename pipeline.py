@@ -253,6 +253,25 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
 
 
 @cli.command()
+@click.argument("run_dir", metavar="RUN", type=NonEmptyPath(file_okay=False, exists=True, path_type=str))
+@options(_opt("--onnx", type=NonEmptyPath(dir_okay=False, exists=True, path_type=str), default=None,
+              help="Serve through this ONNX graph (from 'export' of RUN) with onnxruntime."),
+         _opt("--host", default="127.0.0.1", help="Interface to bind; 0.0.0.0 for every interface."),
+         _opt("--port", type=click.IntRange(1, 65535), default=8000, help="TCP port."), ALPHA,
+         _opt("--max-batch", type=click.IntRange(1, 4096), default=32, help="Images gathered into one forward."),
+         _opt("--max-upload-mb", type=FiniteFloat(min=0, min_open=True), default=20.0, help="Largest file, MiB."),
+         _opt("--token", default=None, envvar="SANF_AD_TOKEN", show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on /predict and /model."), DEVICE)
+@command
+def serve(run_dir, **opts) -> None:
+    """Serve the run folder RUN over HTTP: POST /predict (images -> the fields of predict's rows), GET /health,
+    /model, / (a page to drop images on) and /docs (docs/serving.md)."""
+    from flow.api import serve as serve_run
+
+    serve_run(run_dir, log=click.echo, **opts)
+
+
+@cli.command()
 @options(_opt("--tables", default="2,5,6,7", callback=comma_list(["2", "5", "6", "7"]), help="Comma-separated."),
          _opt("--scale", type=click.Choice(["quick", "cpu", "paper"]), default="quick", help="quick: digits, minutes; "
               "cpu: CIFAR-10 with EfficientNet-Lite0, hours; paper: ViT-L/16, a GPU (docs/paper_tables.md)."),

@@ -351,6 +351,35 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
                             progress=progress, dist=dist, absent=absent)
 
 
+def serve(run: str | os.PathLike, onnx: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000,
+          alpha: float = DEFAULT_ALPHA, max_batch: int = 32, max_upload_mb: float = 20.0, token: str | None = None,
+          device: str = "auto", log: Callable[[str], None] = print) -> None:
+    """Serve a run folder over HTTP until stopped (``pipeline.py serve``): the FastAPI app of
+    :func:`flow.deploy.serve.create_app` under uvicorn (docs/serving.md).
+
+    Args:
+        run: the run folder.
+        onnx: serve through this ONNX graph (``export`` of ``run``) instead of PyTorch.
+        host: the interface to bind (127.0.0.1: this machine only; 0.0.0.0: every interface).
+        port: the TCP port.
+        alpha, max_batch, max_upload_mb, token: see :class:`flow.deploy.serve.ServeConfig`.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        log: where status lines go.
+
+    Raises:
+        ValueError: a setting out of range. RunError: ``run`` is not a run folder (checked before the server starts).
+    """
+    import uvicorn
+
+    from flow.deploy.serve import ServeConfig, create_app
+
+    config = ServeConfig(alpha=alpha, max_batch=max_batch, max_upload_mb=max_upload_mb, token=token)
+    read_run_record(run)  # a wrong folder is refused here, not by a server that cannot load it
+    log(f"serving {run} on http://{host}:{port}/ (the page; the API at /predict, /model, /health, /docs)")
+    uvicorn.run(create_app(run, onnx=onnx, config=config, device=device, log=log), host=host, port=port,
+                log_level="warning")
+
+
 def demo(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,
          epochs: int | None = None, steps: int | None = None, device: str = "auto",
          log: Callable[[str], None] = print) -> list[dict]:
@@ -371,4 +400,4 @@ def demo(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, runs_dir: str | os.Pa
 
 __all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_RUNS_DIR", "FitConfig", "Predictions", "Run", "USER_ERRORS", "demo",
            "describe_cache", "export", "extract", "find_cache", "fit", "image_list", "load", "open_cache",
-           "predict_files", "reproduce", "score", "sweep"]
+           "predict_files", "reproduce", "score", "serve", "sweep"]
