@@ -17,7 +17,9 @@ Sections (``--sections``, default all):
   6. backbone forward passes of the full CIFAR-10 protocol: this pipeline vs re-encoding per normal class, computed
      and confirmed by counting forwards in a small run;
   7. a run exported to ONNX: ONNX Runtime vs PyTorch images/s on the CPU (backbone + flow + p-value, the same graph
-     on the same decoded batches), and the largest relative difference of the flow's nll.
+     on the same decoded batches), and the largest relative difference of the flow's nll;
+  8. ``serve``: images/s through the HTTP service (one image per request) with 1, 4 and 8 concurrent clients,
+     p50 and p95 latency, against offline ``predict`` (the same Predictor, in process) on the same image files.
 
 Real data from ../shared/data (CIFAR-10 JPEGs) when present, generated images otherwise. Writes
 ``<out>/bench.csv`` and ``<out>/bench.md``. This is not a test: timings are never asserted.
@@ -724,16 +726,107 @@ def section_onnx(args, work: Path) -> list[Row]:
     ]
 
 
+MULTIPART = "multipart/form-data; boundary=sanf-ad-bench-boundary"
+
+
+def _multipart(name: str, data: bytes) -> bytes:
+    """A multipart/form-data body holding one file in the field ``files``."""
+    head = (f'--sanf-ad-bench-boundary\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + b"\r\n--sanf-ad-bench-boundary--\r\n"
+
+
+def section_serve(args, work: Path) -> list[Row]:
+    """images/s through ``pipeline.py serve`` with 1, 4, 8 clients (one image per request) vs offline predict."""
+    import concurrent.futures
+    import http.client
+    import socket
+    import threading
+
+    import httpx
+
+    from flow.deploy.predict import Predictor
+    from flow.experiments.config import FitConfig
+    from flow.experiments.fitting import fit_cache
+
+    per = args.sizes["serve_images"]
+    tree = cifar_tree(work / "s8", {"train": per // 10, "test": per // 10})
+    path, _ = run_extract(args, tree, work / "s8cache", "fp32")
+    (outcome,) = fit_cache(path, FitConfig(normal="0", epochs=1, val_fraction=0.25), runs_dir=work / "s8runs",
+                           device="cpu", log=lambda s: None, progress=False)
+    images = sorted(str(p) for p in (tree / "test").rglob("*.*"))
+    predictor = Predictor(outcome.path, device="cpu", log=lambda s: None)
+    predictor.predict(images[:8], batch_size=32)
+    offline = 0.0
+    for _ in range(2):  # the better of two passes
+        start = time.perf_counter()
+        predictor.predict(images, batch_size=32, num_workers=0)
+        offline = max(offline, len(images) / (time.perf_counter() - start))
+    del predictor
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "serve", str(outcome.path), "--port",
+                               str(port), "--device", "cpu", "--max-batch", "32"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    note = (f"{args.backbone} + sanf (K=4, H=1024), {len(images)} CIFAR-10 test images as files, one per request, "
+            "--max-batch 32; offline: Predictor.predict (the code of predict) in process, batch 32, the better of 2 "
+            "passes; clients: threads of http.client in the same process, bodies built beforehand")
+    rows = [Row("8 serve", "offline predict", offline, "images/s", note=note)]
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the server did not get ready")
+            time.sleep(0.2)
+        bodies = [_multipart(Path(p).name, Path(p).read_bytes()) for p in images]
+        local = threading.local()
+
+        def one(i: int) -> float:  # a light client (http.client, a body built beforehand): the server is measured
+            if not hasattr(local, "conn"):
+                local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            began = time.perf_counter()
+            local.conn.request("POST", "/predict", body=bodies[i], headers={"Content-Type": MULTIPART})
+            response = local.conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"/predict answered {response.status}")
+            return time.perf_counter() - began
+
+        one(0)
+        for clients in (1, 4, 8):
+            before = httpx.get(f"{url}/health").json()["forwards"]
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                latencies = sorted(pool.map(one, range(len(bodies))))
+            rate = len(bodies) / (time.perf_counter() - start)
+            forwards = httpx.get(f"{url}/health").json()["forwards"] - before
+            p50, p95 = (latencies[int(q * (len(latencies) - 1))] * 1000 for q in (0.5, 0.95))
+            rows += [Row("8 serve", f"serve, {clients} client{'s' if clients > 1 else ''}", rate, "images/s",
+                         note=f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, {len(bodies) / forwards:.1f} images per forward"),
+                     Row("8 serve", f"serve / offline predict, {clients} client{'s' if clients > 1 else ''}",
+                         rate / offline, "ratio", ">= 0.9 at 8 clients" if clients == 8 else "",
+                         ("yes" if rate / offline >= 0.9 else "no") if clients == 8 else "")]
+    finally:
+        server.terminate()
+        server.wait(30)
+    return rows
+
+
 SECTIONS = {"1": section_extraction, "2": section_precision, "3": section_flow, "4": section_memory,
-            "5": section_scaling, "6": section_forwards, "7": section_onnx}
+            "5": section_scaling, "6": section_forwards, "7": section_onnx, "8": section_serve}
 
 SIZES = {
     "quick": {"extract_images": 320, "auroc_train": 100, "auroc_test": 400, "flow_steps": 5, "big_rows": 4000,
               "scale_images": 80, "scale_rows": 128, "count_images": 4,
-              "onnx_images": 160},
+              "onnx_images": 160, "serve_images": 160},
     "full": {"extract_images": 2000, "auroc_train": 1000, "auroc_test": 2000, "flow_steps": 30, "big_rows": 82000,
              "scale_images": 400, "scale_rows": 1024, "count_images": 20,
-             "onnx_images": 640},
+             "onnx_images": 640, "serve_images": 640},
 }
 
 
@@ -754,7 +847,7 @@ def machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (default: the packaged "
                         "ImageNet EfficientNet-Lite0, which needs no download)")
     parser.add_argument("--random-init", action="store_true", help="random backbone weights (ViTs on the GPU machine)")

@@ -68,7 +68,7 @@ class ServeConfig:
 
     alpha: float = DEFAULT_ALPHA
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 10.0
     max_upload_mb: float = 20.0
     max_files: int = 64
     token: str | None = None
