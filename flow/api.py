@@ -31,6 +31,7 @@ import numpy as np
 
 from cache import CacheError, FeatureCache
 from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
+from extract.datasets import DataAbsentError
 from extract.distributed import SINGLE, DistContext, JobError
 from extract.run import extract_categories
 from flow.deploy.export import export_onnx
@@ -323,8 +324,8 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
 
     Raises:
         ValueError: a table or scale not known; with ``cache``, extraction options. As :func:`extract` and
-            :func:`fit`. Data that is absent (a :class:`extract.DatasetError` while extracting) does not raise:
-            the tables say "not run: data absent".
+            :func:`fit`. Data that is absent (:class:`extract.datasets.DataAbsentError`: no such data root, or a
+            dataset neither found nor downloadable) does not raise: the tables say "not run: data absent".
     """
     if scale not in SCALES:
         raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
@@ -344,8 +345,8 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
             if len(caches) != 1:
                 raise ValueError(f"reproduce takes one cache; --category all gave {len(caches)}: pass one --category")
             cache = caches[0]
-        except DatasetError as err:
-            absent = f"--dataset {dataset}: {err}"
+        except DataAbsentError as err:
+            absent = str(err)
             log(f"not run: data absent ({absent})")
     return reproduce_tables(cache, out, tables, scale=scale, seeds=seeds, base=base, device=device, log=log,
                             progress=progress, dist=dist, absent=absent)

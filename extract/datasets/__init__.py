@@ -19,6 +19,7 @@ This package re-exports their public names. A test that replaces one of them mus
 
 from .images import (
     RESUME_ADVICE,
+    DataAbsentError,
     DatasetError,
     ImageReadError,
     check_readable,
@@ -72,8 +73,8 @@ from .sources import (
 
 __all__ = [
     # images
-    "DatasetError", "ImageReadError", "RESUME_ADVICE", "load_image", "load_dataset_image", "check_readable",
-    "check_unique_files",
+    "DataAbsentError", "DatasetError", "ImageReadError", "RESUME_ADVICE", "load_image", "load_dataset_image",
+    "check_readable", "check_unique_files",
     # sources
     "SplitSource", "DatasetSource", "ToRGB", "ArrayImages", "FileImages", "LabelMap", "VisibleImageFolder",
     "unchecked_files", "check_source",

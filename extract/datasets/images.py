@@ -20,6 +20,11 @@ class DatasetError(Exception):
     """A dataset's data root is missing, malformed, or cannot be downloaded."""
 
 
+class DataAbsentError(DatasetError):
+    """The data is not there: no such ``--data-root``, none given where one is needed, or a torchvision dataset not
+    found and not downloadable."""
+
+
 class ImageReadError(Exception):
     """An image file could not be decoded; the message names the file."""
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .images import DatasetError, _few, _readable, check_unique_files
+from .images import DataAbsentError, DatasetError, _few, _readable, check_unique_files
 from .sources import ArrayImages, DatasetSource, FileImages, LabelMap, SplitSource, _folder_split, check_source
 
 DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
@@ -159,13 +159,13 @@ def _torchvision_dataset(dataset_class, name: str, root: Path, download: bool, t
                                f"refused them ({first}); they are damaged, incomplete or of another release "
                                "(torchvision checks their MD5)") from None
         if download:
-            raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
+            raise DataAbsentError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
                                f"and downloading it failed ({first}; no network?); download it elsewhere and "
                                "pass --data-root") from None
-        raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}); "
+        raise DataAbsentError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}); "
                            "downloading is disabled (--no-download)") from None
     except OSError as err:  # URLError and socket errors are OSErrors: no network
-        raise DatasetError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
+        raise DataAbsentError(f"--dataset {name}: data not found under --data-root {root} (expected {expected}) "
                            f"and the download failed ({err}); download it elsewhere or pass --data-root") from None
 
 
@@ -442,7 +442,7 @@ def build_cats_vs_dogs(data_root: Path | None, transform: Callable, train_per_cl
             image is reached twice (a link).
     """
     if data_root is None:
-        raise DatasetError("--dataset cats-vs-dogs needs --data-root DIR holding DIR/Cat/ and DIR/Dog/ (Microsoft "
+        raise DataAbsentError("--dataset cats-vs-dogs needs --data-root DIR holding DIR/Cat/ and DIR/Dog/ (Microsoft "
                            "PetImages) or DIR/{train,test}/{cat,dog}/; it cannot be downloaded")
     folders = _class_folders(data_root / "PetImages") or _class_folders(data_root)
     skipped: list[str] = []
@@ -543,7 +543,7 @@ def build_mvtec(data_root: Path | None, category: str | None, transform: Callabl
         DatasetError: no ``--data-root`` or ``--category``, or the category is not there.
     """
     if data_root is None:
-        raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ... (the MVTec "
+        raise DataAbsentError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ... (the MVTec "
                            "AD release, unpacked); it cannot be downloaded")
     present = mvtec_categories(data_root)
     if not present and (data_root / "train" / "good").is_dir():
@@ -587,9 +587,9 @@ def build_dataset(name: str, data_root: str | Path | None, download: bool, trans
         raise DatasetError(f"--data-root {root} is not a directory")
     local_only = name in ("folder", "cats-vs-dogs", "mvtec")
     if root is not None and not root.exists() and (local_only or not download):
-        raise DatasetError(f"--data-root {root} does not exist")
+        raise DataAbsentError(f"--data-root {root} does not exist")
     if name == "folder" and root is None:
-        raise DatasetError("--dataset folder needs --data-root DIR holding DIR/train/<class>/ and DIR/test/<class>/ "
+        raise DataAbsentError("--dataset folder needs --data-root DIR holding DIR/train/<class>/ and DIR/test/<class>/ "
                            "(or, with --layout good-defect, DIR/train/good/, DIR/test/good/, DIR/test/<defect>/)")
     builders = {
         "digits": lambda: build_digits(transform),

@@ -198,3 +198,12 @@ def test_table_means_are_over_classes_per_seed_then_over_seeds(tmp_path):
     md = (tmp_path / "tables.md").read_text()
     assert "| **mean** | 0.750 ± 0.071 |" in md and "Transformaly, mean 0.981" in md
     assert files[0] == tmp_path / "tables.md" and os.path.exists(files[1])
+
+
+def test_data_that_is_there_but_malformed_is_an_error_not_absent(tmp_path):
+    """Only absent data (no such folder, nothing to download) makes a 'not run' table; a malformed tree is refused."""
+    (tmp_path / "empty").mkdir()
+    result = invoke("reproduce", "--dataset", "folder", "--data-root", str(tmp_path / "empty"), "--out",
+                    str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "expected folders" in result.output
+    assert not (tmp_path / "out" / "tables.md").exists()
