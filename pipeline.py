@@ -16,6 +16,7 @@ from flow.cli import (
     ArgumentError,
     FiniteFloat,
     Group,
+    InputError,
     NonEmptyPath,
     checked,
     comma_list,
@@ -261,7 +262,7 @@ def sweep(dataset, no_download, cache, normal, methods, seeds, epochs, steps, bl
          _opt("--max-batch", type=click.IntRange(1, 4096), default=32, help="Images gathered into one forward."),
          _opt("--max-upload-mb", type=FiniteFloat(min=0, min_open=True), default=20.0, help="Largest file, MiB."),
          _opt("--token", default=None, envvar="SANF_AD_TOKEN", show_envvar=True,
-              help="Require 'Authorization: Bearer TOKEN' on /predict and /model."), DEVICE)
+              help="Require 'Authorization: Bearer TOKEN' on /predict and /model."), WEIGHTS, DEVICE)
 @command
 def serve(run_dir, **opts) -> None:
     """Serve the run folder RUN over HTTP: POST /predict (images -> the fields of predict's rows), GET /health,
@@ -293,8 +294,8 @@ def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, device, j
     if extract_options["no_download"]:
         given["download"] = False
     if cache is not None and given:
-        raise ArgumentError(f"--{next(iter(given)).replace('_', '-')} sets the extraction; with --cache nothing is "
-                            "extracted")
+        option = {"download": "no-download"}.get(next(iter(given)), next(iter(given))).replace("_", "-")
+        raise ArgumentError(f"--{option} sets the extraction; with --cache nothing is extracted")
     checked(FitConfig, epochs=epochs, steps=steps)
     done = reproduce_tables(out, [int(t) for t in tables], scale, seeds=seeds, cache=cache, normal=normal,
                             epochs=epochs, steps=steps, device=device, log=job.log(click.echo), dist=job, **given)
@@ -302,6 +303,9 @@ def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, device, j
         click.echo(f"{done.fitted} fits fitted, {done.reused} reused; wall time: "
                    + ", ".join(f"{k} {v:.0f} s" for k, v in done.seconds.items()))
         click.echo("wrote " + ", ".join(str(p) for p in done.files))
+        if done.failed:
+            raise InputError(f"{len(done.failed)} fits failed and are left out of the tables (first: "
+                             f"{done.failed[0]}); the same command tries them again")
 
 
 @cli.command()

@@ -354,7 +354,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
 
 def serve(run: str | os.PathLike, onnx: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000,
           alpha: float = DEFAULT_ALPHA, max_batch: int = 32, max_upload_mb: float = 20.0, token: str | None = None,
-          device: str = "auto", log: Callable[[str], None] = print) -> None:
+          device: str = "auto", weights: str | None = None, log: Callable[[str], None] = print) -> None:
     """Serve a run folder over HTTP until stopped (``pipeline.py serve``): the FastAPI app of
     :func:`flow.deploy.serve.create_app` under uvicorn (docs/serving.md).
 
@@ -365,20 +365,42 @@ def serve(run: str | os.PathLike, onnx: str | os.PathLike | None = None, host: s
         port: the TCP port.
         alpha, max_batch, max_upload_mb, token: see :class:`flow.deploy.serve.ServeConfig`.
         device: ``auto``, ``cpu`` or ``cuda``.
+        weights: the backbone's weights file, if it moved since extraction.
         log: where status lines go.
 
     Raises:
-        ValueError: a setting out of range. RunError: ``run`` is not a run folder (checked before the server starts).
+        ValueError: a setting out of range, or the port is taken. RunError: ``run`` is not a run folder (before the
+            server starts), or the run cannot be loaded (the server stops: a process manager sees it fail).
     """
+    import socket
+
     import uvicorn
 
     from flow.deploy.serve import ServeConfig, create_app
 
     config = ServeConfig(alpha=alpha, max_batch=max_batch, max_upload_mb=max_upload_mb, token=token)
     read_run_record(run)  # a wrong folder is refused here, not by a server that cannot load it
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose "
+                             "another --port") from None
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def stop(err: BaseException) -> None:
+        failed.append(err)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(run, onnx=onnx, config=config, device=device, weights=weights, log=log, on_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     log(f"serving {run} on http://{host}:{port}/ (the page; the API at /predict, /model, /health, /docs)")
-    uvicorn.run(create_app(run, onnx=onnx, config=config, device=device, log=log), host=host, port=port,
-                log_level="warning")
+    server.run()
+    if failed:
+        err = failed[0]
+        raise (err if isinstance(err, USER_ERRORS) else RunError(f"cannot serve {run}: {err}"))
 
 
 def demo(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,

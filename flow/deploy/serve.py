@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from extract.datasets.images import ImageReadError, read_image
 from flow.deploy.predict import Predictor
@@ -60,7 +61,11 @@ class ServeConfig:
         max_wait_ms: how long the first request of a batch waits for others.
         max_upload_mb: the largest upload accepted, per file, in MiB.
         max_files: the most files in one request.
-        token: the bearer token ``/predict`` and ``/model`` require (None: none).
+        max_pixels: the most pixels of one decoded image (a smaller cap than PIL's decompression-bomb limit: a
+            decoded image is held until its batch runs).
+        max_request_pixels: the most pixels of the decoded images of one request.
+        token: the bearer token ``/predict`` and ``/model`` require (None: none): printable ASCII without spaces at
+            either end (HTTP header values can carry nothing else).
 
     Raises:
         ValueError: a value out of range, named with what is allowed.
@@ -71,11 +76,14 @@ class ServeConfig:
     max_wait_ms: float = 10.0
     max_upload_mb: float = 20.0
     max_files: int = 64
+    max_pixels: int = 40_000_000
+    max_request_pixels: int = 160_000_000
     token: str | None = None
 
     def __post_init__(self) -> None:
         check_alpha(self.alpha)
-        for name, low, high in (("max_batch", 1, 4096), ("max_files", 1, 4096)):
+        for name, low, high in (("max_batch", 1, 4096), ("max_files", 1, 4096), ("max_pixels", 1, 2**40),
+                                ("max_request_pixels", 1, 2**42)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer in {low}..{high}; got {value!r}")
@@ -84,8 +92,12 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0 and name == "max_upload_mb" or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value!r}")
-        if self.token is not None and not self.token.strip():
-            raise ValueError("--token must not be empty")
+        if self.token is not None:
+            if not self.token.strip():
+                raise ValueError("--token must not be empty")
+            if self.token != self.token.strip() or not self.token.isascii() or not self.token.isprintable():
+                raise ValueError("--token must be printable ASCII without spaces at either end (what an HTTP "
+                                 "header carries); got a token with other characters")
 
 
 class UploadError(Exception):
@@ -96,15 +108,25 @@ class UploadError(Exception):
         self.status, self.file, self.reason = status, file, reason
 
 
-def decode_upload(name: str, data: bytes) -> Image.Image:
+def decode_upload(name: str, data: bytes, max_pixels: int = ServeConfig.max_pixels) -> Image.Image:
     """The image in an upload's bytes, read as ``predict`` reads a file (:func:`extract.datasets.images.read_image`),
-    with PIL's decompression-bomb warning (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) raised as an error.
+    with PIL's decompression-bomb warning (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) raised as an error and
+    images of more than ``max_pixels`` pixels refused before they are decoded.
 
     Raises:
-        UploadError: 422, naming the file: not an image, truncated, or a decompression bomb.
+        UploadError: naming the file: 413 for more than ``max_pixels`` pixels; 422 for not an image, truncated, a
+            decompression bomb, or an image that cannot be read otherwise (a 32-bit one).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:  # the header alone: a huge image is refused before it is decoded
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+        except Exception:  # not readable as an image (or a bomb): read_image says why
+            width = height = 0
+        if width * height > max_pixels:
+            raise UploadError(413, name, f"{width} x {height} pixels, more than the server decodes "
+                                         f"({max_pixels:,} pixels per image)")
         try:
             return read_image(io.BytesIO(data), name)
         except ImageReadError as err:
@@ -112,9 +134,11 @@ def decode_upload(name: str, data: bytes) -> Image.Image:
             if "decompression bomb" in text.lower():
                 reason = f"a decompression bomb ({text})"
             elif "truncated" in text.lower() or not data:
-                reason = f"truncated ({text})"
-            else:
+                reason = f"truncated ({text or 'an empty file'})"
+            elif "cannot identify image file" in text:
                 reason = f"not an image ({text})"
+            else:
+                reason = f"cannot be read ({text})"
             raise UploadError(422, name, reason) from None
 
 
@@ -201,6 +225,7 @@ class _BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                scope.setdefault("state", {})["body_too_large"] = True  # the form parser wraps what it meets
                 raise _TooLarge()
             return message
 
@@ -215,7 +240,7 @@ class _TooLarge(Exception):
 
 
 def _too_large(limit: int) -> str:
-    return f"the request is larger than the server accepts ({limit / MIB:.1f} MiB: --max-upload-mb x --max-files)"
+    return f"the request is larger than the server accepts ({limit / MIB:.1f} MiB: 64 files of --max-upload-mb)"
 
 
 async def _send_json(send, status: int, body: dict) -> None:
@@ -225,7 +250,8 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeConfig = ServeConfig(),
-               device: str = "auto", log: Callable[[str], None] = print) -> FastAPI:
+               device: str = "auto", weights: str | None = None, log: Callable[[str], None] = print,
+               on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The service of one run folder (see the module's docstring). The run is loaded and warmed in a thread when the
     app starts; ``/health`` says when it is ready.
 
@@ -234,15 +260,19 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
         onnx: serve through this ONNX graph (``export`` of ``run``) instead of PyTorch.
         config: the service's settings.
         device: ``auto``, ``cpu`` or ``cuda`` (the PyTorch path).
+        weights: the backbone's weights file, if it moved since extraction (as ``predict --weights``).
         log: where status lines go.
+        on_failure: called with the error when the run cannot be loaded (:func:`flow.api.serve` stops the server
+            then); without it, ``/health`` and ``/predict`` answer 503 with the reason.
     """
     state: dict = {"predictor": None, "error": None, "calibration": None}
+    body_limit = int(config.max_upload_mb * MIB) * config.max_files + MIB  # the files and the form's own bytes
     ready = threading.Event()
 
     def load() -> None:
         try:
             start = time.perf_counter()
-            predictor = Predictor(run, device=device, onnx=onnx, log=log)
+            predictor = Predictor(run, device=device, onnx=onnx, weights=weights, log=log)
             size = predictor.encoder.size
             predictor.predict([np.zeros((*size, 3), dtype=np.uint8)], alpha=config.alpha)  # warm: one forward
             calibration = predictor.calibration[predictor.primary_score] if predictor.calibrated else None
@@ -250,9 +280,12 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
             state["predictor"] = predictor
             log(f"serving {Path(run).name} ({predictor.record['method']}, "
                 f"{'onnxruntime' if onnx else 'PyTorch'}): ready after {time.perf_counter() - start:.1f} s")
-        except Exception as err:  # reported by /health and /predict; the process stays up to say so
+        except Exception as err:  # reported by /health and /predict, or the server stops (on_failure)
             state["error"] = f"{type(err).__name__}: {err}"
-            log(f"cannot serve {run}: {state['error']}")
+            if on_failure is not None:
+                on_failure(err)
+            else:
+                log(f"cannot serve {run}: {state['error']}")
         finally:
             ready.set()
 
@@ -278,8 +311,9 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
     def authorise(request: Request) -> None:
         if config.token is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                                  config.token.encode()):
             raise HTTPException(401, detail={"file": None, "reason": "missing or wrong bearer token"},
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -317,37 +351,60 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
                 "runtime": "onnxruntime" if onnx else "pytorch", "max_batch": config.max_batch,
                 "max_upload_mb": config.max_upload_mb, "calibration": state["calibration"]}
 
-    @app.post("/predict")
-    async def predict(request: Request, files: list[UploadFile]):
-        """Score the uploaded images: one item per file, in order."""
-        authorise(request)
+    @app.post("/predict", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["files"], "properties": {"files": {
+            "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
+    async def predict(request: Request):
+        """Score the uploaded images (multipart form files in the field ``files``): one item per file, in order."""
+        authorise(request)  # before the body is read: an anonymous upload is not even parsed
         predictor = predictor_or_503()
+        try:
+            form = await request.form(max_files=config.max_files + 1, max_fields=16)
+        except Exception as err:
+            if request.scope.get("state", {}).get("body_too_large"):
+                raise HTTPException(413, detail={"file": None, "reason": _too_large(body_limit)}) from None
+            raise HTTPException(400, detail={"file": None, "reason": f"cannot parse the multipart body: "
+                                                                      f"{getattr(err, 'detail', err)}"}) from None
+        files = [f for f in form.getlist("files") if isinstance(f, StarletteUpload)]
+        if not files:
+            await form.close()
+            raise HTTPException(422, detail={"file": None, "reason": "no images: send them as multipart form files "
+                                                                     "in the field 'files'"})
         if len(files) > config.max_files:
+            await form.close()
             raise HTTPException(413, detail={"file": None, "reason": f"{len(files)} files; at most "
                                                                       f"{config.max_files} per request"})
-        images, names = [], []
+        loop = asyncio.get_running_loop()
+        images, names, pixels = [], [], 0
         limit = int(config.max_upload_mb * MIB)
-        for upload in files:
-            name = upload.filename or f"file {len(names)}"
-            data = await upload.read(limit + 1)
-            await upload.close()
-            if len(data) > limit:
-                raise UploadError(413, name, f"larger than --max-upload-mb {config.max_upload_mb:g} MiB")
-            images.append(decode_upload(name, data))
-            names.append(name)
+        try:
+            for upload in files:
+                name = upload.filename or f"file {len(names)}"
+                data = await upload.read(limit + 1)
+                if len(data) > limit:
+                    raise UploadError(413, name, f"larger than --max-upload-mb {config.max_upload_mb:g} MiB")
+                image = await loop.run_in_executor(None, decode_upload, name, data, config.max_pixels)
+                pixels += image.width * image.height
+                if pixels > config.max_request_pixels:
+                    raise UploadError(413, name, f"the request's images exceed {config.max_request_pixels:,} pixels "
+                                                 "in all; send fewer per request")
+                images.append(image)
+                names.append(name)
+        finally:
+            await form.close()
         rows = await batcher_box["batcher"].submit(images)
         items = [{"file": name, "score": row.get("score"), **{key: row.get(key) for key in predictor.names},
-                  "p_value": row.get("p_value"), "anomalous": row.get("anomalous"), "error": row["error"]}
+                  "p_value": row.get("p_value"), "anomalous": row.get("anomalous"),
+                  "error": row["error"].replace(row["path"], name)}
                  for name, row in zip(names, rows, strict=True)]
         summary = state["calibration"]
         return {"alpha": config.alpha, "threshold": summary["threshold"] if summary else None, "items": items}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html")
 
-    limit = int(config.max_upload_mb * MIB) * config.max_files + MIB  # the files and the form's own bytes
-    app.add_middleware(_BodyLimit, limit=limit)
+    app.add_middleware(_BodyLimit, limit=body_limit)
     return app
 
 

@@ -134,7 +134,10 @@ def _hostile(tmp: Path) -> dict[str, tuple[bytes, int, str]]:
     Image.new("1", (10000, 9000)).save(bomb, "PNG")  # 90 M pixels > PIL's 89.5 M limit, a few KB on the wire
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big, "PNG")
+    wide = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(wide, "PNG")  # 48 M pixels: under PIL's limit, over the server's 40 M
     return {"notes.png": (b"this is not an image at all", 422, "not an image"),
+            "wide.png": (wide.getvalue(), 413, "more than the server decodes"),
             "cut.png": (png.getvalue()[:len(png.getvalue()) // 2], 422, "truncated"),
             "bomb.png": (bomb.getvalue(), 422, "decompression bomb"),
             "big.png": (big.getvalue(), 413, "--max-upload-mb")}
@@ -157,6 +160,19 @@ def test_hostile_uploads_get_a_4xx_naming_the_file_and_the_server_goes_on(served
                           timeout=120)  # beyond what a request may carry: refused before it is read
         assert huge.status_code == 413 and "larger than the server accepts" in huge.json()["detail"]["reason"]
         assert httpx.get(f"{url}/health").status_code == 200
+
+        def chunks():  # a chunked body (no Content-Length) beyond the request limit
+            yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="c.png"\r\n\r\n'
+            for _ in range(30):
+                yield b"0" * (1024 * 1024)
+            yield b"\r\n--b--\r\n"
+
+        chunked = httpx.post(f"{url}/predict", content=chunks(), timeout=120,
+                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert chunked.status_code == 413 and "larger than the server accepts" in chunked.json()["detail"]["reason"]
+        empty = httpx.post(f"{url}/predict", timeout=60)
+        assert empty.status_code == 422 and "no images" in empty.json()["detail"]["reason"]
+        assert httpx.get(f"{url}/health").status_code == 200
     assert list(tmpdir.iterdir()) == []  # no temporary file left
 
 
@@ -166,7 +182,9 @@ def test_with_a_token_requests_without_it_get_401(served):
         assert post(url, good).status_code == 401
         assert post(url, good, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{url}/model").status_code == 401
+        assert httpx.post(f"{url}/predict", timeout=60).status_code == 401  # refused before the body is looked at
         assert post(url, good, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert post(url, good, headers={"Authorization": "bearer s3cret"}).status_code == 200  # the scheme's case
         assert httpx.get(f"{url}/health").status_code == 200  # for load balancers: no token
 
 
@@ -248,3 +266,25 @@ def test_serve_refuses_a_folder_that_is_not_a_run_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"Error: run {tmp_path}: cannot read run.json ([Errno 2] No such "
                                                   f"file or directory: '{tmp_path}/run.json')"]
+
+
+def test_a_run_that_cannot_be_loaded_stops_the_server_with_one_line(served):
+    """--onnx of another run: the server does not stay up answering 503 forever; it exits 2 saying why."""
+    port = free_port()
+    done = subprocess.run([sys.executable, "pipeline.py", "serve", str(served["runs"]["knn"]["run"]), "--onnx",
+                           str(served["runs"]["sanf"]["onnx"]), "--port", str(port), "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: --onnx ")
+    assert "was exported from another run" in done.stderr
+
+
+def test_a_port_in_use_is_refused_in_one_line(served):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("serve", str(served["runs"]["knn"]["run"]), "--port", str(port))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: --host 127.0.0.1 --port {port}: cannot listen there "
+                                                  "(Address already in use); choose another --port"]

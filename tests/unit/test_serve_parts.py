@@ -32,7 +32,9 @@ def test_no_threshold_when_no_p_value_can_reach_alpha():
 @pytest.mark.parametrize("kwargs, message", [
     ({"alpha": 1.5}, "alpha"), ({"max_batch": 0}, "--max-batch must be an integer in 1..4096; got 0"),
     ({"max_upload_mb": 0}, "--max-upload-mb must be a finite number > 0; got 0"),
-    ({"max_upload_mb": float("nan")}, "--max-upload-mb"), ({"token": " "}, "--token must not be empty")])
+    ({"max_upload_mb": float("nan")}, "--max-upload-mb"), ({"token": " "}, "--token must not be empty"),
+    ({"token": "s3cret "}, "--token must be printable ASCII without spaces at either end"),
+    ({"token": "pässwort"}, "--token must be printable ASCII")])
 def test_bad_settings_are_refused_naming_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ServeConfig(**kwargs)
@@ -50,7 +52,10 @@ def test_uploads_are_read_as_predict_reads_files_and_bad_ones_named():
     rgba = decode_upload("a.png", _png(np.zeros((4, 4, 4), dtype=np.uint8)))
     assert rgba.mode == "RGB"
     good = _png(np.zeros((32, 32, 3), dtype=np.uint8))
-    for data, reason in ((b"hello", "not an image"), (good[:len(good) // 2], "truncated"), (b"", "truncated")):
+    f32 = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32)).save(f32, "TIFF")
+    for data, reason in ((b"hello", "not an image"), (good[:len(good) // 2], "truncated"), (b"", "truncated"),
+                         (f32.getvalue(), "cannot be read ('F' (32-bit) images")):
         with pytest.raises(UploadError) as caught:
             decode_upload("x.png", data)
         assert caught.value.status == 422 and caught.value.file == "x.png" and reason in caught.value.reason
