@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from cache import CacheError, FeatureCache, FileLock
@@ -39,13 +40,15 @@ from flow.experiments.config import DEFAULT_EPOCHS, FitConfig
 from flow.experiments.fitting import fit_cache, flow_setting, normal_classes
 from flow.experiments.scoring import score_runs
 from flow.model.sanf import FlowConfig, count_flops, parameter_count
+from flow.model.train import FlowTrainingError
 
 TABLES = (2, 5, 6, 7)
 #: Table 7's numbers of coupling blocks K; Table 2's flows use the paper's K = 4.
 TABLE7_BLOCKS = (2, 4, 6, 8)
 PAPER_BLOCKS = 4
-#: The ledger of finished units.
+#: The ledger of finished units, and what images they were fitted on.
 LEDGER = "fits.csv"
+MANIFEST = "reproduce.json"
 LEDGER_COLUMNS = ("method", "blocks", "seed", "normal_class", "normal_name", "score", "auroc", "fit_seconds",
                   "score_seconds", "num_train", "transform", "run", "settings")
 #: The scores each method's tables show (the flows both of the paper's scores, the baselines their own).
@@ -167,26 +170,71 @@ def settings_key(config: FitConfig, cache_attrs: dict) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def read_ledger(path: Path) -> list[dict]:
+def read_ledger(path: Path, repair: bool = False) -> list[dict]:
     """The rows of ``fits.csv`` (numbers parsed); [] when it does not exist.
 
+    Args:
+        path: the ledger.
+        repair: cut a torn last line (a write cut short by a crash) off the file; without it, such a line is
+            skipped.
+
     Raises:
-        ValueError: the file is not a ledger (other columns).
+        ValueError: the file is not a ledger (other columns), or a line before the last is malformed.
     """
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != LEDGER_COLUMNS:
-            raise ValueError(f"--out: {path} is not a reproduce ledger (columns {reader.fieldnames}); choose another "
-                             "--out")
-        rows = list(reader)
-    for row in rows:
-        for name in ("blocks", "seed", "normal_class", "num_train"):
-            row[name] = int(row[name])
-        for name in ("auroc", "fit_seconds", "score_seconds"):
-            row[name] = float(row[name])
+        text = f.read()
+    reader = csv.DictReader(io.StringIO(text))
+    if tuple(reader.fieldnames or ()) != LEDGER_COLUMNS:
+        raise ValueError(f"--out: {path} is not a reproduce ledger (columns {reader.fieldnames}); choose another "
+                         "--out")
+    rows, lines = [], list(reader)
+    for i, row in enumerate(lines):
+        try:
+            if None in row or any(row[name] is None for name in LEDGER_COLUMNS):
+                raise ValueError("missing columns")
+            for name in ("blocks", "seed", "normal_class", "num_train"):
+                row[name] = int(row[name])
+            for name in ("auroc", "fit_seconds", "score_seconds"):
+                row[name] = float(row[name])
+        except (TypeError, ValueError):
+            if i + 1 < len(lines):
+                raise ValueError(f"--out: {path} line {i + 2} is malformed; move the file away or mend the "
+                                 "line") from None
+            if repair:  # the last line, torn by a crash while it was written: cut off, its unit is fitted again
+                with open(path, "r+", newline="") as f:
+                    f.truncate(text.rstrip("\n").rfind("\n") + 1)
+            break
+        rows.append(row)
     return rows
+
+
+def data_identity(fc: FeatureCache) -> str:
+    """A short hash of which images a cache holds: per split its sample ids and labels (not their features, which a
+    re-extraction may round differently, nor paths, which change from machine to machine)."""
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        part = fc.split(split)
+        h.update(split.encode() + "\n".join(part.sample_ids).encode())
+        h.update(np.ascontiguousarray(part.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_manifest(out: Path, identity: dict) -> None:
+    """Refuse an ``out`` whose results came from other images (``<out>/reproduce.json``); write it when new.
+
+    Raises:
+        ValueError: ``out`` holds results of another dataset's images.
+    """
+    path = out / MANIFEST
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded.get("data") != identity["data"]:
+            raise ValueError(f"--out {out} holds results on other images ({recorded.get('dataset')}, "
+                             f"{recorded.get('cache')}); choose another --out")
+        return
+    _atomic_write(path, json.dumps(identity, indent=1) + "\n")
 
 
 def _append_ledger(path: Path, rows: list[dict]) -> None:
@@ -205,12 +253,14 @@ def _append_ledger(path: Path, rows: list[dict]) -> None:
 
 @dataclass
 class Reproduction:
-    """What :func:`reproduce` did: the files written, the units fitted and reused, wall time per table."""
+    """What :func:`reproduce` did: the files written, the units fitted and reused, wall time per table, and the fits
+    that failed (training diverged: left out of the tables, tried again by the next call)."""
 
     files: list[Path]
     fitted: int
     reused: int
     seconds: dict[str, float]
+    failed: list[str] = field(default_factory=list)
 
 
 def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: Sequence[int] = TABLES,
@@ -262,6 +312,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
     with FeatureCache(cache) as fc:
         attrs = dict(fc.attrs)
         classes = [(k, fc.class_names[k]) for k in normal_classes(fc, base.normal)]
+        identity = {"data": data_identity(fc), "dataset": attrs["dataset"], "cache": Path(cache).name}
     table7_seeds = seeds[:preset.table7_seeds] if preset.table7_seeds else seeds
     units = plan_units(tables, classes, seeds, table7_seeds)
     keys = {u.key: settings_key(unit_config(u, base)[0], attrs) for u in units}
@@ -270,6 +321,8 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
             if dist.is_main:
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(FileLock(out / ".reproduce.lock", _busy(out), CacheError))
+                check_manifest(out, identity)
+                read_ledger(ledger_path, repair=True)
             ledger = read_ledger(ledger_path)
         return _run(cache, out, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs,
                     classes, units, keys, ledger, table7_seeds)
@@ -301,28 +354,36 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
         with tqdm.external_write_mode():
             log(line)
 
+    failed: list[str] = []
     try:
         with dist.all_succeed():
             for i, unit in enumerate(mine):
                 bar.set_description(unit.describe())
-                rows, was_kept = _fit_unit(cache, unit, base, keys[unit.key], runs_dir, device, say)
+                try:
+                    rows, was_kept = _fit_unit(cache, unit, base, keys[unit.key], runs_dir, device, say)
+                except FlowTrainingError as err:  # one diverging fit: said, left out, the others go on
+                    failed.append(f"{unit.describe()}: {err}")
+                    say(f"fit failed, left out of the tables: {failed[-1]}")
+                    continue
+                finally:
+                    bar.update()
                 _append_ledger(ledger_path, rows)
                 kept += was_kept
-                bar.update()
                 if not dist.distributed and i + 1 < len(mine) and mine[i + 1].seed != unit.seed:
                     # a seed is done: the tables so far, in case the call is stopped before the end
                     write_tables(out, tables, read_ledger(ledger_path), attrs, preset, seeds, base, keys,
-                                 table7_seeds=table7_seeds, classes=classes)
+                                 table7_seeds=table7_seeds, classes=classes, failed=failed)
     finally:
         bar.close()
     kept = sum(dist.gather(kept))
+    failed = [f for part in dist.gather(failed) for f in part]
     if not dist.is_main:
-        return Reproduction([], len(todo) - kept, reused + kept, {})
+        return Reproduction([], len(todo) - kept, reused + kept, {}, failed)
     if kept:
         log(f"{kept} fitted run folders were kept (fitted before, not yet scored): scored, not fitted again")
     files, seconds = write_tables(out, tables, read_ledger(ledger_path), attrs, preset, seeds, base, keys,
-                                  table7_seeds=table7_seeds, classes=classes)
-    return Reproduction(files, len(todo) - kept, reused + kept, seconds)
+                                  table7_seeds=table7_seeds, classes=classes, failed=failed)
+    return Reproduction(files, len(todo) - kept - len(failed), reused + kept, seconds, failed)
 
 
 def _fit_unit(cache, unit: Unit, base: FitConfig, key: str, runs_dir: Path, device: str,
@@ -356,17 +417,20 @@ def _text(mean: float | None, std: float | None = None) -> str:
 
 def write_tables(out: Path, tables: Sequence[int], ledger: list[dict], attrs: dict | None, preset: Scale,
                  seeds: Sequence[int], base: FitConfig, keys: dict, absent: str | None = None,
-                 table7_seeds: Sequence[int] = (), classes: Sequence[tuple[int, str]] = ()) -> list[Path]:
+                 table7_seeds: Sequence[int] = (), classes: Sequence[tuple[int, str]] = (),
+                 failed: Sequence[str] = ()) -> tuple[list[Path], dict]:
     """Write ``table<N>.csv`` per table and ``tables.md`` from the ledger rows of this call's settings.
 
     Returns:
         The files written, and per table the wall time of its fits (the sum of the fit and scoring times of the
         units it uses, as recorded in the ledger: Tables 2 and 5 share their flows) or, for Table 6, of its counts.
     """
-    wanted = set(keys.values())
-    rows = [r for r in ledger if r["settings"] in wanted]
+    rows = [r for r in ledger if keys.get((r["method"], r["blocks"], r["seed"], r["normal_class"])) == r["settings"]]
     dataset = attrs["dataset"] if attrs else None
     sections, files, seconds = [_header(attrs, preset, seeds, base, rows, absent)], [], {}
+    if failed:
+        sections.append("\n".join([f"**{len(failed)} fits failed** (training diverged; left out of the tables below, "
+                                    "tried again by the next call):", "", *(f"- {f}" for f in failed)]))
     for table in tables:
         start = time.perf_counter()
         title, csv_rows, lines, used = {2: _table2, 5: _table5, 6: _table6, 7: _table7}[table](
@@ -377,6 +441,8 @@ def write_tables(out: Path, tables: Sequence[int], ledger: list[dict], attrs: di
         if csv_rows:
             _write_csv(path, csv_rows)
             files.append(path)
+        elif path.exists():  # nothing of it yet: no CSV of an earlier call's rows beside these tables
+            path.unlink()
         if attrs is not None:
             lines += ["", f"Wall time: {_duration(seconds[f'table {table}'])}"
                       + (f" ({len(units)} fits, each fitted and scored once; shared fits count in every table "
@@ -402,8 +468,12 @@ def _header(attrs: dict | None, preset: Scale, seeds, base: FitConfig, rows: lis
               f"{attrs.get('train_subset_seed', 0)})" if attrs.get("train_per_class") else "all train images")
     transforms = sorted({r["transform"] for r in rows}) or [base.transform]
     train = f"{base.steps} optimiser steps" if base.steps else f"{base.epochs or DEFAULT_EPOCHS} epochs"
+    preset_data = (attrs["dataset"] == preset.dataset
+                   and attrs["backbone"] == preset.extract.get("backbone", attrs["backbone"]))
+    note = preset.note if preset_data else (f"the training length and seeds of scale `{preset.name}` on the data and "
+                                            "backbone given by the options")
     lines += [
-        f"Scale `{preset.name}`: {preset.note}.",
+        f"Scale `{preset.name}`: {note}.",
         "",
         "What differs from the paper:",
         f"- backbone `{attrs['backbone']}` ({attrs.get('weights_source', '?')}), input {attrs['input_size'][1]} px, "

@@ -16,7 +16,15 @@ import pytest
 from click.testing import CliRunner
 
 from flow.experiments.config import FitConfig
-from flow.experiments.reproduce import LEDGER, SCALES, TABLE7_BLOCKS, plan_units, read_ledger, write_tables
+from flow.experiments.reproduce import (
+    LEDGER,
+    LEDGER_COLUMNS,
+    SCALES,
+    TABLE7_BLOCKS,
+    plan_units,
+    read_ledger,
+    write_tables,
+)
 from pipeline import cli
 
 from conftest import ROOT, gaussian_splits, write_cache
@@ -182,7 +190,9 @@ def test_table_means_are_over_classes_per_seed_then_over_seeds(tmp_path):
              "run": f"r{k}{s}", "settings": "x"} for (k, s), a in auroc.items()]
     attrs = {"dataset": "cifar10", "backbone": "b", "input_size": [3, 8, 8], "num_patches": 4, "patch_grid": [2, 2],
              "feature_dim": 6}
-    files, seconds = write_tables(tmp_path, [2, 5], rows, attrs, SCALES["quick"], [0, 1], FitConfig(), {"k": "x"},
+    keys = {("sanf", 4, s, k): "x" for (k, s) in auroc}
+    other = {**rows[0], "seed": 7, "auroc": 0.1, "run": "r07"}  # a seed this call did not ask for: not in the tables
+    files, seconds = write_tables(tmp_path, [2, 5], [*rows, other], attrs, SCALES["quick"], [0, 1], FitConfig(), keys,
                                   classes=[(0, "airplane"), (1, "automobile")])
     table2 = {(r["row"], r["method"], r["score"]): r for r in read(tmp_path / "table2.csv")}
     assert float(table2["mean", "sanf", "nll"]["auroc_mean"]) == pytest.approx(0.75)  # (0.8 + 0.7) / 2
@@ -207,3 +217,45 @@ def test_data_that_is_there_but_malformed_is_an_error_not_absent(tmp_path):
                     str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"))
     assert result.exit_code == 2 and "expected folders" in result.output
     assert not (tmp_path / "out" / "tables.md").exists()
+
+
+def test_an_output_folder_of_other_images_is_refused(two_class_cache, tmp_path):
+    """The results in --out came from another cache's images (other sample ids): refused, not mixed in."""
+    out = str(tmp_path / "out")
+    assert invoke("reproduce", "--cache", str(two_class_cache), "--out", out, "--tables", "6").exit_code == 0
+    other = write_cache(tmp_path / "h.h5", gaussian_splits(n_train=30, n_test=12, num_classes=2), ["a", "b"])
+    result = invoke("reproduce", "--cache", str(other), "--out", out, "--tables", "6")
+    assert result.exit_code == 2 and "holds results on other images" in result.output
+
+
+def test_a_torn_last_line_of_the_ledger_is_cut_off_and_its_unit_fitted_again(tmp_path):
+    ledger = tmp_path / LEDGER
+    header = ",".join(LEDGER_COLUMNS)
+    good = "sanf,4,0,0,a,nll,0.9,1.0,0.5,10,raw,r0,x"
+    ledger.write_text(f"{header}\n{good}\nsanf,4,0,0,a,z2,0.")  # killed in the middle of the second row's write
+    assert [r["score"] for r in read_ledger(ledger)] == ["nll"]  # read: the torn line skipped
+    assert len(read_ledger(ledger, repair=True)) == 1
+    assert ledger.read_text() == f"{header}\n{good}\n"  # repaired: the next append starts on a fresh line
+    ledger.write_text(f"{header}\nsanf,4,0\n{good}\n")
+    with pytest.raises(ValueError, match="line 2 is malformed"):
+        read_ledger(ledger)
+
+
+def test_a_diverging_fit_is_left_out_and_the_others_go_on(tmp_path):
+    """Class b's train rows scaled by 1e18 make its flows diverge: class a's fits finish and are tabulated, the failure
+    is named in the tables and in the one-line error (exit 2), and the next call tries only the failed ones again."""
+    splits = gaussian_splits(n_train=24, n_test=12, num_classes=2)
+    cls, patches, labels = splits["train"]
+    cls[labels == 1] *= 1e18
+    patches[labels == 1] *= 1e18
+    cache = write_cache(tmp_path / "div.h5", splits, ["a", "b"])
+    args = ["reproduce", "--cache", str(cache), "--out", str(tmp_path / "out"), "--tables", "5", "--seeds", "0",
+            "--steps", "2", "--device", "cpu"]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "2 fits failed and are left out of the tables (first: sanf K=4 seed 0 normal b:" in result.output
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "**2 fits failed**" in md and "normal b" in md
+    assert [r["n_fits"] for r in read(tmp_path / "out" / "table5.csv")] == ["1", "1", "1", "1"]
+    again = invoke(*args)
+    assert "2 reused from" in again.output and "2 to fit" in again.output
