@@ -303,7 +303,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
               seeds: Sequence[int] | None = None, cache: str | os.PathLike | None = None, normal: str = "all",
               epochs: int | None = None, steps: int | None = None, device: str = "auto",
               log: Callable[[str], None] = print, progress: bool = True, dist: DistContext = SINGLE,
-              **extract_options) -> Reproduction:
+              fit: bool = True, **extract_options) -> Reproduction:
     """The paper's tables 2, 5, 6 and 7 (``pipeline.py reproduce``): extract once (or use ``cache``), fit and score
     what each table needs, and write ``<out>/tables.md``, ``table<N>.csv`` and the ledger ``fits.csv``; resumable.
 
@@ -318,6 +318,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
         normal: the normal classes: ``all`` (the tables' protocol) or one class (a name or an index).
         epochs, steps: the flows' training length (default: the scale's).
         device, log, progress, dist: as :func:`sweep`.
+        fit: False: fit nothing, only write the tables of what ``<out>/fits.csv`` holds.
 
     Returns:
         A :class:`flow.experiments.reproduce.Reproduction` (files written, fits fitted and reused, wall times).
@@ -349,7 +350,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
             absent = str(err)
             log(f"not run: data absent ({absent})")
     return reproduce_tables(cache, out, tables, scale=scale, seeds=seeds, base=base, device=device, log=log,
-                            progress=progress, dist=dist, absent=absent)
+                            progress=progress, dist=dist, absent=absent, fit=fit)
 
 
 def serve(run: str | os.PathLike, onnx: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -267,7 +267,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
               scale: str = "quick", seeds: Sequence[int] | None = None, base: FitConfig | None = None,
               runs_dir: str | os.PathLike | None = None, device: str = "auto",
               log: Callable[[str], None] = print, progress: bool = True, dist: DistContext = SINGLE,
-              absent: str | None = None) -> Reproduction:
+              absent: str | None = None, fit: bool = True) -> Reproduction:
     """Fit, score and tabulate what ``tables`` need on ``cache``; write ``<out>/tables.md`` and ``table<N>.csv``.
 
     Args:
@@ -283,6 +283,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
         progress: one bar over every fit of the call.
         dist: a torchrun job: the units are shared among its ranks; rank 0 writes the tables.
         absent: why the data is absent (then nothing is fitted).
+        fit: fit what the ledger lacks; False: only write the tables of what it holds (say, after a stopped call).
 
     Returns:
         A :class:`Reproduction` (on every rank; the tables are written by rank 0).
@@ -325,7 +326,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
                 read_ledger(ledger_path, repair=True)
             ledger = read_ledger(ledger_path)
         return _run(cache, out, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs,
-                    classes, units, keys, ledger, table7_seeds)
+                    classes, units, keys, ledger, table7_seeds, fit)
 
 
 def _busy(out: Path) -> Callable[[str], str]:
@@ -333,7 +334,7 @@ def _busy(out: Path) -> Callable[[str], str]:
 
 
 def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs, classes,
-         units, keys, ledger, table7_seeds) -> Reproduction:
+         units, keys, ledger, table7_seeds, fit: bool = True) -> Reproduction:
     """The body of :func:`reproduce`, under its lock on ``out``."""
     ledger_path = out / LEDGER
     done = {(r["method"], r["blocks"], r["seed"], r["normal_class"]): r["settings"] for r in ledger}
@@ -345,7 +346,9 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
     reused = len(units) - len(todo)
     if dist.is_main:
         log(f"reproduce --scale {scale}: {len(units)} fits for tables {', '.join(map(str, tables))}: {reused} reused "
-            f"from {ledger_path}, {len(todo)} to fit")
+            f"from {ledger_path}, {len(todo)} to fit" + ("" if fit else " (--tables-only: none fitted now)"))
+    if not fit:
+        todo = []
     mine = dist.share(todo)
     kept = 0
     bar = tqdm(total=len(mine), unit="fit", disable=not progress or not dist.is_main, dynamic_ncols=True)

@@ -259,3 +259,17 @@ def test_a_diverging_fit_is_left_out_and_the_others_go_on(tmp_path):
     assert [r["n_fits"] for r in read(tmp_path / "out" / "table5.csv")] == ["1", "1", "1", "1"]
     again = invoke(*args)
     assert "2 reused from" in again.output and "2 to fit" in again.output
+
+
+def test_tables_only_fits_nothing_and_tabulates_what_the_ledger_holds(two_class_cache, tmp_path):
+    out = tmp_path / "out"
+    args = ["reproduce", "--cache", str(two_class_cache), "--out", str(out), "--tables", "2", "--seeds", "0",
+            "--steps", "2", "--device", "cpu"]
+    assert invoke(*args, "--normal", "a").exit_code == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    result = invoke(*args, "--tables-only")
+    assert result.exit_code == 0, result.output
+    assert "4 reused from" in result.output and "0 fits fitted" in result.output
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs
+    assert {r["row"] for r in read(out / "table2.csv")} == {"a"}  # no mean over classes with class b missing
+    assert "Incomplete: 4 of 8 fits finished" in (out / "tables.md").read_text()
