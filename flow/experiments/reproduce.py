@@ -575,7 +575,7 @@ def _table5(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
     paper = PAPER_TABLE5.get(dataset, {})
     header = ["flow", "nll", "z2", "fits", *(f"paper {b}" for b in paper)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    csv_rows = []
+    csv_rows, counts = [], []
     for i, (method, label) in enumerate((("sanf", "with CAFF"), ("sanf-nocaff", "without CAFF"))):
         cells = [label]
         n = 0
@@ -588,9 +588,13 @@ def _table5(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
                 csv_rows.append({"method": method, "score": score, "n_fits": n, "auroc_mean": round(mean, 6),
                                  "auroc_std": _round(std), **{f"paper_{b}": v[i] for b, v in paper.items()}})
         cells.append(str(n))
+        counts.append(n)
         cells += [_text(v[i]) for v in paper.values()]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Mean ± sample standard deviation over the {len(classes)} normal classes x {len(seeds)} seeds."]
+    complete = len(classes) * len(seeds)
+    status = f"; incomplete: {min(counts)} of {complete} so far." if min(counts) < complete else "."
+    lines += ["", f"Mean ± sample standard deviation over the fits (normal classes x seeds: {len(classes)} x "
+                  f"{len(seeds)} = {complete} when complete){status}"]
     if not paper:
         lines.append(f"The paper gives no ablation for {dataset}.")
     return title, csv_rows, lines, [r for r in rows if r["method"].startswith("sanf") and r["blocks"] == PAPER_BLOCKS]
