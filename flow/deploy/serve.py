@@ -267,7 +267,6 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
     """
     state: dict = {"predictor": None, "error": None, "calibration": None}
     body_limit = int(config.max_upload_mb * MIB) * config.max_files + MIB  # the files and the form's own bytes
-    ready = threading.Event()
 
     def load() -> None:
         try:
@@ -286,8 +285,6 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
                 on_failure(err)
             else:
                 log(f"cannot serve {run}: {state['error']}")
-        finally:
-            ready.set()
 
     def predict_rows(images: list) -> list[dict]:
         predictor: Predictor = state["predictor"]

@@ -41,6 +41,7 @@ from flow.experiments.fitting import fit_cache, flow_setting, normal_classes
 from flow.experiments.scoring import score_runs
 from flow.model.sanf import FlowConfig, count_flops, parameter_count
 from flow.model.train import FlowTrainingError
+from flow.store.run_folder import atomic_write_text, write_csv
 
 TABLES = (2, 5, 6, 7)
 #: Table 7's numbers of coupling blocks K; Table 2's flows use the paper's K = 4.
@@ -234,7 +235,7 @@ def check_manifest(out: Path, identity: dict) -> None:
             raise ValueError(f"--out {out} holds results on other images ({recorded.get('dataset')}, "
                              f"{recorded.get('cache')}); choose another --out")
         return
-    _atomic_write(path, json.dumps(identity, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(identity, indent=1) + "\n")
 
 
 def _append_ledger(path: Path, rows: list[dict]) -> None:
@@ -323,8 +324,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(FileLock(out / ".reproduce.lock", _busy(out), CacheError))
                 check_manifest(out, identity)
-                read_ledger(ledger_path, repair=True)
-            ledger = read_ledger(ledger_path)
+            ledger = read_ledger(ledger_path, repair=dist.is_main)
         return _run(cache, out, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs,
                     classes, units, keys, ledger, table7_seeds, fit)
 
@@ -442,7 +442,7 @@ def write_tables(out: Path, tables: Sequence[int], ledger: list[dict], attrs: di
         seconds[f"table {table}"] = sum(units.values()) if table != 6 else time.perf_counter() - start
         path = out / f"table{table}.csv"
         if csv_rows:
-            _write_csv(path, csv_rows)
+            write_csv(path, list(dict.fromkeys(k for r in csv_rows for k in r)), csv_rows)
             files.append(path)
         elif path.exists():  # nothing of it yet: no CSV of an earlier call's rows beside these tables
             path.unlink()
@@ -452,7 +452,7 @@ def write_tables(out: Path, tables: Sequence[int], ledger: list[dict], attrs: di
                          "that uses them)." if table != 6 else ".")]
         sections.append("\n".join([f"## Table {table}: {title}", "", *lines]))
     md = out / "tables.md"
-    _atomic_write(md, "\n\n".join(sections) + "\n")
+    atomic_write_text(md, "\n\n".join(sections) + "\n")
     return [md, *files], seconds
 
 
@@ -674,21 +674,6 @@ def _table6_reading(csv_rows: list[dict]) -> str:
     return (f"{flops}, {params}. 'As printed' counts the class attention as eq. (14)-(16) write it (keys and values "
             "of all 1 + P tokens); this implementation computes the same function with the projections moved onto "
             "the query ('computed').")
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(path, text.getvalue())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["LEDGER", "SCALES", "TABLES", "Reproduction", "Scale", "Unit", "plan_units", "read_ledger", "reproduce",
