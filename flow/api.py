@@ -296,6 +296,9 @@ def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = No
                              device=device, refit=refit, log=log, dist=dist, overwrite=overwrite)
     if not dist.is_main:
         return []
+    if kept:
+        log(f"{len(kept)} run{'s' if len(kept) != 1 else ''} fitted before with the same settings, not fitted again "
+            "(--refit fits them again)")
     return summarise(caches, fitted, kept, runs_dir, device=device, alpha=alpha, means=means, log=log)
 
 

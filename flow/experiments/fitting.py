@@ -467,7 +467,7 @@ def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutc
         load_feature_transform(path, record)  # its fitted statistics must be there too
     except RunError:
         return None
-    log(f"kept {path}: fitted before with the same cache, method, seed and settings (--refit fits it again)")
+    log(f"kept {path}: fitted before with the same cache, method, seed and settings")
     return FitOutcome(path, record, kept=True)
 
 

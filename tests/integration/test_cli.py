@@ -726,6 +726,10 @@ def test_sweep_over_transforms_gives_labelled_rows(tree, tmp_path):
     again = invoke(*args)
     assert_ok(again)
     assert again.output.count("kept ") == 4
+    assert "4 runs fitted before with the same settings, not fitted again (--refit fits them again)" in again.output
+    refitted = invoke(*args, "--refit")
+    assert_ok(refitted)
+    assert "kept " not in refitted.output and "not fitted again" not in refitted.output
     bad = invoke("sweep", *extraction, "--methods", "knn", "--transform", "raw,whiten", "--runs-dir", str(runs))
     assert bad.exit_code == 2
     assert "'whiten' is not one of auto, raw, l2, ssqrt-l2, standardize, pca-whiten" in bad.output
