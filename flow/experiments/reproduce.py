@@ -41,7 +41,7 @@ from flow.experiments.fitting import fit_cache, flow_setting, normal_classes
 from flow.experiments.scoring import score_runs
 from flow.model.sanf import FlowConfig, count_flops, parameter_count
 from flow.model.train import FlowTrainingError
-from flow.store.run_folder import atomic_write_text, write_csv
+from flow.store.run_folder import atomic_write_text, remove_run, write_csv
 
 TABLES = (2, 5, 6, 7)
 #: Table 7's numbers of coupling blocks K; Table 2's flows use the paper's K = 4.
@@ -268,7 +268,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
               scale: str = "quick", seeds: Sequence[int] | None = None, base: FitConfig | None = None,
               runs_dir: str | os.PathLike | None = None, device: str = "auto",
               log: Callable[[str], None] = print, progress: bool = True, dist: DistContext = SINGLE,
-              absent: str | None = None, fit: bool = True) -> Reproduction:
+              absent: str | None = None, fit: bool = True, keep_runs: bool = True) -> Reproduction:
     """Fit, score and tabulate what ``tables`` need on ``cache``; write ``<out>/tables.md`` and ``table<N>.csv``.
 
     Args:
@@ -285,6 +285,8 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
         dist: a torchrun job: the units are shared among its ranks; rank 0 writes the tables.
         absent: why the data is absent (then nothing is fitted).
         fit: fit what the ledger lacks; False: only write the tables of what it holds (say, after a stopped call).
+        keep_runs: keep each unit's run folder (its weights and scores); False removes it once the unit's rows are
+            in the ledger, which is all a later call reuses (a flow's folder holds 0.1-0.5 GB at D = 1280).
 
     Returns:
         A :class:`Reproduction` (on every rank; the tables are written by rank 0).
@@ -326,7 +328,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
                 check_manifest(out, identity)
             ledger = read_ledger(ledger_path, repair=dist.is_main)
         return _run(cache, out, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs,
-                    classes, units, keys, ledger, table7_seeds, fit)
+                    classes, units, keys, ledger, table7_seeds, fit, keep_runs)
 
 
 def _busy(out: Path) -> Callable[[str], str]:
@@ -334,7 +336,7 @@ def _busy(out: Path) -> Callable[[str], str]:
 
 
 def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs, classes,
-         units, keys, ledger, table7_seeds, fit: bool = True) -> Reproduction:
+         units, keys, ledger, table7_seeds, fit: bool = True, keep_runs: bool = True) -> Reproduction:
     """The body of :func:`reproduce`, under its lock on ``out``."""
     ledger_path = out / LEDGER
     done = {(r["method"], r["blocks"], r["seed"], r["normal_class"]): r["settings"] for r in ledger}
@@ -371,6 +373,8 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
                 finally:
                     bar.update()
                 _append_ledger(ledger_path, rows)
+                if not keep_runs:  # the ledger holds what a later call reuses
+                    remove_run(runs_dir / rows[0]["run"])
                 kept += was_kept
                 if not dist.distributed and i + 1 < len(mine) and mine[i + 1].seed != unit.seed:
                     # a seed is done: the tables so far, in case the call is stopped before the end
@@ -513,6 +517,16 @@ TABLE2_COLUMNS = (("sanf", "nll", "SANF-AD nll"), ("sanf", "z2", "SANF-AD z2"),
                   ("knn", "cosine", "k-NN cosine"), ("gaussian", "mahalanobis", "Gaussian"))
 
 
+def _md_row(cells: Sequence[str]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_header(header: Sequence[str]) -> list[str]:
+    """A markdown table's header row and its rule."""
+    return [_md_row(header), "|" + "---|" * len(header)]
+
+
 def _table2(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
     title = "AUROC per normal class, one class normal and the rest anomalous"
     if attrs is None:
@@ -522,7 +536,7 @@ def _table2(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
     csv_rows, header = [], ["normal class", *(c[2] for c in TABLE2_COLUMNS)]
     if paper:
         header.append(f"paper SANF-AD ({paper['backbone']})")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _md_header(header)
     for k, name in classes:
         cells = [name]
         for method, score, _ in TABLE2_COLUMNS:
@@ -535,7 +549,7 @@ def _table2(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
                                  "paper": paper["per_class"].get(name, "") if paper else ""})
         if paper:
             cells.append(_text(paper["per_class"].get(name)))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_row(cells))
     cells = ["**mean**"]
     for method, score, _ in TABLE2_COLUMNS:
         means = _seed_means(_cells(flow_rows, method=method, score=score), len(classes))
@@ -548,7 +562,7 @@ def _table2(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
     paper_mean = paper["mean"] if paper else PAPER_MEANS.get(dataset)
     if paper:
         cells.append(_text(paper_mean))
-    lines.append("| " + " | ".join(cells) + " |")
+    lines.append(_md_row(cells))
     if paper:
         best, value = paper["best_earlier"]
         lines += ["", f"Best earlier method in the paper's table: {best}, mean {value:.3f}."]
@@ -574,7 +588,7 @@ def _table5(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
         return title, [], [f"Not run: data absent ({absent})."], []
     paper = PAPER_TABLE5.get(dataset, {})
     header = ["flow", "nll", "z2", "fits", *(f"paper {b}" for b in paper)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _md_header(header)
     csv_rows, counts = [], []
     for i, (method, label) in enumerate((("sanf", "with CAFF"), ("sanf-nocaff", "without CAFF"))):
         cells = [label]
@@ -590,7 +604,7 @@ def _table5(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
         cells.append(str(n))
         counts.append(n)
         cells += [_text(v[i]) for v in paper.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_row(cells))
     complete = len(classes) * len(seeds)
     status = f"; incomplete: {min(counts)} of {complete} so far." if min(counts) < complete else "."
     lines += ["", f"Mean ± sample standard deviation over the fits (normal classes x seeds: {len(classes)} x "
@@ -606,7 +620,7 @@ def _table7(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
         return title, [], [f"Not run: data absent ({absent})."], []
     paper = PAPER_TABLE7.get(dataset, {})
     header = ["K", "nll", "z2", "trainable parameters", *(f"paper {b}" for b in paper)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _md_header(header)
     csv_rows = []
     seeds7 = set(table7_seeds)
     for i, blocks in enumerate(TABLE7_BLOCKS):
@@ -623,7 +637,7 @@ def _table7(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
                                  **{f"paper_{b}": v[i] for b, v in paper.items()}})
         cells.append(f"{params / 1e6:.1f} M")
         cells += [_text(v[i]) for v in paper.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_row(cells))
     lines += ["", f"Mean over the {len(classes)} normal classes; seeds {', '.join(map(str, sorted(seeds7)))}"
                   + (" (± over seeds)." if len(seeds7) > 1 else " (one seed: no ±).")]
     return title, csv_rows, lines, [r for r in rows if r["method"] == "sanf" and r["seed"] in seeds7]
@@ -635,7 +649,7 @@ def _table6(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
     if attrs is not None:
         settings.append((f"this run: {attrs['backbone']}", int(attrs["feature_dim"]), int(attrs["num_patches"])))
     header = ["features", "D", "P", "flow", "parameters", "GFLOPs as printed (eq. 42)", "GFLOPs computed"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _md_header(header)
     csv_rows = []
     for label, dim, num_patches in settings:
         for caff in (True, False):
@@ -647,8 +661,8 @@ def _table6(rows, dataset, attrs, seeds, table7_seeds, classes, absent):
             csv_rows.append({"features": label, "dim": dim, "num_patches": num_patches, "method": method,
                              "num_parameters": params, "gflops_as_printed": round(written, 4),
                              "gflops_computed": round(computed, 4)})
-            lines.append(f"| {label} | {dim} | {num_patches} | {method} | {params / 1e6:.1f} M | {written:.3f} | "
-                         f"{computed:.3f} |")
+            lines.append(_md_row([label, str(dim), str(num_patches), method, f"{params / 1e6:.1f} M",
+                                  f"{written:.3f}", f"{computed:.3f}"]))
     paper_params, paper_gflops = PAPER_TABLE6
     lines += ["", f"The paper prints {paper_params / 1e6:.1f} M parameters and {paper_gflops} GFLOPs (K = 4, "
                   "H = 1024).",
