@@ -280,9 +280,12 @@ def serve(run_dir, **opts) -> None:
               help="The flows' seeds [default: the scale's: quick 0,1; cpu and paper 0,1,2]."),
          _opt("--out", type=FOLDER, required=True, help="Folder of tables.md, table<N>.csv and fits.csv (resumed)."),
          DATASET, *EXTRACT[1:-2], CACHE, NORMAL, EPOCHS, STEPS,
-         _opt("--tables-only", is_flag=True, help="Fit nothing: write the tables of what <out>/fits.csv holds."))
+         _opt("--tables-only", is_flag=True, help="Fit nothing: write the tables of what <out>/fits.csv holds."),
+         _opt("--keep-runs/--no-keep-runs", default=True, show_default=True,
+              help="Keep each fit's run folder (0.1-0.5 GB per flow); --no-keep-runs removes it once its AUROCs are "
+                   "in fits.csv."))
 @command(job=True)
-def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, tables_only, device, job,
+def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, tables_only, keep_runs, device, job,
               **extract_options) -> None:
     """The paper's tables 2 (per class), 5 (CAFF ablation), 6 (size) and 7 (coupling blocks): extract once (unless
     --cache), fit and score what each needs, write <out>/tables.md and table<N>.csv beside the paper's numbers.
@@ -301,7 +304,7 @@ def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, tables_on
     checked(FitConfig, epochs=epochs, steps=steps)
     done = reproduce_tables(out, [int(t) for t in tables], scale, seeds=seeds, cache=cache, normal=normal,
                             epochs=epochs, steps=steps, device=device, log=job.log(click.echo), dist=job,
-                            fit=not tables_only, **given)
+                            fit=not tables_only, keep_runs=keep_runs, **given)
     if job.is_main:
         click.echo(f"{done.fitted} fits fitted, {done.reused} reused; wall time: "
                    + ", ".join(f"{k} {v:.0f} s" for k, v in done.seconds.items()))

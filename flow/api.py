@@ -306,7 +306,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
               seeds: Sequence[int] | None = None, cache: str | os.PathLike | None = None, normal: str = "all",
               epochs: int | None = None, steps: int | None = None, device: str = "auto",
               log: Callable[[str], None] = print, progress: bool = True, dist: DistContext = SINGLE,
-              fit: bool = True, **extract_options) -> Reproduction:
+              fit: bool = True, keep_runs: bool = True, **extract_options) -> Reproduction:
     """The paper's tables 2, 5, 6 and 7 (``pipeline.py reproduce``): extract once (or use ``cache``), fit and score
     what each table needs, and write ``<out>/tables.md``, ``table<N>.csv`` and the ledger ``fits.csv``; resumable.
 
@@ -322,6 +322,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
         epochs, steps: the flows' training length (default: the scale's).
         device, log, progress, dist: as :func:`sweep`.
         fit: False: fit nothing, only write the tables of what ``<out>/fits.csv`` holds.
+        keep_runs: False: remove each unit's run folder once its rows are in ``fits.csv`` (what a later call reuses).
 
     Returns:
         A :class:`flow.experiments.reproduce.Reproduction` (files written, fits fitted and reused, wall times).
@@ -353,7 +354,7 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
             absent = str(err)
             log(f"not run: data absent ({absent})")
     return reproduce_tables(cache, out, tables, scale=scale, seeds=seeds, base=base, device=device, log=log,
-                            progress=progress, dist=dist, absent=absent, fit=fit)
+                            progress=progress, dist=dist, absent=absent, fit=fit, keep_runs=keep_runs)
 
 
 def serve(run: str | os.PathLike, onnx: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -400,6 +400,20 @@ def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in runs_dir.iterdir() if not p.name.startswith(".") and (p / "run.json").is_file())
 
 
+def remove_run(path: str | os.PathLike) -> None:
+    """Remove a run folder whole: it is renamed aside first (a hidden name), so that a process killed during the
+    removal leaves either the whole run or nothing under its name.
+
+    Raises:
+        RunError: ``path`` is not a run folder (no readable ``run.json``): nothing is removed.
+    """
+    path = Path(path)
+    read_run_record(path)
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".removing")) / "run"
+    os.replace(path, aside)
+    shutil.rmtree(aside.parent, ignore_errors=True)
+
+
 #: The columns of ``auroc.csv`` and ``auroc_by_anomaly.csv`` that hold a rate in [0, 1] measured on the test split,
 #: written with :data:`METRIC_DECIMALS` decimals.
 METRIC_COLUMNS = ("auroc", "aupr", "fpr95", "false_alarm_rate", "detection_rate")

@@ -122,6 +122,22 @@ def test_results_of_other_settings_in_the_output_folder_are_refused(quick_digits
     assert "holds results of other settings" in result.output and "--out" in result.output
 
 
+def test_no_keep_runs_removes_each_run_folder_and_a_second_call_still_reuses_every_fit(two_class_cache, tmp_path):
+    out = tmp_path / "out"
+    args = ["reproduce", "--scale", "quick", "--cache", str(two_class_cache), "--out", str(out), "--seeds", "0",
+            "--tables", "2", "--steps", "2", "--device", "cpu", "--no-keep-runs"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "8 fits fitted, 0 reused" in result.output
+    assert list((out / "runs").iterdir()) == []  # no run folder, nothing hidden left behind
+    ledger = (out / LEDGER).read_text()
+    assert len({r["run"] for r in _ledger_rows(out)}) == 8
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "8 reused from" in again.output and "0 fits fitted" in again.output
+    assert (out / LEDGER).read_text() == ledger
+
+
 def test_killed_mid_way_the_same_command_resumes_without_refitting(two_class_cache, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "pipeline.py", "reproduce", "--scale", "quick", "--cache", str(two_class_cache),

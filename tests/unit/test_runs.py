@@ -14,7 +14,7 @@ from flow.experiments.metrics import MetricError, auroc
 from flow.experiments.report import auroc_table
 from flow.experiments.scoring import AUROC_COLUMNS, score_runs
 from flow.model.train import TrainConfig
-from flow.store.run_folder import RunError, load_run
+from flow.store.run_folder import RunError, list_runs, load_run, remove_run
 
 from conftest import gaussian_splits, write_cache
 
@@ -140,6 +140,21 @@ def test_fit_and_score_separate_gaussian_classes(gaussian_cache, tmp_path):
     assert len(scores) == 60 and list(scores[0]) == ["sample_id", "label", "is_anomaly", "nll", "z2"]
     assert sum(int(r["is_anomaly"]) for r in scores) == 40
     assert all(int(r["is_anomaly"]) == (int(r["label"]) != 1) for r in scores)
+
+
+def test_remove_run_removes_a_run_whole_and_refuses_a_folder_that_is_not_a_run(gaussian_cache, tmp_path):
+    runs = tmp_path / "runs"
+    outcomes = fit_cache(gaussian_cache, FitConfig(normal="all", method="knn"), runs_dir=runs, device="cpu",
+                         progress=False, log=quiet)
+    remove_run(outcomes[0].path)
+    assert list_runs(runs) == [o.path for o in outcomes[1:]]
+    assert sorted(p.name for p in runs.iterdir()) == sorted(o.path.name for o in outcomes[1:])  # nothing hidden left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(RunError, match="cannot read run.json"):
+        remove_run(other)
+    assert (other / "keep.txt").read_text() == "mine"
 
 
 def test_saved_run_reloads_to_identical_scores(gaussian_cache, tmp_path):
