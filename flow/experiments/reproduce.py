@@ -292,7 +292,8 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
         A :class:`Reproduction` (on every rank; the tables are written by rank 0).
 
     Raises:
-        ValueError: a table or scale not known, an ``out`` whose ledger holds results of other settings.
+        ValueError: a table or scale not known, an ``out`` whose ledger holds results of other settings, or
+            (data absent) any results.
         As :func:`flow.experiments.fitting.fit_cache` and :func:`flow.experiments.scoring.score_runs`.
     """
     tables = sorted(set(tables))
@@ -308,6 +309,9 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     ledger_path = out / LEDGER
     if cache is None:
+        if ledger_path.exists() and read_ledger(ledger_path):  # "not run" tables would replace its tables
+            raise ValueError(f"--out {out} holds the results of earlier fits ({ledger_path}) and the data is absent "
+                             f"({absent}): its tables are left as they are; choose another --out")
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
         files, seconds = write_tables(out, tables, [], None, preset, seeds, base, {}, absent=absent) \

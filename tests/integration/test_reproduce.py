@@ -182,6 +182,19 @@ def test_absent_data_says_not_run_and_still_writes_the_size_table(tmp_path):
     assert not (tmp_path / "out" / "table2.csv").exists()
 
 
+def test_absent_data_leaves_the_tables_of_earlier_fits_in_the_output_folder_as_they_are(two_class_cache, tmp_path):
+    out = tmp_path / "out"
+    done = invoke("reproduce", "--scale", "quick", "--cache", str(two_class_cache), "--out", str(out), "--seeds", "0",
+                  "--tables", "2", "--steps", "2", "--device", "cpu", "--no-keep-runs")
+    assert done.exit_code == 0, done.output
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    absent = invoke("reproduce", "--scale", "cpu", "--tables", "2,6", "--out", str(out),
+                    "--data-root", str(tmp_path / "nowhere"), "--no-download", "--cache-dir", str(tmp_path / "c"))
+    assert absent.exit_code == 2
+    assert "holds the results of earlier fits" in absent.output and "choose another --out" in absent.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_extraction_options_with_a_cache_are_refused(two_class_cache, tmp_path):
     result = invoke("reproduce", "--cache", str(two_class_cache), "--out", str(tmp_path / "o"), "--backbone", "x")
     assert result.exit_code == 2 and "--backbone sets the extraction; with --cache" in result.output
