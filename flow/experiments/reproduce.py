@@ -309,7 +309,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     ledger_path = out / LEDGER
     if cache is None:
-        if ledger_path.exists() and read_ledger(ledger_path):  # "not run" tables would replace its tables
+        if read_ledger(ledger_path):  # "not run" tables would replace its tables
             raise ValueError(f"--out {out} holds the results of earlier fits ({ledger_path}) and the data is absent "
                              f"({absent}): its tables are left as they are; choose another --out")
         if dist.is_main:

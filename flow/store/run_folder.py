@@ -221,7 +221,7 @@ def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
             return
         aside = None
         if final.exists():
-            aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old")) / "run"
+            aside = _aside(final, ".old")
             try:
                 os.replace(final, aside)
             except FileNotFoundError:  # another writer moved it first
@@ -237,6 +237,12 @@ def _move_into_place(folder: Path, final: Path, attempts: int = 5) -> None:
                 shutil.rmtree(aside.parent, ignore_errors=True)
         return
     raise RunError(f"could not put the run {final} in place: other processes keep writing it")
+
+
+def _aside(run: Path, suffix: str) -> Path:
+    """A free path in a new hidden folder beside ``run`` (which :func:`list_runs` skips), to move ``run`` to before
+    deleting that folder."""
+    return Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}.", suffix=suffix)) / "run"
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -409,7 +415,7 @@ def remove_run(path: str | os.PathLike) -> None:
     """
     path = Path(path)
     read_run_record(path)
-    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".removing")) / "run"
+    aside = _aside(path, ".removing")
     os.replace(path, aside)
     shutil.rmtree(aside.parent, ignore_errors=True)
 
