@@ -87,7 +87,7 @@ EXTRACT = [  # the options of extract; sweep takes all but --overwrite, and --da
          "feature_info entry N)."),
     _opt("--img-size", type=click.IntRange(min=1), default=None, help="Input size override (pixels)."),
     _opt("--train-per-class", type=click.IntRange(min=1), default=None, help="Keep a fixed subset of this many "
-         "train images per class (seed 0, recorded in the cache); default: all."),
+         "train images per class (seed 0, recorded in the cache) instead of all."),
     _opt("--crop-pct", type=FiniteFloat(0, 1, min_open=True), default=None, help="Centre-crop fraction override."),
     _opt("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass."),
     _opt("--num-workers", type=click.IntRange(min=0), default=2, help="DataLoader decoding processes."),
@@ -312,6 +312,15 @@ def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, tables_on
         if done.failed:
             raise InputError(f"{len(done.failed)} fits failed and are left out of the tables (first: "
                              f"{done.failed[0]}); the same command tries them again")
+
+
+#: the extraction options each --scale sets (flow.experiments.reproduce.SCALES; a test checks they agree): their
+#: defaults in reproduce --help are the scale's, not extract's
+SCALE_SET = ("dataset", "backbone", "weights", "patch_grid", "train_per_class", "num_workers")
+for _param in reproduce.params:
+    if _param.name in SCALE_SET:
+        _param.show_default = False
+        _param.help += " [default: the --scale's, docs/paper_tables.md 'Scales']"
 
 
 @cli.command()

@@ -200,6 +200,18 @@ def test_extraction_options_with_a_cache_are_refused(two_class_cache, tmp_path):
     assert result.exit_code == 2 and "--backbone sets the extraction; with --cache" in result.output
 
 
+def test_help_says_the_scale_sets_the_options_it_sets_instead_of_extracts_defaults():
+    import pipeline
+
+    assert set(pipeline.SCALE_SET) == {"dataset"}.union(*(s.extract for s in SCALES.values()))
+    text = invoke("reproduce", "--help").output
+    assert "vit_base_patch16_384" not in text and "default: 8" not in text
+    params = {p.name: p for p in pipeline.reproduce.params}
+    for name in pipeline.SCALE_SET:
+        assert not params[name].show_default and "the --scale's" in params[name].help, name
+    assert params["batch_size"].show_default is not False  # one the scales leave: extract's default shown
+
+
 def test_units_are_planned_seed_by_seed_each_once():
     classes = [(0, "a"), (1, "b")]
     units = plan_units([2, 5, 7], classes, seeds=[0, 1, 2], table7_seeds=[0])
