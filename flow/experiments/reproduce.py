@@ -162,13 +162,33 @@ def unit_config(unit: Unit, base: FitConfig) -> tuple[FitConfig, str]:
     return config, "" if unit.blocks == PAPER_BLOCKS else flow_setting(unit.blocks, config.hidden)
 
 
-def settings_key(config: FitConfig, cache_attrs: dict) -> str:
-    """A short hash of what makes two results of a unit comparable: the fit's settings (normal class and seed aside)
-    and the extraction's (the cache's root attributes that describe it; not its creation time)."""
+def unit_settings(config: FitConfig, cache_attrs: dict) -> dict:
+    """What makes two results of a unit comparable, in JSON types: ``{"fit": ..., "features": ...}``, the fit's
+    settings (normal class and seed aside) and the extraction's (the cache's root attributes that describe it; not
+    its creation time)."""
     fit = {k: v for k, v in config.to_dict().items() if k not in ("normal", "seed")}
     skip = {"created", "extract_seconds", "images_per_second", "timm_version", "torch_version", "data_source"}
     what = {"fit": fit, "features": {k: v for k, v in sorted(cache_attrs.items()) if k not in skip}}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return json.loads(json.dumps(what, sort_keys=True, default=str))
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of :func:`unit_settings` (the ledger's ``settings`` column)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def settings_differences(before: dict, now: dict) -> list[str]:
+    """The settings that differ between two :func:`unit_settings`, as ``--steps 10 there, 3 now`` (a fit option) or
+    ``the cache's patch_grid 4 there, 8 now`` (the extraction)."""
+    lines = []
+    for part, name in (("fit", "--{}"), ("features", "the cache's {}")):
+        old, new = before.get(part, {}), now.get(part, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                label = name.format(key.replace("_", "-") if part == "fit" else key)
+                was, wanted = ("not given" if v is None else v for v in (old.get(key), new.get(key)))
+                lines.append(f"{label} {was} there, {wanted} now")
+    return lines
 
 
 def read_ledger(path: Path, repair: bool = False) -> list[dict]:
@@ -236,6 +256,24 @@ def check_manifest(out: Path, identity: dict) -> None:
                              f"{recorded.get('cache')}); choose another --out")
         return
     atomic_write_text(path, json.dumps(identity, indent=1) + "\n")
+
+
+def record_settings(out: Path, settings: dict[str, dict]) -> None:
+    """Add ``settings`` (:func:`settings_key` -> :func:`unit_settings`) to ``<out>/reproduce.json``'s
+    ``settings``, so that a later call of other settings can be told which differ."""
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text())
+    known = manifest.setdefault("settings", {})
+    if not settings.keys() <= known.keys():
+        known.update(settings)
+        atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+
+
+def recorded_settings(out: Path, key: str) -> dict | None:
+    """The :func:`unit_settings` recorded in ``<out>/reproduce.json`` under ``key``; None where not recorded (an
+    ``out`` written before they were)."""
+    path = out / MANIFEST
+    return json.loads(path.read_text()).get("settings", {}).get(key) if path.is_file() else None
 
 
 def _append_ledger(path: Path, rows: list[dict]) -> None:
@@ -323,7 +361,8 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
         identity = {"data": data_identity(fc), "dataset": attrs["dataset"], "cache": Path(cache).name}
     table7_seeds = seeds[:preset.table7_seeds] if preset.table7_seeds else seeds
     units = plan_units(tables, classes, seeds, table7_seeds)
-    keys = {u.key: settings_key(unit_config(u, base)[0], attrs) for u in units}
+    settings = {u.key: unit_settings(unit_config(u, base)[0], attrs) for u in units}
+    keys = {u: settings_key(v) for u, v in settings.items()}
     with contextlib.ExitStack() as stack:
         with dist.all_succeed():
             if dist.is_main:
@@ -332,7 +371,7 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
                 check_manifest(out, identity)
             ledger = read_ledger(ledger_path, repair=dist.is_main)
         return _run(cache, out, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs,
-                    classes, units, keys, ledger, table7_seeds, fit, keep_runs)
+                    classes, units, settings, keys, ledger, table7_seeds, fit, keep_runs)
 
 
 def _busy(out: Path) -> Callable[[str], str]:
@@ -340,14 +379,20 @@ def _busy(out: Path) -> Callable[[str], str]:
 
 
 def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs, classes,
-         units, keys, ledger, table7_seeds, fit: bool = True, keep_runs: bool = True) -> Reproduction:
+         units, settings, keys, ledger, table7_seeds, fit: bool = True, keep_runs: bool = True) -> Reproduction:
     """The body of :func:`reproduce`, under its lock on ``out``."""
     ledger_path = out / LEDGER
     done = {(r["method"], r["blocks"], r["seed"], r["normal_class"]): r["settings"] for r in ledger}
     other = [u for u in units if u.key in done and done[u.key] != keys[u.key]]
     if other:
-        raise ValueError(f"--out {out} holds results of other settings ({other[0].describe()}: fitted on another "
-                         "extraction or with another training); choose another --out")
+        before = recorded_settings(out, done[other[0].key])
+        differ = settings_differences(before, settings[other[0].key]) if before else []
+        raise ValueError(f"--out {out} holds results of other settings ({other[0].describe()}: "
+                         + ("; ".join(differ[:3]) + ("; ..." if len(differ) > 3 else "") if differ else
+                            "fitted on another extraction or with another training")
+                         + "); choose another --out")
+    if dist.is_main and fit:
+        record_settings(out, {keys[u.key]: settings[u.key] for u in units})
     todo = [u for u in units if u.key not in done]
     reused = len(units) - len(todo)
     if dist.is_main:

@@ -4,6 +4,7 @@ with SIGKILL and resumed without fitting again what had finished."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,9 @@ from flow.experiments.reproduce import (
     TABLE7_BLOCKS,
     plan_units,
     read_ledger,
+    settings_differences,
+    settings_key,
+    unit_settings,
     write_tables,
 )
 from pipeline import cli
@@ -120,6 +124,38 @@ def test_results_of_other_settings_in_the_output_folder_are_refused(quick_digits
                     "--tables", "2", "--steps", "3", "--cache", str(next(caches.glob("*.h5"))))
     assert result.exit_code == 2
     assert "holds results of other settings" in result.output and "--out" in result.output
+    assert "--steps 10 there, 3 now" in result.output  # the setting that differs, named
+    assert "steps\": 3" not in (out / "reproduce.json").read_text()  # the refused call recorded nothing
+
+
+def test_an_output_folder_written_before_settings_were_recorded_is_still_refused_for_other_settings(
+        two_class_cache, tmp_path):
+    out = tmp_path / "out"
+    args = ["reproduce", "--cache", str(two_class_cache), "--out", str(out), "--tables", "2", "--normal", "a",
+            "--seeds", "0", "--device", "cpu"]
+    assert invoke(*args, "--steps", "1").exit_code == 0
+    manifest = json.loads((out / "reproduce.json").read_text())
+    assert len(manifest.pop("settings")) == 4  # sanf, sanf-nocaff, knn, gaussian
+    (out / "reproduce.json").write_text(json.dumps(manifest))
+    result = invoke(*args, "--steps", "2")
+    assert result.exit_code == 2
+    assert "holds results of other settings (sanf K=4 seed 0" in result.output
+    assert "fitted on another extraction or with another training" in result.output
+
+
+def test_the_settings_that_differ_are_named_by_their_option_or_cache_attribute():
+    before = unit_settings(FitConfig(blocks=4), {"patch_grid": [4, 4], "backbone": "b"})
+    now = unit_settings(FitConfig(blocks=6, epochs=3), {"patch_grid": [8, 8], "backbone": "b"})
+    assert settings_differences(before, now) == ["--blocks 4 there, 6 now", "--epochs not given there, 3 now",
+                                                 "the cache's patch_grid [4, 4] there, [8, 8] now"]
+    assert settings_differences(now, now) == []
+
+
+def test_the_settings_key_of_a_configuration_does_not_change_so_committed_ledgers_stay_reusable():
+    settings = unit_settings(FitConfig(steps=10), {"backbone": "tf_efficientnet_lite0", "patch_grid": [4, 4],
+                                                   "created": "2026-12-06"})
+    assert "created" not in settings["features"] and "seed" not in settings["fit"]
+    assert settings_key(settings) == "d3237a343d6e"
 
 
 def test_no_keep_runs_removes_each_run_folder_and_a_second_call_still_reuses_every_fit(two_class_cache, tmp_path):
