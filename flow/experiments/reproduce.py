@@ -401,8 +401,13 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
     if not fit:
         todo = []
     mine = dist.share(todo)
+    if dist.distributed:  # each rank fits on its own GPU (cuda:LOCAL_RANK), not all on the first
+        device = str(dist.device(device))
     kept = 0
-    bar = tqdm(total=len(mine), unit="fit", disable=not progress or not dist.is_main, dynamic_ncols=True)
+    # one bar over every fit of the job: tqdm here with one process (naming the fit), the job's counter under torchrun
+    bar = tqdm(total=len(mine), unit="fit", disable=not progress or dist.distributed, dynamic_ncols=True)
+    job_bar = dist.progress(len(todo), "fit", "fit", enabled=progress) if dist.distributed \
+        else contextlib.nullcontext(lambda: None)
 
     def say(line: str) -> None:
         with tqdm.external_write_mode():
@@ -410,7 +415,7 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
 
     failed: list[str] = []
     try:
-        with dist.all_succeed():
+        with dist.all_succeed(), job_bar as step:
             for i, unit in enumerate(mine):
                 bar.set_description(unit.describe())
                 try:
@@ -421,6 +426,7 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
                     continue
                 finally:
                     bar.update()
+                    step()
                 _append_ledger(ledger_path, rows)
                 if not keep_runs:  # the ledger holds what a later call reuses
                     remove_run(runs_dir / rows[0]["run"])

@@ -237,6 +237,29 @@ def test_sweep_on_two_ranks_gives_the_summary_of_one_process(uninterrupted, tmp_
     assert any((two / f"{uninterrupted.stem}__plots").iterdir())
 
 
+def test_reproduce_on_two_ranks_shares_the_fits_and_gives_the_ledger_of_one_process(uninterrupted, tmp_path):
+    args = ["reproduce", "--cache", str(uninterrupted), "--tables", "2,5", "--normal", "0", "--seeds", "0,1",
+            "--steps", "2", "--device", "cpu"]
+    alone = invoke(*args, "--out", str(tmp_path / "one"))
+    assert alone.exit_code == 0, alone.output
+    done = torchrun(*args, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("6 fits fitted, 0 reused") == 1  # rank 0 says it, for the whole job
+    assert "/6 [" in done.stderr and "/3 [" not in done.stderr  # one bar over the job's 6 fits, not a rank's 3
+
+    def ledger(out: Path) -> dict[tuple, float]:
+        _, rows = read_csv(out / "fits.csv")
+        return {(r["method"], r["seed"], r["score"]): float(r["auroc"]) for r in rows}
+
+    want, have = ledger(tmp_path / "one"), ledger(tmp_path / "two")
+    assert want.keys() == have.keys() and len(want) == 2 * 2 * 2 + 2  # 2 flows x 2 seeds x nll/z2, 2 baselines
+    for key, value in want.items():
+        assert abs(have[key] - value) <= (0 if key[0] in ("knn", "gaussian") else 1e-3), (key, have[key], value)
+    assert {p.name for p in (tmp_path / "two").iterdir()} >= {"tables.md", "table2.csv", "table5.csv"}
+    again = torchrun(*args, "--out", str(tmp_path / "two"))
+    assert again.returncode == 0 and "0 fits fitted, 6 reused" in again.stdout, again.stdout + again.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (("extract", "--dataset", "nosuch"), "Invalid value for '--dataset': 'nosuch' is not one of"),  # click's parser
     (("sweep", "--dataset", "digits", "--epochs", "2", "--steps", "5"),  # found by the command from its arguments

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
+from extract.distributed import DistContext
 from flow.experiments.config import FitConfig
 from flow.experiments.reproduce import (
     LEDGER,
@@ -29,6 +31,7 @@ from flow.experiments.reproduce import (
     unit_settings,
     write_tables,
 )
+from flow.experiments.reproduce import reproduce as reproduce_tables
 from pipeline import cli
 
 from conftest import ROOT, gaussian_splits, write_cache
@@ -246,6 +249,29 @@ def test_help_says_the_scale_sets_the_options_it_sets_instead_of_extracts_defaul
     for name in pipeline.SCALE_SET:
         assert not params[name].show_default and "the --scale's" in params[name].help, name
     assert params["batch_size"].show_default is not False  # one the scales leave: extract's default shown
+
+
+class OneRankJob(DistContext):
+    """A stand-in for one rank of a torchrun job on a GPU machine: distributed, its collectives the identity, and the
+    device it is given for ``cuda`` recorded (the CPU here)."""
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def gather(self, obj):
+        return [obj]
+
+    def device(self, requested: str) -> torch.device:
+        self._state.setdefault("asked", []).append(requested)
+        return torch.device("cpu")
+
+
+def test_under_torchrun_each_rank_fits_on_the_device_of_its_rank(two_class_cache, tmp_path):
+    job = OneRankJob()
+    done = reproduce_tables(two_class_cache, tmp_path / "out", [2], "quick", seeds=[0], device="cuda", dist=job,
+                            base=FitConfig(normal="a", steps=1), progress=False, log=lambda line: None)
+    assert done.fitted == 4 and job._state["asked"] == ["cuda"]  # not "cuda" as given: cuda:0 on every rank
 
 
 def test_units_are_planned_seed_by_seed_each_once():
