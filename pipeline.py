@@ -272,8 +272,12 @@ def serve(run_dir, **opts) -> None:
     serve_run(run_dir, log=click.echo, **opts)
 
 
+_OTHER_DATASETS = "Tables 3 and 4 are Table 2 on other datasets: --dataset cifar100, cats-vs-dogs, stl10 or mvtec"
+
+
 @cli.command()
-@options(_opt("--tables", default="2,5,6,7", callback=comma_list(["2", "5", "6", "7"]), help="Comma-separated."),
+@options(_opt("--tables", default="2,5,6,7", callback=comma_list(["2", "5", "6", "7"], hints={
+              "3": _OTHER_DATASETS, "4": _OTHER_DATASETS}), help=f"Comma-separated. {_OTHER_DATASETS}."),
          _opt("--scale", type=click.Choice(["quick", "cpu", "paper"]), default="quick", help="quick: digits, minutes; "
               "cpu: CIFAR-10 with EfficientNet-Lite0, hours; paper: ViT-L/16, a GPU (docs/paper_tables.md)."),
          _opt("--seeds", default=None, callback=comma_list(low=0, high=2**32 - 1),

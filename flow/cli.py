@@ -53,9 +53,10 @@ class Command(click.Command):
                          None)
             value_next = param is not None and not param.is_flag and "=" not in arg
             if param is not None and not param.multiple and param.name in seen:
-                same = seen[param.name] == name
-                raise click.UsageError(f"{name} given twice{'' if same else f' (as {seen[param.name]} and {name})'}; "
-                                       "give it once", ctx)
+                if seen[param.name] == name:
+                    raise click.UsageError(f"{name} given twice; give it once", ctx)
+                raise click.UsageError(f"{seen[param.name]} and {name} given together (one option); give one of "
+                                       "them", ctx)
             if param is not None:
                 seen[param.name] = name
             if name in DEPRECATED:
@@ -169,14 +170,16 @@ def options(*decorators):
     return apply
 
 
-def comma_list(choices=None, low: int | None = None, high: int | None = None):
+def comma_list(choices=None, low: int | None = None, high: int | None = None, hints: dict[str, str] | None = None):
     """A click callback turning ``"a,b"`` into a list of names (one of ``choices``) or of integers in low..high,
-    each checked, duplicates dropped; an empty list is refused."""
+    each checked, duplicates dropped; an empty list is refused. ``hints``: what to say of a value not among
+    ``choices`` that users may expect there."""
 
     def check(item: str):
         if choices is not None:
             if item not in choices:
-                raise ValueError(f"{item!r} is not one of {', '.join(choices)}")
+                hint = f" ({hints[item]})" if hints and item in hints else ""
+                raise ValueError(f"{item!r} is not one of {', '.join(choices)}{hint}")
             return item
         if not item.isascii() or not item.isdigit() or not low <= int(item) <= high:
             raise ValueError(f"{item!r} is not an integer in {low}..{high}")

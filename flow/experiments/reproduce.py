@@ -405,8 +405,8 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
         device = str(dist.device(device))
     kept = 0
     # one bar over every fit of the job: tqdm here with one process (naming the fit), the job's counter under torchrun
-    bar = tqdm(total=len(mine), unit="fit", disable=not progress or dist.distributed, dynamic_ncols=True)
-    job_bar = dist.progress(len(todo), "fit", "fit", enabled=progress) if dist.distributed \
+    bar = tqdm(total=len(mine), unit="fit", disable=not progress or dist.distributed or not mine, dynamic_ncols=True)
+    job_bar = dist.progress(len(todo), "fit", "fit", enabled=progress and bool(todo)) if dist.distributed \
         else contextlib.nullcontext(lambda: None)
 
     def say(line: str) -> None:

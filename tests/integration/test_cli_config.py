@@ -56,6 +56,10 @@ def test_an_option_given_twice_is_refused(small_cache, tmp_path):
                     str(tmp_path / "runs"))
     assert result.exit_code == 2 and "--transform given twice" in result.output
     assert not (tmp_path / "runs").exists()
+    both = invoke("reproduce", "--out", str(tmp_path / "out"), "--keep-runs", "--no-keep-runs")
+    assert both.exit_code == 2
+    assert "--keep-runs and --no-keep-runs given together (one option); give one of them" in both.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_old_spellings_work_with_a_note(small_cache, tmp_path):

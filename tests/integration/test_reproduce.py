@@ -274,6 +274,13 @@ def test_under_torchrun_each_rank_fits_on_the_device_of_its_rank(two_class_cache
     assert done.fitted == 4 and job._state["asked"] == ["cuda"]  # not "cuda" as given: cuda:0 on every rank
 
 
+def test_tables_3_and_4_are_refused_with_a_pointer_to_the_other_datasets(tmp_path):
+    result = invoke("reproduce", "--out", str(tmp_path / "out"), "--tables", "2,3")
+    assert result.exit_code == 2
+    assert "'3' is not one of 2, 5, 6, 7 (Tables 3 and 4 are Table 2 on other datasets: --dataset" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_units_are_planned_seed_by_seed_each_once():
     classes = [(0, "a"), (1, "b")]
     units = plan_units([2, 5, 7], classes, seeds=[0, 1, 2], table7_seeds=[0])
@@ -373,6 +380,7 @@ def test_tables_only_fits_nothing_and_tabulates_what_the_ledger_holds(two_class_
     result = invoke(*args, "--tables-only")
     assert result.exit_code == 0, result.output
     assert "4 reused from" in result.output and "0 fits fitted" in result.output
+    assert "0fit" not in result.output  # no bar over nothing (tqdm: "0fit [00:00, ?fit/s]")
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
     assert {r["row"] for r in read(out / "table2.csv")} == {"a"}  # no mean over classes with class b missing
     assert "Incomplete: 4 of 8 fits finished" in (out / "tables.md").read_text()
