@@ -419,7 +419,7 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
             for i, unit in enumerate(mine):
                 bar.set_description(unit.describe())
                 try:
-                    rows, was_kept = _fit_unit(cache, unit, base, keys[unit.key], runs_dir, device, say)
+                    rows, was_kept, run = _fit_unit(cache, unit, base, keys[unit.key], runs_dir, device, say)
                 except FlowTrainingError as err:  # one diverging fit: said, left out, the others go on
                     failed.append(f"{unit.describe()}: {err}")
                     say(f"fit failed, left out of the tables: {failed[-1]}")
@@ -429,7 +429,7 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
                     step()
                 _append_ledger(ledger_path, rows)
                 if not keep_runs:  # the ledger holds what a later call reuses
-                    remove_run(runs_dir / rows[0]["run"])
+                    remove_run(run)
                 kept += was_kept
                 if not dist.distributed and i + 1 < len(mine) and mine[i + 1].seed != unit.seed:
                     # a seed is done: the tables so far, in case the call is stopped before the end
@@ -449,9 +449,9 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
 
 
 def _fit_unit(cache, unit: Unit, base: FitConfig, key: str, runs_dir: Path, device: str,
-              log: Callable[[str], None]) -> list[dict]:
-    """Fit (or keep, when fitted before with the same settings) and score one unit: its ledger rows, and whether
-    its run was kept."""
+              log: Callable[[str], None]) -> tuple[list[dict], bool, Path]:
+    """Fit (or keep, when fitted before with the same settings) and score one unit: its ledger rows, whether its run
+    was kept, and the run folder."""
     config, setting = unit_config(unit, base)
     (outcome,) = fit_cache(cache, config, runs_dir=runs_dir, device=device, progress=False, log=log,
                            setting=setting, keep_existing=True)
@@ -463,7 +463,8 @@ def _fit_unit(cache, unit: Unit, base: FitConfig, key: str, runs_dir: Path, devi
              "normal_name": unit.normal_name, "score": r["score"], "auroc": f"{r['auroc']:.6f}",
              "fit_seconds": outcome.record["wall_time_s"], "score_seconds": round(elapsed, 3),
              "num_train": outcome.record["num_train"], "transform": outcome.record["feature_transform"],
-             "run": outcome.path.name, "settings": key} for r in rows if r["score"] in wanted], outcome.kept
+             "run": outcome.path.name, "settings": key} for r in rows if r["score"] in wanted], outcome.kept, \
+        outcome.path
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
