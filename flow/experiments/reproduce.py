@@ -194,41 +194,64 @@ def settings_differences(before: dict, now: dict) -> list[str]:
 def read_ledger(path: Path, repair: bool = False) -> list[dict]:
     """The rows of ``fits.csv`` (numbers parsed); [] when it does not exist.
 
+    A unit's rows are appended in one write, each line ending in a newline, so a write cut short by a crash leaves
+    a last line without one, after none, some or all of its unit's complete rows: that unit is left out (fitted
+    again by the next call), never counted done with a score missing.
+
     Args:
         path: the ledger.
-        repair: cut a torn last line (a write cut short by a crash) off the file; without it, such a line is
-            skipped.
+        repair: also cut the torn write off the file, so that the next append starts on a fresh line.
 
     Raises:
-        ValueError: the file is not a ledger (other columns), or a line before the last is malformed.
+        ValueError: the file is not a ledger (other columns), or a line before the torn write is malformed.
     """
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        text = f.read()
-    reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != LEDGER_COLUMNS:
-        raise ValueError(f"--out: {path} is not a reproduce ledger (columns {reader.fieldnames}); choose another "
-                         "--out")
-    rows, lines = [], list(reader)
-    for i, row in enumerate(lines):
+    data = path.read_bytes()
+    header = (",".join(LEDGER_COLUMNS) + "\n").encode()
+    if not data.startswith(header) and not header.startswith(data):  # neither a ledger nor its torn first write
+        names = data.split(b"\n", 1)[0].decode("utf-8", "replace").split(",")
+        raise ValueError(f"--out: {path} is not a reproduce ledger (columns {names}); choose another --out")
+    keep = data.rfind(b"\n") + 1  # the bytes up to the last complete line
+    raw = list(csv.DictReader(io.StringIO(data[:keep].decode("utf-8"), newline="")))
+    rows = []
+    for i, row in enumerate(raw):
         try:
             if None in row or any(row[name] is None for name in LEDGER_COLUMNS):
                 raise ValueError("missing columns")
-            for name in ("blocks", "seed", "normal_class", "num_train"):
-                row[name] = int(row[name])
-            for name in ("auroc", "fit_seconds", "score_seconds"):
-                row[name] = float(row[name])
+            parsed = {**row, **{name: int(row[name]) for name in ("blocks", "seed", "normal_class", "num_train")},
+                      **{name: float(row[name]) for name in ("auroc", "fit_seconds", "score_seconds")}}
         except (TypeError, ValueError):
-            if i + 1 < len(lines):
-                raise ValueError(f"--out: {path} line {i + 2} is malformed; move the file away or mend the "
-                                 "line") from None
-            if repair:  # the last line, torn by a crash while it was written: cut off, its unit is fitted again
-                with open(path, "r+", newline="") as f:
-                    f.truncate(text.rstrip("\n").rfind("\n") + 1)
-            break
-        rows.append(row)
+            raise ValueError(f"--out: {path} line {i + 2} is malformed; move the file away or mend the line") \
+                from None
+        rows.append(parsed)
+    torn = keep < len(data)
+    if torn and rows:  # the complete rows before the torn line that belong to its unit go with it
+        key = _row_unit(rows[-1])
+        first = len(rows)
+        while first and _row_unit(rows[first - 1]) == key:
+            first -= 1
+        if len(rows) - first < len(TABLE_SCORES.get(rows[-1]["method"], ())):
+            keep -= len(_ledger_text(raw[first:]).encode("utf-8"))
+            rows = rows[:first]
+    if torn and repair:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
     return rows
+
+
+def _row_unit(row: dict) -> tuple:
+    return row["method"], row["blocks"], row["seed"], row["normal_class"]
+
+
+def _ledger_text(rows: list[dict], header: bool = False) -> str:
+    """``rows`` as the ledger's CSV lines (the header first with ``header``)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, LEDGER_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def data_identity(fc: FeatureCache) -> str:
@@ -278,14 +301,10 @@ def recorded_settings(out: Path, key: str) -> dict | None:
 
 def _append_ledger(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` in one write (one unit's rows land together or not at all), the header first if new."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, LEDGER_COLUMNS, lineterminator="\n")
-    with open(path, "a", newline="") as f:
+    with open(path, "ab") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # the ranks of a torchrun job append to one ledger
-        if f.tell() == 0:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.write(text.getvalue())
+        new = os.fstat(f.fileno()).st_size == 0  # now, under the lock: another rank may have written since open
+        f.write(_ledger_text(rows, header=new).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -459,6 +478,9 @@ def _fit_unit(cache, unit: Unit, base: FitConfig, key: str, runs_dir: Path, devi
     rows = score_runs(runs_dir, device=device, log=lambda line: None, only=[outcome.path])
     elapsed = time.perf_counter() - start
     wanted = TABLE_SCORES[unit.method]
+    missing = set(wanted) - {r["score"] for r in rows}
+    if missing:  # the ledger counts a unit done only with every score of its method
+        raise RuntimeError(f"scoring {outcome.path.name} gave no {', '.join(sorted(missing))} AUROC")
     return [{"method": unit.method, "blocks": unit.blocks, "seed": unit.seed, "normal_class": unit.normal,
              "normal_name": unit.normal_name, "score": r["score"], "auroc": f"{r['auroc']:.6f}",
              "fit_seconds": outcome.record["wall_time_s"], "score_seconds": round(elapsed, 3),

@@ -338,17 +338,68 @@ def test_an_output_folder_of_other_images_is_refused(two_class_cache, tmp_path):
     assert result.exit_code == 2 and "holds results on other images" in result.output
 
 
+HEADER = ",".join(LEDGER_COLUMNS) + "\n"
+
+
 def test_a_torn_last_line_of_the_ledger_is_cut_off_and_its_unit_fitted_again(tmp_path):
     ledger = tmp_path / LEDGER
-    header = ",".join(LEDGER_COLUMNS)
-    good = "sanf,4,0,0,a,nll,0.9,1.0,0.5,10,raw,r0,x"
-    ledger.write_text(f"{header}\n{good}\nsanf,4,0,0,a,z2,0.")  # killed in the middle of the second row's write
-    assert [r["score"] for r in read_ledger(ledger)] == ["nll"]  # read: the torn line skipped
-    assert len(read_ledger(ledger, repair=True)) == 1
-    assert ledger.read_text() == f"{header}\n{good}\n"  # repaired: the next append starts on a fresh line
-    ledger.write_text(f"{header}\nsanf,4,0\n{good}\n")
+    knn = "knn,4,0,1,b,cosine,0.8,1.0,0.5,10,raw,r1,abcdef012345\n"
+    nll = "sanf,4,0,0,a,nll,0.9,1.0,0.5,10,raw,r0,abcdef012345\n"
+    ledger.write_text(f"{HEADER}{knn}{nll}sanf,4,0,0,a,z2,0.")  # killed in the middle of the unit's second row
+    # the unit's complete nll row goes with its torn z2 row: the unit is not done, not done without its z2
+    assert [r["method"] for r in read_ledger(ledger)] == ["knn"]
+    assert ledger.read_text().endswith("z2,0.")  # read without repair: the file as it was
+    assert [r["method"] for r in read_ledger(ledger, repair=True)] == ["knn"]
+    assert ledger.read_text() == f"{HEADER}{knn}"  # repaired: the next append starts on a fresh line
+    ledger.write_text(f"{HEADER}{knn}{nll}{nll.replace('nll', 'z2')[:-4]}")  # torn inside the last column
+    assert [r["method"] for r in read_ledger(ledger, repair=True)] == ["knn"]
+    assert ledger.read_text() == f"{HEADER}{knn}"
+    ledger.write_text(f"{HEADER}sanf,4,0\n{knn}")
     with pytest.raises(ValueError, match="line 2 is malformed"):
         read_ledger(ledger)
+
+
+def test_repairing_a_torn_ledger_keeps_every_complete_row_of_non_ascii_class_names(tmp_path):
+    ledger = tmp_path / LEDGER
+    first = "knn,4,0,0,chat_noir_été,cosine,0.8,1.0,0.5,10,raw,r0,abcdef012345\n"
+    ledger.write_text(f"{HEADER}{first}knn,4,0,1,chien_âgé,cos", encoding="utf-8")
+    assert [r["normal_name"] for r in read_ledger(ledger, repair=True)] == ["chat_noir_été"]
+    assert ledger.read_text(encoding="utf-8") == f"{HEADER}{first}"  # cut at the byte, not at the character
+
+
+def test_a_ledger_torn_in_its_first_write_is_empty_and_another_file_is_refused_unchanged(tmp_path):
+    ledger = tmp_path / LEDGER
+    ledger.write_text(HEADER[:20])
+    assert read_ledger(ledger, repair=True) == [] and ledger.read_text() == ""
+    ledger.write_text("name,score\nx,1\ny,")
+    with pytest.raises(ValueError, match="is not a reproduce ledger"):
+        read_ledger(ledger, repair=True)
+    assert ledger.read_text() == "name,score\nx,1\ny,"
+
+
+def test_two_ranks_appending_to_a_new_ledger_write_its_header_once(tmp_path, monkeypatch):
+    """Rank 1 opens the new ledger, then waits for the lock that rank 0 holds while it writes the header and its
+    unit: rank 1 must not write the header a second time."""
+    import fcntl
+
+    from flow.experiments import reproduce as module
+
+    ledger = tmp_path / LEDGER
+    row = {"method": "knn", "blocks": 4, "seed": 0, "normal_class": 0, "normal_name": "a", "score": "cosine",
+           "auroc": "0.8", "fit_seconds": 1.0, "score_seconds": 0.5, "num_train": 10, "transform": "raw",
+           "run": "r0", "settings": "abcdef012345"}
+    real_flock = fcntl.flock
+
+    def flock_after_the_other_rank(fd, op):
+        if not ledger.stat().st_size:  # the other rank takes the lock first and appends its unit
+            monkeypatch.setattr(module.fcntl, "flock", real_flock)
+            module._append_ledger(ledger, [{**row, "normal_class": 1, "normal_name": "b"}])
+        real_flock(fd, op)
+
+    monkeypatch.setattr(module.fcntl, "flock", flock_after_the_other_rank)
+    module._append_ledger(ledger, [row])
+    assert ledger.read_text().count("method,blocks") == 1
+    assert [r["normal_name"] for r in read_ledger(ledger)] == ["b", "a"]
 
 
 def test_a_diverging_fit_is_left_out_and_the_others_go_on(tmp_path):
