@@ -309,13 +309,14 @@ def reproduce(tables, scale, seeds, out, cache, normal, epochs, steps, tables_on
     done = reproduce_tables(out, [int(t) for t in tables], scale, seeds=seeds, cache=cache, normal=normal,
                             epochs=epochs, steps=steps, device=device, log=job.log(click.echo), dist=job,
                             fit=not tables_only, keep_runs=keep_runs, **given)
-    if job.is_main:
-        click.echo(f"{done.fitted} fits fitted, {done.reused} reused; wall time: "
-                   + ", ".join(f"{k} {v:.0f} s" for k, v in done.seconds.items()))
-        click.echo("wrote " + ", ".join(str(p) for p in done.files))
-        if done.failed:
-            raise InputError(f"{len(done.failed)} fits failed and are left out of the tables (first: "
-                             f"{done.failed[0]}); the same command tries them again")
+    with job.all_succeed():  # failed fits: rank 0 says so, every rank exits 2
+        if job.is_main:
+            click.echo(f"{done.fitted} fits fitted, {done.reused} reused; wall time: "
+                       + ", ".join(f"{k} {v:.0f} s" for k, v in done.seconds.items()))
+            click.echo("wrote " + ", ".join(str(p) for p in done.files))
+            if done.failed:
+                raise InputError(f"{len(done.failed)} fits failed and are left out of the tables (first: "
+                                 f"{done.failed[0]}); the same command tries them again")
 
 
 #: the extraction options each --scale sets (flow.experiments.reproduce.SCALES; a test checks they agree): their

@@ -441,15 +441,17 @@ def extract_categories(dataset: str, data_root: str | None, category: str | None
     from .datasets import DatasetError, mvtec_categories
 
     if dataset == "mvtec" and category == "all":
-        if data_root is None or not Path(data_root).is_dir():
-            raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ...; "
-                               f"got {data_root!r}")
-        categories = mvtec_categories(Path(data_root))
-        if not categories:
-            hint = (f"; it is one category itself: pass its parent folder (and --category {Path(data_root).name})"
-                    if (Path(data_root) / "train" / "good").is_dir() else "")
-            raise DatasetError(f"--data-root {data_root}: no MVTec AD category (<category>/train/good/) found{hint}")
-        for c in categories:  # every category's layout is checked before any image is encoded
-            build_dataset(dataset, data_root, False, transform=None, category=c)
+        with options.get("dist", SINGLE).all_succeed():  # an error every rank finds alike is printed once
+            if data_root is None or not Path(data_root).is_dir():
+                raise DatasetError("--dataset mvtec needs --data-root DIR holding DIR/<category>/train/good/ ...; "
+                                   f"got {data_root!r}")
+            categories = mvtec_categories(Path(data_root))
+            if not categories:
+                hint = (f"; it is one category itself: pass its parent folder (and --category "
+                        f"{Path(data_root).name})" if (Path(data_root) / "train" / "good").is_dir() else "")
+                raise DatasetError(f"--data-root {data_root}: no MVTec AD category (<category>/train/good/) "
+                                   f"found{hint}")
+            for c in categories:  # every category's layout is checked before any image is encoded
+                build_dataset(dataset, data_root, False, transform=None, category=c)
         return [extract_features(dataset, data_root, category=c, **options) for c in categories]
     return [extract_features(dataset, data_root, category=category, **options)]

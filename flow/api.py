@@ -281,25 +281,28 @@ def sweep(base: FitConfig = FitConfig(), *, cache: str | os.PathLike | None = No
     Returns:
         The AUROC rows of every run under ``runs_dir`` (on rank 0; empty on the others).
     """
-    if (cache is None) == (extract_options.get("dataset") is None):
-        raise ValueError("sweep needs either --dataset (what to extract) or --cache (an existing cache)"
-                         + ("; got both: give only one" if cache is not None else ""))
-    if cache is not None:
-        extract_options.pop("dataset", None)
-        caches = [Path(cache)]
-        with FeatureCache(cache):  # a bad cache is refused before any fit
-            pass
-    else:
+    with dist.all_succeed():  # an error every rank finds alike is printed once, by rank 0
+        if (cache is None) == (extract_options.get("dataset") is None):
+            raise ValueError("sweep needs either --dataset (what to extract) or --cache (an existing cache)"
+                             + ("; got both: give only one" if cache is not None else ""))
+        if cache is not None:
+            extract_options.pop("dataset", None)
+            caches = [Path(cache)]
+            with FeatureCache(cache):  # a bad cache is refused before any fit
+                pass
+    if cache is None:
         caches = extract(extract_options.pop("dataset"), extract_options.pop("cache_dir", DEFAULT_CACHE_DIR), log=log,
                          dist=dist, device=device, **extract_options)
     fitted, kept = fit_sweep(caches, base, methods, seeds, transforms, blocks, hidden, k=k, runs_dir=str(runs_dir),
                              device=device, refit=refit, log=log, dist=dist, overwrite=overwrite)
-    if not dist.is_main:
-        return []
-    if kept:
-        log(f"{len(kept)} run{'s' if len(kept) != 1 else ''} fitted before with the same settings, not fitted again "
-            "(--refit fits them again)")
-    return summarise(caches, fitted, kept, runs_dir, device=device, alpha=alpha, means=means, log=log)
+    rows: list[dict] = []
+    with dist.all_succeed():  # the other ranks wait for rank 0's scoring: its error ends the job as one
+        if dist.is_main:
+            if kept:
+                log(f"{len(kept)} run{'s' if len(kept) != 1 else ''} fitted before with the same settings, not "
+                    "fitted again (--refit fits them again)")
+            rows = summarise(caches, fitted, kept, runs_dir, device=device, alpha=alpha, means=means, log=log)
+    return rows
 
 
 def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str = "quick", *,
@@ -332,27 +335,32 @@ def reproduce(out: str | os.PathLike, tables: Sequence[int] = TABLES, scale: str
             :func:`fit`. Data that is absent (:class:`extract.datasets.DataAbsentError`: no such data root, or a
             dataset neither found nor downloadable) does not raise: the tables say "not run: data absent".
     """
-    if scale not in SCALES:
-        raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
-    preset = SCALES[scale]
-    if cache is not None and extract_options:
-        raise ValueError(f"--{next(iter(extract_options)).replace('_', '-')} sets the extraction; with --cache "
-                         "nothing is extracted")
-    given = epochs is not None or steps is not None
-    base = FitConfig(normal=normal, epochs=epochs, steps=steps if given else preset.steps)
+    with dist.all_succeed():  # an error every rank finds alike is printed once, by rank 0
+        if scale not in SCALES:
+            raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
+        preset = SCALES[scale]
+        if cache is not None and extract_options:
+            raise ValueError(f"--{next(iter(extract_options)).replace('_', '-')} sets the extraction; with --cache "
+                             "nothing is extracted")
+        if extract_options.get("category") == "all":  # refused before hours of extraction, not after
+            raise ValueError("--category: reproduce takes one MVTec AD category (one cache); got 'all': run it once "
+                             "per --category")
+        given = epochs is not None or steps is not None
+        base = FitConfig(normal=normal, epochs=epochs, steps=steps if given else preset.steps)
     absent = None
     if cache is None:
         options = {**preset.extract, **extract_options}
         dataset = options.pop("dataset", preset.dataset)
         try:
-            caches = extract(dataset, options.pop("cache_dir", DEFAULT_CACHE_DIR), log=log, dist=dist, device=device,
-                             progress=progress, **options)
-            if len(caches) != 1:
-                raise ValueError(f"reproduce takes one cache; --category all gave {len(caches)}: pass one --category")
-            cache = caches[0]
-        except DataAbsentError as err:
-            absent = str(err)
-            log(f"not run: data absent ({absent})")
+            (cache,) = extract(dataset, options.pop("cache_dir", DEFAULT_CACHE_DIR), log=log, dist=dist,
+                               device=device, progress=progress, **options)
+        except (DataAbsentError, JobError) as err:  # every rank finds the data absent: ranks but 0 as a JobError
+            cause = err if isinstance(err, DataAbsentError) else err.__cause__
+            if not isinstance(cause, DataAbsentError):
+                raise
+            absent = str(cause)
+            if dist.is_main:
+                log(f"not run: data absent ({absent})")
     return reproduce_tables(cache, out, tables, scale=scale, seeds=seeds, base=base, device=device, log=log,
                             progress=progress, dist=dist, absent=absent, fit=fit, keep_runs=keep_runs)
 

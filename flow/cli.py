@@ -78,6 +78,8 @@ class Group(click.Group):
 
 #: Old spellings that still work, with the new ones: ``run`` (the command) is ``sweep`` ("run" is a run folder),
 #: ``--features`` is ``--transform`` ("features" are the cached tokens), ``--no-caff`` is ``--method sanf-nocaff``.
+#: the commands that run as torchrun jobs (``command(job=True)``); the others refuse to
+JOB_COMMANDS: list[str] = []
 DEPRECATED = {"run": "sweep", "--features": "--transform", "--no-caff": "--method sanf-nocaff"}
 
 
@@ -106,6 +108,8 @@ def command(fn=None, *, job: bool = False):
     (:class:`ArgumentError`, alike on every rank) is printed by rank 0 alone, other errors by their rank."""
     if fn is None:
         return functools.partial(command, job=job)
+    if job:
+        JOB_COMMANDS.append(fn.__name__)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -120,6 +124,10 @@ def command(fn=None, *, job: bool = False):
                 raise click.exceptions.Exit(InputError.exit_code) from None
             return InputError((f"[rank {err.rank}] " if err.rank else "") + _one_line(err))
 
+        world_size = os.environ.get("WORLD_SIZE", "1")
+        if not job and world_size.isdigit() and int(world_size) > 1:  # every rank would do the whole work
+            raise ArgumentError(f"{click.get_current_context().info_name} does not run as a torchrun job (WORLD_SIZE "
+                                f"{world_size}): start it as one process; {', '.join(JOB_COMMANDS)} run as jobs")
         try:
             with job_session(kwargs.get("device", "auto")) if job else contextlib.nullcontext(SINGLE) as ctx:
                 try:
@@ -208,7 +216,7 @@ def run(cli: click.Group) -> None:
         return
     try:
         code = cli.main(prog_name=name, standalone_mode=False)
-    except click.UsageError as err:
+    except (click.UsageError, ArgumentError) as err:
         time.sleep(1.0)  # let rank 0 print it before torchrun stops the job
         sys.exit(err.exit_code)
     except click.ClickException as err:

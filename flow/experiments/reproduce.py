@@ -353,35 +353,39 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
             (data absent) any results.
         As :func:`flow.experiments.fitting.fit_cache` and :func:`flow.experiments.scoring.score_runs`.
     """
-    tables = sorted(set(tables))
-    bad = [t for t in tables if t not in TABLES]
-    if bad or not tables:
-        raise ValueError(f"--tables must be among {', '.join(map(str, TABLES))}; got {bad or 'none'}")
-    if scale not in SCALES:
-        raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
-    preset = SCALES[scale]
-    seeds = list(dict.fromkeys(preset.seeds if seeds is None else seeds))
-    base = base if base is not None else FitConfig(steps=preset.steps)
-    out = Path(out)
-    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
-    ledger_path = out / LEDGER
+    with dist.all_succeed():  # an error every rank finds alike is printed once, by rank 0
+        tables = sorted(set(tables))
+        bad = [t for t in tables if t not in TABLES]
+        if bad or not tables:
+            raise ValueError(f"--tables must be among {', '.join(map(str, TABLES))}; got {bad or 'none'}")
+        if scale not in SCALES:
+            raise ValueError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
+        preset = SCALES[scale]
+        seeds = list(dict.fromkeys(preset.seeds if seeds is None else seeds))
+        base = base if base is not None else FitConfig(steps=preset.steps)
+        out = Path(out)
+        runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+        ledger_path = out / LEDGER
+        if cache is None:
+            if read_ledger(ledger_path):  # "not run" tables would replace its tables
+                raise ValueError(f"--out {out} holds the results of earlier fits ({ledger_path}) and the data is "
+                                 f"absent ({absent}): its tables are left as they are; choose another --out")
+        else:
+            with FeatureCache(cache) as fc:
+                attrs = dict(fc.attrs)
+                classes = [(k, fc.class_names[k]) for k in normal_classes(fc, base.normal)]
+                identity = {"data": data_identity(fc), "dataset": attrs["dataset"], "cache": Path(cache).name}
+            table7_seeds = seeds[:preset.table7_seeds] if preset.table7_seeds else seeds
+            units = plan_units(tables, classes, seeds, table7_seeds)
+            settings = {u.key: unit_settings(unit_config(u, base)[0], attrs) for u in units}
+            keys = {u: settings_key(v) for u, v in settings.items()}
     if cache is None:
-        if read_ledger(ledger_path):  # "not run" tables would replace its tables
-            raise ValueError(f"--out {out} holds the results of earlier fits ({ledger_path}) and the data is absent "
-                             f"({absent}): its tables are left as they are; choose another --out")
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        files, seconds = write_tables(out, tables, [], None, preset, seeds, base, {}, absent=absent) \
-            if dist.is_main else ([], {})
+        files, seconds = [], {}
+        with dist.all_succeed():
+            if dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                files, seconds = write_tables(out, tables, [], None, preset, seeds, base, {}, absent=absent)
         return Reproduction(files, 0, 0, seconds)
-    with FeatureCache(cache) as fc:
-        attrs = dict(fc.attrs)
-        classes = [(k, fc.class_names[k]) for k in normal_classes(fc, base.normal)]
-        identity = {"data": data_identity(fc), "dataset": attrs["dataset"], "cache": Path(cache).name}
-    table7_seeds = seeds[:preset.table7_seeds] if preset.table7_seeds else seeds
-    units = plan_units(tables, classes, seeds, table7_seeds)
-    settings = {u.key: unit_settings(unit_config(u, base)[0], attrs) for u in units}
-    keys = {u: settings_key(v) for u, v in settings.items()}
     with contextlib.ExitStack() as stack:
         with dist.all_succeed():
             if dist.is_main:
@@ -389,19 +393,17 @@ def reproduce(cache: str | os.PathLike | None, out: str | os.PathLike, tables: S
                 stack.enter_context(FileLock(out / ".reproduce.lock", _busy(out), CacheError))
                 check_manifest(out, identity)
             ledger = read_ledger(ledger_path, repair=dist.is_main)
+            _refuse_other_settings(out, units, ledger, settings, keys)
+            if dist.is_main and fit:
+                record_settings(out, {keys[u.key]: settings[u.key] for u in units})
         return _run(cache, out, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs,
-                    classes, units, settings, keys, ledger, table7_seeds, fit, keep_runs)
+                    classes, units, keys, ledger, table7_seeds, fit, keep_runs)
 
 
-def _busy(out: Path) -> Callable[[str], str]:
-    return lambda pid: f"--out {out} is being written by another reproduce (pid {pid}); wait for it to finish"
-
-
-def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs, classes,
-         units, settings, keys, ledger, table7_seeds, fit: bool = True, keep_runs: bool = True) -> Reproduction:
-    """The body of :func:`reproduce`, under its lock on ``out``."""
-    ledger_path = out / LEDGER
-    done = {(r["method"], r["blocks"], r["seed"], r["normal_class"]): r["settings"] for r in ledger}
+def _refuse_other_settings(out: Path, units: Sequence[Unit], ledger: list[dict], settings: dict, keys: dict) -> None:
+    """Raise ValueError if the ledger holds a unit of the call fitted with other settings, naming those that differ
+    (from ``<out>/reproduce.json``)."""
+    done = {_row_unit(r): r["settings"] for r in ledger}
     other = [u for u in units if u.key in done and done[u.key] != keys[u.key]]
     if other:
         before = recorded_settings(out, done[other[0].key])
@@ -410,8 +412,17 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
                          + ("; ".join(differ[:3]) + ("; ..." if len(differ) > 3 else "") if differ else
                             "fitted on another extraction or with another training")
                          + "); choose another --out")
-    if dist.is_main and fit:
-        record_settings(out, {keys[u.key]: settings[u.key] for u in units})
+
+
+def _busy(out: Path) -> Callable[[str], str]:
+    return lambda pid: f"--out {out} is being written by another reproduce (pid {pid}); wait for it to finish"
+
+
+def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device, log, progress, dist, attrs, classes,
+         units, keys, ledger, table7_seeds, fit: bool = True, keep_runs: bool = True) -> Reproduction:
+    """The body of :func:`reproduce`, under its lock on ``out``, its units' settings checked against the ledger."""
+    ledger_path = out / LEDGER
+    done = {_row_unit(r) for r in ledger}
     todo = [u for u in units if u.key not in done]
     reused = len(units) - len(todo)
     if dist.is_main:
@@ -458,12 +469,13 @@ def _run(cache, out: Path, tables, scale, preset, seeds, base, runs_dir, device,
         bar.close()
     kept = sum(dist.gather(kept))
     failed = [f for part in dist.gather(failed) for f in part]
-    if not dist.is_main:
-        return Reproduction([], len(todo) - kept, reused + kept, {}, failed)
-    if kept:
-        log(f"{kept} fitted run folders were kept (fitted before, not yet scored): scored, not fitted again")
-    files, seconds = write_tables(out, tables, read_ledger(ledger_path), attrs, preset, seeds, base, keys,
-                                  table7_seeds=table7_seeds, classes=classes, failed=failed)
+    files, seconds = [], {}
+    with dist.all_succeed():  # the other ranks wait for rank 0's tables: its error ends the job as one
+        if dist.is_main:
+            if kept:
+                log(f"{kept} fitted run folders were kept (fitted before, not yet scored): scored, not fitted again")
+            files, seconds = write_tables(out, tables, read_ledger(ledger_path), attrs, preset, seeds, base, keys,
+                                          table7_seeds=table7_seeds, classes=classes, failed=failed)
     return Reproduction(files, len(todo) - kept - len(failed), reused + kept, seconds, failed)
 
 

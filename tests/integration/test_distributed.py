@@ -23,7 +23,7 @@ from test_resume import assert_same_cache, digits_args, invoke, uninterrupted  #
 
 from cache import CacheLock, partial_dir
 
-from conftest import ROOT, make_image_tree
+from conftest import ROOT, gaussian_splits, make_image_tree, write_cache
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 NUM_CHUNKS = 58
@@ -260,8 +260,42 @@ def test_reproduce_on_two_ranks_shares_the_fits_and_gives_the_ledger_of_one_proc
     assert again.returncode == 0 and "0 fits fitted, 6 reused" in again.stdout, again.stdout + again.stderr
 
 
+def test_reproduce_with_absent_data_says_not_run_once_and_every_rank_exits_0(tmp_path):
+    done = torchrun("reproduce", "--dataset", "folder", "--data-root", str(tmp_path / "absent"), "--cache-dir",
+                    str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--tables", "2,6", "--device", "cpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("not run: data absent") == 1
+    assert "not run: data absent" in (tmp_path / "out" / "tables.md").read_text()
+
+
+def test_errors_of_reproduce_after_the_job_started_are_printed_once_without_a_traceback(tmp_path):
+    """A bad --normal (found on every rank from the cache) and diverging fits (found by the rank that fitted them,
+    reported by rank 0 after the tables): one Error line each, every rank exits 2, no rank's traceback."""
+    splits = gaussian_splits(n_train=24, n_test=12, num_classes=2)
+    cls, patches, labels = splits["train"]
+    cls[labels == 1] *= 1e18  # class b's flows diverge
+    patches[labels == 1] *= 1e18
+    cache = write_cache(tmp_path / "div.h5", splits, ["a", "b"])
+    args = ["reproduce", "--cache", str(cache), "--out", str(tmp_path / "out"), "--tables", "5", "--seeds", "0",
+            "--steps", "2", "--device", "cpu"]
+    for extra, message in ((("--normal", "zz"), "--normal must be 'all', an index 0..1 or one of a, b; got 'zz'"),
+                           ((), "2 fits failed and are left out of the tables (first: sanf K=4 seed 0 normal b:")):
+        done = torchrun(*args, *extra)
+        output = done.stdout + "\n" + done.stderr
+        lines = error_lines(output)
+        assert len(lines) == 1 and message in lines[0], output
+        assert not re.search(r"\[rank\d\]: Traceback", output), output  # torchrun's own report aside
+        assert "exitcode  : 2" in output and "exitcode  : 1" not in output, output
+
+
 @pytest.mark.parametrize("args, message", [
     (("extract", "--dataset", "nosuch"), "Invalid value for '--dataset': 'nosuch' is not one of"),  # click's parser
+    (("sweep", "--device", "cpu"), "sweep needs either --dataset (what to extract) or --cache (an existing cache)"),
+    (("extract", "--dataset", "mvtec", "--category", "all", "--device", "cpu"), "--dataset mvtec needs --data-root"),
+    (("reproduce", "--dataset", "mvtec", "--category", "all", "--out", "out", "--device", "cpu"),
+     "--category: reproduce takes one MVTec AD category (one cache); got 'all'"),
+    (("fit", "--method", "knn", "--device", "cpu"), "fit does not run as a torchrun job (WORLD_SIZE 2): start it as "
+                                                    "one process; extract, sweep, reproduce run as jobs"),
     (("sweep", "--dataset", "digits", "--epochs", "2", "--steps", "5"),  # found by the command from its arguments
      "Error: --epochs and --steps exclude each other (a fit has one length); got --epochs 2 and --steps 5"),
     (("extract", "--dataset", "digits", "--device", "cuda"),  # before the ranks connect (no GPU here)
