@@ -22,7 +22,7 @@ from cache import CacheError, ChunkStore
 from cache.chunks import describe_need, human_bytes, remove_finished_leftovers
 
 from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, create_backbone, parse_layer
-from .datasets import ToRGB, build_dataset, check_readable, unchecked_files
+from .datasets import DOWNLOADED, ToRGB, build_dataset, check_readable, unchecked_files
 from .distributed import SINGLE, DistContext
 
 #: The seed of the train subset drawn with ``train_per_class`` (fixed, so that a subset is named by its size alone).
@@ -159,6 +159,13 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
     say = log if dist.is_main else _quiet  # the setup lines, once per job
     finished: Path | None = None
     todo: list[tuple[str, int, int]] = []  # (split, start, stop) of every chunk to encode, from rank 0
+    if dist.distributed and download and dataset in DOWNLOADED:
+        # the ranks share --data-root: rank 0 downloads what is missing, alone, while the others wait (several
+        # downloads into one folder corrupt it); an error of it comes again below, on every rank
+        if dist.is_main:
+            with contextlib.suppress(Exception):
+                build_dataset(dataset, data_root, True, transform=None, category=category, layout=layout)
+        dist.gather(None)
     with contextlib.ExitStack() as stack:
         with dist.all_succeed():  # every rank sets up alike; rank 0 alone locks the cache and reads its state
             dev = dist.device(device)

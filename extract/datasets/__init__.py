@@ -42,6 +42,7 @@ from .protocols import (
     DIGIT_CLASSES,
     DIGITS_SPLIT_SEED,
     DIGITS_TEST_FRACTION,
+    DOWNLOADED,
     FASHION_MNIST_FILES,
     FOLDER_LAYOUTS,
     STL10_CLASSES,
@@ -79,7 +80,8 @@ __all__ = [
     "SplitSource", "DatasetSource", "ToRGB", "ArrayImages", "FileImages", "LabelMap", "VisibleImageFolder",
     "unchecked_files", "check_source",
     # protocols
-    "DATASETS", "FOLDER_LAYOUTS", "CIFAR10_CLASSES", "CIFAR10_COUNTS", "CIFAR100_COUNTS", "CIFAR100_SUPERCLASSES",
+    "DATASETS", "DOWNLOADED", "FOLDER_LAYOUTS", "CIFAR10_CLASSES", "CIFAR10_COUNTS", "CIFAR100_COUNTS",
+    "CIFAR100_SUPERCLASSES",
     "CIFAR100_COARSE_CLASSES", "CIFAR100_FINE_CLASSES", "CIFAR100_FINE_TO_COARSE", "STL10_CLASSES", "DIGIT_CLASSES",
     "FASHION_MNIST_FILES", "CATS_VS_DOGS_TRAIN", "CATS_VS_DOGS_TEST", "CATS_VS_DOGS_CLASSES", "DIGITS_TEST_FRACTION",
     "DIGITS_SPLIT_SEED", "build_dataset", "build_folder", "build_good_defect", "build_digits", "build_cifar10",

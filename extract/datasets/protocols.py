@@ -20,6 +20,8 @@ from .sources import ArrayImages, DatasetSource, FileImages, LabelMap, SplitSour
 
 DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist", "cats-vs-dogs", "mvtec", "digits",
             "folder")
+#: the datasets torchvision downloads when they are not under ``--data-root`` (and downloading is allowed)
+DOWNLOADED = ("cifar10", "cifar100", "stl10", "mnist", "svhn", "fashion-mnist")
 #: ``--layout`` of ``--dataset folder``: class folders (one class normal, the rest anomalous) or MVTec-style
 #: ``good``/defect folders (``good`` normal, every defect type anomalous).
 FOLDER_LAYOUTS = ("classes", "good-defect")

@@ -156,3 +156,32 @@ def test_per_class_splits_each_fit_into_its_normal_classes(gaussian_cache):
     assert [f.normal for f in per_class(sweep_fits([gaussian_cache], "2", ["knn"], [0], ["raw"], [4], [8]))] == ["c"]
     with pytest.raises(ValueError, match="--normal must be 'all', an index 0..2 or one of a, b, c"):
         per_class(sweep_fits([gaussian_cache], "z", ["knn"], [0], ["raw"], [4], [8]))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("dataset, download, first", [
+    ("cifar10", True, True),  # torchvision downloads it: rank 0 alone first, the others after it
+    ("cifar10", False, False),
+    ("folder", True, False),  # nothing to download
+])
+def test_rank_0_downloads_a_dataset_alone_before_the_other_ranks_read_it(monkeypatch, rank, dataset, download, first):
+    import extract.run
+    from extract.datasets import DataAbsentError
+
+    events = []
+
+    class Recording(TwoRanks):
+        def gather(self, obj):
+            events.append("meet")
+            return super().gather(obj)
+
+    def build(name, data_root, may_download, **kwargs):
+        events.append(("build", may_download))
+        raise DataAbsentError("not here")  # ends the extraction at its first setup
+
+    monkeypatch.setattr(extract.run, "build_dataset", build)
+    with pytest.raises((DataAbsentError, JobError)):
+        extract.run.extract_features(dataset, "/nowhere", download=download, device="cpu",
+                                     dist=Recording(rank, None))
+    setup = [("build", download), "meet"]  # every rank, in the all_succeed block
+    assert events == ([("build", True), "meet"] if rank == 0 else ["meet"]) + setup if first else setup
