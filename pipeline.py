@@ -269,6 +269,8 @@ def serve(run_dir, **opts) -> None:
     /model, / (a page to drop images on) and /docs (docs/serving.md)."""
     from flow.api import serve as serve_run
 
+    if opts["token"] is None and "SANF_AD_TOKEN" in os.environ:  # click reads an empty variable as unset
+        raise ArgumentError("--token must not be empty; got SANF_AD_TOKEN='' (unset it to serve without a token)")
     serve_run(run_dir, log=click.echo, **opts)
 
 

@@ -204,6 +204,18 @@ class CacheEncoder:
                 steps.append(f"centre crop {step.size[0]} x {step.size[1]} px")
         return ", ".join(steps) or "as timm's eval transform"
 
+    def resize_side(self) -> int | None:
+        """The length in pixels the preprocessing resizes an image's shorter side to (keeping its aspect ratio,
+        before the centre crop), or None when it resizes to a fixed size."""
+        from torchvision import transforms
+
+        for step in self.transform().transforms[1].transforms:
+            if isinstance(step, transforms.Resize):
+                size = step.size
+                if isinstance(size, int) or len(size) == 1:
+                    return int(size if isinstance(size, int) else size[0])
+        return None
+
     def autocast(self):
         """The recorded forward precision (``precision``: autocast for bf16/fp16)."""
         dtype = PRECISIONS[self.features["precision"]]

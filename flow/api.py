@@ -391,6 +391,10 @@ def serve(run: str | os.PathLike, onnx: str | os.PathLike | None = None, host: s
 
     from flow.deploy.serve import ServeConfig, create_app
 
+    if not host.strip():  # the empty host binds every interface
+        raise ValueError(f"--host must name an interface (127.0.0.1: this machine only, 0.0.0.0: every interface); "
+                         f"got {host!r}")
+
     config = ServeConfig(alpha=alpha, max_batch=max_batch, max_upload_mb=max_upload_mb, token=token)
     read_run_record(run)  # a wrong folder is refused here, not by a server that cannot load it
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:

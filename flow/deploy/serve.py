@@ -51,6 +51,10 @@ STATIC = Path(__file__).with_name("static")
 MIB = 1024 * 1024
 
 
+#: the largest --max-upload-mb (MiB per file)
+MAX_UPLOAD_MB = 4096
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """How :func:`create_app` serves a run.
@@ -92,6 +96,9 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0 and name == "max_upload_mb" or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value!r}")
+        if self.max_upload_mb > MAX_UPLOAD_MB:  # its bytes are counted in integers: 1e308 MiB does not fit
+            raise ValueError(f"--max-upload-mb must be at most {MAX_UPLOAD_MB} (MiB per file); got "
+                             f"{self.max_upload_mb!r}")
         if self.token is not None:
             if not self.token.strip():
                 raise ValueError("--token must not be empty")
@@ -108,14 +115,17 @@ class UploadError(Exception):
         self.status, self.file, self.reason = status, file, reason
 
 
-def decode_upload(name: str, data: bytes, max_pixels: int = ServeConfig.max_pixels) -> Image.Image:
+def decode_upload(name: str, data: bytes, max_pixels: int = ServeConfig.max_pixels,
+                  resize_side: int | None = None) -> Image.Image:
     """The image in an upload's bytes, read as ``predict`` reads a file (:func:`extract.datasets.images.read_image`),
     with PIL's decompression-bomb warning (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) raised as an error and
-    images of more than ``max_pixels`` pixels refused before they are decoded.
+    images of more than ``max_pixels`` pixels refused before they are decoded, as are those that would have more
+    once the preprocessing resizes their shorter side to ``resize_side`` pixels (a 1 x 1,000,000 image is small, but
+    resized to 224 px on its shorter side it is 224 x 224,000,000).
 
     Raises:
-        UploadError: naming the file: 413 for more than ``max_pixels`` pixels; 422 for not an image, truncated, a
-            decompression bomb, or an image that cannot be read otherwise (a 32-bit one).
+        UploadError: naming the file: 413 for more than ``max_pixels`` pixels, decoded or resized; 422 for not an
+            image, truncated, a decompression bomb, or an image that cannot be read otherwise (a 32-bit one).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -127,6 +137,12 @@ def decode_upload(name: str, data: bytes, max_pixels: int = ServeConfig.max_pixe
         if width * height > max_pixels:
             raise UploadError(413, name, f"{width} x {height} pixels, more than the server decodes "
                                          f"({max_pixels:,} pixels per image)")
+        if resize_side and min(width, height) > 0:
+            resized = resize_side * math.ceil(resize_side * max(width, height) / min(width, height))
+            if resized > max_pixels:
+                raise UploadError(413, name, f"{width} x {height} pixels: resized to {resize_side} px on its shorter "
+                                             f"side it would have {resized:,} pixels, more than the server decodes "
+                                             f"({max_pixels:,} pixels per image)")
         try:
             return read_image(io.BytesIO(data), name)
         except ImageReadError as err:
@@ -276,6 +292,7 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
             predictor.predict([np.zeros((*size, 3), dtype=np.uint8)], alpha=config.alpha)  # warm: one forward
             calibration = predictor.calibration[predictor.primary_score] if predictor.calibrated else None
             state["calibration"] = calibration_summary(calibration, config.alpha)
+            state["resize_side"] = predictor.encoder.resize_side()
             state["predictor"] = predictor
             log(f"serving {Path(run).name} ({predictor.record['method']}, "
                 f"{'onnxruntime' if onnx else 'PyTorch'}): ready after {time.perf_counter() - start:.1f} s")
@@ -356,10 +373,14 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
         authorise(request)  # before the body is read: an anonymous upload is not even parsed
         predictor = predictor_or_503()
         try:
-            form = await request.form(max_files=config.max_files + 1, max_fields=16)
+            form = await request.form(max_files=config.max_files, max_fields=16)
         except Exception as err:
             if request.scope.get("state", {}).get("body_too_large"):
                 raise HTTPException(413, detail={"file": None, "reason": _too_large(body_limit)}) from None
+            if str(getattr(err, "detail", err)).startswith("Too many files"):  # Starlette stops at max_files + 1
+                raise HTTPException(413, detail={"file": None, "reason": f"more than {config.max_files} files; at "
+                                                                          f"most {config.max_files} per request"}) \
+                    from None
             raise HTTPException(400, detail={"file": None, "reason": f"cannot parse the multipart body: "
                                                                       f"{getattr(err, 'detail', err)}"}) from None
         files = [f for f in form.getlist("files") if isinstance(f, StarletteUpload)]
@@ -367,10 +388,6 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
             await form.close()
             raise HTTPException(422, detail={"file": None, "reason": "no images: send them as multipart form files "
                                                                      "in the field 'files'"})
-        if len(files) > config.max_files:
-            await form.close()
-            raise HTTPException(413, detail={"file": None, "reason": f"{len(files)} files; at most "
-                                                                      f"{config.max_files} per request"})
         loop = asyncio.get_running_loop()
         images, names, pixels = [], [], 0
         limit = int(config.max_upload_mb * MIB)
@@ -380,7 +397,8 @@ def create_app(run: str | Path, onnx: str | Path | None = None, config: ServeCon
                 data = await upload.read(limit + 1)
                 if len(data) > limit:
                     raise UploadError(413, name, f"larger than --max-upload-mb {config.max_upload_mb:g} MiB")
-                image = await loop.run_in_executor(None, decode_upload, name, data, config.max_pixels)
+                image = await loop.run_in_executor(None, decode_upload, name, data, config.max_pixels,
+                                                   state.get("resize_side"))
                 pixels += image.width * image.height
                 if pixels > config.max_request_pixels:
                     raise UploadError(413, name, f"the request's images exceed {config.max_request_pixels:,} pixels "

@@ -21,8 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 from test_cli import SMALL, assert_ok, extract_args, invoke, read_csv
+
+from pipeline import cli
 
 from conftest import ROOT, make_image_tree
 
@@ -136,8 +139,11 @@ def _hostile(tmp: Path) -> dict[str, tuple[bytes, int, str]]:
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big, "PNG")
     wide = io.BytesIO()
     Image.new("1", (8000, 6000)).save(wide, "PNG")  # 48 M pixels: under PIL's limit, over the server's 40 M
+    thin = io.BytesIO()
+    Image.new("1", (2_000_000, 1)).save(thin, "PNG")  # 2 M pixels, but over 2,000 M once resized to 32 px high
     return {"notes.png": (b"this is not an image at all", 422, "not an image"),
             "wide.png": (wide.getvalue(), 413, "more than the server decodes"),
+            "thin.png": (thin.getvalue(), 413, "px on its shorter side it would have"),
             "cut.png": (png.getvalue()[:len(png.getvalue()) // 2], 422, "truncated"),
             "bomb.png": (bomb.getvalue(), 422, "decompression bomb"),
             "big.png": (big.getvalue(), 413, "--max-upload-mb")}
@@ -172,6 +178,11 @@ def test_hostile_uploads_get_a_4xx_naming_the_file_and_the_server_goes_on(served
         assert chunked.status_code == 413 and "larger than the server accepts" in chunked.json()["detail"]["reason"]
         empty = httpx.post(f"{url}/predict", timeout=60)
         assert empty.status_code == 422 and "no images" in empty.json()["detail"]["reason"]
+        for n in (65, 66):  # one over the limit, and more: the same 413
+            many = httpx.post(f"{url}/predict", files=[("files", (f"{i}.png", b"x", "image/png")) for i in range(n)],
+                              timeout=60)
+            assert many.status_code == 413, many.text
+            assert many.json()["detail"]["reason"] == "more than 64 files; at most 64 per request"
         assert httpx.get(f"{url}/health").status_code == 200
     assert list(tmpdir.iterdir()) == []  # no temporary file left
 
@@ -266,6 +277,19 @@ def test_serve_refuses_a_folder_that_is_not_a_run_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"Error: run {tmp_path}: cannot read run.json ([Errno 2] No such "
                                                   f"file or directory: '{tmp_path}/run.json')"]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ((), {"SANF_AD_TOKEN": ""}, "Error: --token must not be empty; got SANF_AD_TOKEN='' (unset it to serve without "
+                                "a token)"),  # an unset secret in a deployment: not an open service
+    (("--host", ""), {}, "Error: --host must name an interface (127.0.0.1: this machine only, 0.0.0.0: every "
+                         "interface); got ''"),  # the empty host would bind every interface
+    (("--max-upload-mb", "1e308"), {}, "Error: --max-upload-mb must be at most 4096 (MiB per file); got 1e+308"),
+])
+def test_serve_settings_that_would_open_or_break_the_service_are_refused_in_one_line(served, args, env, message):
+    result = CliRunner().invoke(cli, ["serve", str(served["runs"]["knn"]["run"]), "--port", str(free_port()), *args],
+                                env=env)
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [message], result.output
 
 
 def test_a_run_that_cannot_be_loaded_stops_the_server_with_one_line(served):

@@ -46,6 +46,16 @@ def _png(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def test_an_upload_too_large_once_resized_is_refused_before_it_is_decoded():
+    thin = _png(np.zeros((1, 200_000), dtype=np.uint8))  # 200,000 pixels: a 224 x 44,800,000 image once resized
+    with pytest.raises(UploadError) as caught:
+        decode_upload("thin.png", thin, max_pixels=40_000_000, resize_side=224)
+    assert caught.value.status == 413 and "200000 x 1 pixels: resized to 224 px on its shorter side it would have " \
+        "10,035,200,000 pixels" in caught.value.reason
+    assert decode_upload("thin.png", thin, max_pixels=40_000_000).size == (200_000, 1)  # no resize: accepted
+    assert decode_upload("w.png", _png(np.zeros((200, 800), dtype=np.uint8)), resize_side=224).size == (800, 200)
+
+
 def test_uploads_are_read_as_predict_reads_files_and_bad_ones_named():
     sixteen = _png(np.full((4, 4), 0xABCD, dtype=np.uint16))
     assert np.asarray(decode_upload("s.png", sixteen)).max() == 0xAB  # 16-bit: the top 8 bits, as load_image
