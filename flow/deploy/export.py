@@ -143,6 +143,11 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name (MODEL.onnx)")
     check_not_a_run_file(out)
+    for path in check_images or ():  # the graph would replace a check image, or join the images checked
+        if Path(path).is_dir() and Path(path).resolve() in out.resolve().parents:
+            raise ValueError(f"--out {out} is inside --check-images {path}; choose a path outside it")
+        if Path(path).is_file() and out.is_file() and os.path.samefile(path, out):
+            raise ValueError(f"--out {out} is the --check-images file {path}; choose another name")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = read_run_record(run)
     features = run_features(run, record)

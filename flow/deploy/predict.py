@@ -339,6 +339,8 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     listed = list_images(list(paths))
     if any(os.path.exists(f) and os.path.samefile(f, out) for f in listed.files if os.path.isfile(out)):
         raise ValueError(f"--out {out} is one of the input images; choose another name")
+    if onnx is not None and os.path.isfile(out) and os.path.samefile(onnx, out):
+        raise ValueError(f"--out {out} is the --onnx graph; choose another name")
     if not listed.files:
         n = len(listed.skipped)
         raise ValueError(f"no image files under {', '.join(paths)}"

@@ -95,7 +95,7 @@ def check_not_a_run_file(out: Path, option: str = "--out") -> None:
     Raises:
         ValueError: names the option and the file.
     """
-    own = ("run.json", "model.safetensors", CALIBRATION_FILE, "scores.csv")
+    own = ("run.json", "model.safetensors", CALIBRATION_FILE, TRANSFORM_FILE, "scores.csv")
     if out.name in own and (out.parent / "run.json").is_file():
         raise ValueError(f"{option} {out} is a file of the run folder {out.parent}; choose another name")
 

@@ -472,7 +472,20 @@ def test_out_may_not_be_an_input_or_a_run_file(calibrated, tmp_path):
     shutil.copytree(run, copy)
     assert_input_error(invoke("predict", str(copy), str(image), "--out", str(copy / "run.json")), "file of the run")
     assert_input_error(invoke("export", str(copy), "--out", str(copy / "model.safetensors")), "file of the run")
+    assert_input_error(invoke("predict", str(copy), str(image), "--out", str(copy / "feature_transform.safetensors")),
+                       "file of the run")
     assert read_run_record(copy)
+    graph = tmp_path / "m.onnx"
+    assert_ok(invoke("export", str(run), "--out", str(graph)))
+    onnx_bytes = graph.read_bytes()
+    assert_input_error(invoke("predict", str(run), str(image), "--onnx", str(graph), "--out", str(graph)),
+                       f"--out {graph} is the --onnx graph; choose another name")
+    assert graph.read_bytes() == onnx_bytes
+    assert_input_error(invoke("export", str(run), "--out", str(image), "--check-images", str(image)),
+                       f"--out {image} is the --check-images file {image}")
+    assert_input_error(invoke("export", str(run), "--out", str(tmp_path / "m2.onnx"), "--check-images",
+                              str(tmp_path)), f"--out {tmp_path / 'm2.onnx'} is inside --check-images {tmp_path}")
+    assert image.read_bytes() == before and not (tmp_path / "m2.onnx").exists()
 
 
 def test_a_val_fraction_that_holds_out_no_row_is_refused(calibrated, tmp_path):
