@@ -223,6 +223,9 @@ def fit_cache(cache: str | os.PathLike, config: FitConfig = FitConfig(), runs_di
         flow_config = config.flow_config(int(fc.attrs["feature_dim"])) if config.is_flow else None
         size = _flow_size(flow_config, int(fc.attrs["num_patches"]), log) if config.is_flow else {}
         names = _check_slots(fc, cache, config, classes, runs_dir, setting, features)
+        for k in classes:  # every class's run folder before the first fit, not after some of them
+            _check_replace(runs_dir / names[k], _settings(config, k, setting, features, fingerprint, flow_config),
+                           overwrite)
         for k in classes:
             path = runs_dir / names[k]
             settings = _settings(config, k, setting, features, fingerprint, flow_config)
@@ -438,18 +441,29 @@ def _check_slots(fc: FeatureCache, cache, config: FitConfig, classes: list[int],
     return names
 
 
-def check_fit(cache: str | os.PathLike, config: FitConfig, runs_dir: str | os.PathLike, setting: str = "") -> None:
+def check_fit(cache: str | os.PathLike, config: FitConfig, runs_dir: str | os.PathLike, setting: str = "",
+              overwrite: bool = False) -> None:
     """Refuse, without fitting anything, what :func:`fit_cache` with these arguments would refuse before its first
     fit: a bad ``normal``, too few train rows for the method once ``val_fraction`` is held out, a run slot taken by
-    something that is not a run. A sweep checks every fit first, so that it does not stop after hours of fits.
+    something that is not a run, or (without ``overwrite``) by a run fitted with other settings. A sweep checks
+    every fit first, so that it does not stop after hours of fits.
 
     Raises:
         ValueError, RunError, CacheError: as :func:`fit_cache`.
     """
+    runs_dir = Path(runs_dir)
     with FeatureCache(cache) as fc:
         resolved = resolve_features(config.transform, fc.attrs)  # auto -> the cache's choice, others unchanged
         classes = normal_classes(fc, config.normal)
-        _check_slots(fc, cache, config, classes, Path(runs_dir), run_setting(setting, resolved), resolved)
+        setting = run_setting(setting, resolved)
+        names = _check_slots(fc, cache, config, classes, runs_dir, setting, resolved)
+        taken = [k for k in classes if (runs_dir / names[k] / "run.json").is_file()]
+        if taken and not overwrite:  # the cache's fingerprint is read only when a run is in the way
+            fingerprint = fc.fingerprint()
+            flow_config = config.flow_config(int(fc.attrs["feature_dim"])) if config.is_flow else None
+            for k in taken:
+                _check_replace(runs_dir / names[k], _settings(config, k, setting, resolved, fingerprint,
+                                                              flow_config), overwrite)
 
 
 def _kept_run(path: Path, expected: dict, log: Callable[[str], None]) -> FitOutcome | None:

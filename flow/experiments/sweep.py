@@ -122,7 +122,7 @@ def fit_sweep(caches: Sequence[Path], base: FitConfig, methods: Sequence[str], s
     with dist.all_succeed():
         fits = sweep_fits(caches, base.normal, methods, seeds, transforms, blocks, hidden)
         for fit in fits:  # every fit's input checks before the first fit, not after hours of them
-            check_fit(fit.cache, fit_config(fit, base, k), runs_dir, fit.setting)
+            check_fit(fit.cache, fit_config(fit, base, k), runs_dir, fit.setting, overwrite=overwrite)
         if dist.distributed:
             fits = per_class(fits)
             device = str(dist.device(device))

@@ -148,6 +148,20 @@ def test_a_run_of_other_settings_is_replaced_only_with_overwrite(small_cache, tm
     assert '"epochs": 5' in (run / "run.json").read_text()
 
 
+def test_a_run_of_other_settings_for_one_class_stops_fit_and_sweep_before_their_first_fit(small_cache, tmp_path):
+    runs = tmp_path / "runs"
+    assert_ok(invoke("fit", "--cache", str(small_cache), "--normal", "b", "--method", "knn", "--k", "3",
+                     "--runs-dir", str(runs)))
+    before = sorted(p.name for p in runs.iterdir())
+    refused = invoke("fit", "--cache", str(small_cache), "--normal", "all", "--method", "knn", "--runs-dir", str(runs))
+    assert_input_error(refused, "__knn__normal1-b__seed0 holds a run fitted with other settings (--k 3, now 2)")
+    assert sorted(p.name for p in runs.iterdir()) == before  # class a, before b, was not fitted
+    refused = invoke("sweep", "--cache", str(small_cache), "--methods", "sanf,knn", "--normal", "all", "--epochs",
+                     "1", "--hidden", "8", "--device", "cpu", "--runs-dir", str(runs))
+    assert_input_error(refused, "__knn__normal1-b__seed0 holds a run fitted with other settings (--k 3, now 2)")
+    assert sorted(p.name for p in runs.iterdir()) == before  # no flow fitted first
+
+
 def test_fit_names_the_old_default_cache_folder(small_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cache").mkdir()
