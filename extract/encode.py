@@ -31,6 +31,7 @@ from .backbone import (
     parse_layer,
 )
 from .datasets import ImageReadError, load_image
+from .datasets.images import eight_bit
 from .run import PRECISIONS, build_transform, non_finite_rows
 
 #: The cache attributes that say how a feature was computed; a run keeps a copy so that it can be used on new
@@ -93,14 +94,19 @@ def list_images(paths: list[str]) -> ImageList:
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
+#: the channels of a (H, W, C) image array: gray, gray and alpha, RGB, RGBA
+CHANNELS = (1, 2, 3, 4)
+
+
 def image_from(item: ImageInput) -> Image.Image:
-    """An RGB PIL image from a file path (:func:`extract.datasets.load_image`: 16-bit images keep their top 8 bits,
-    RGBA and palette images become RGB, grayscale is repeated to 3 channels), a PIL image, or a uint8 array
-    (H, W) or (H, W, 3).
+    """An 8-bit RGB or grayscale PIL image from a file path (:func:`extract.datasets.load_image`), a PIL image (by
+    the same rule, :func:`extract.datasets.images.eight_bit`: 16-bit images keep their top 8 bits, RGBA and palette
+    images become RGB, 32-bit ones are refused), or a uint8 array (H, W), (H, W, 1), (H, W, 2) (gray and alpha),
+    (H, W, 3) or (H, W, 4) (RGBA; the alpha channel is dropped, as for files).
 
     Raises:
-        ImageReadError: a path that is missing, not a regular file or not a readable image; an array of another
-            dtype or shape; anything else.
+        ImageReadError: a path that is missing, not a regular file or not a readable image; a 32-bit PIL image; an
+            array of another dtype or shape; anything else.
     """
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
@@ -110,11 +116,11 @@ def image_from(item: ImageInput) -> Image.Image:
             raise ImageReadError(f"not a regular file: {path}")
         return load_image(path)
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return eight_bit(item, "(a PIL image)")
     if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3))):
-            raise ImageReadError(f"an image array must be uint8 of shape (H, W) or (H, W, 3) (8-bit values, RGB); "
-                                 f"got {item.dtype} {item.shape}")
+        if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in CHANNELS)):
+            raise ImageReadError(f"an image array must be uint8 of shape (H, W) or (H, W, C) with C 1, 2 (gray, "
+                                 f"alpha), 3 (RGB) or 4 (RGBA); got {item.dtype} {item.shape}")
         return Image.fromarray(item.squeeze(2) if item.ndim == 3 and item.shape[2] == 1 else item).convert("RGB")
     raise ImageReadError(f"an image must be a file path, a PIL image or a uint8 array; got {type(item).__name__}")
 

@@ -33,6 +33,7 @@ from cache import CacheError, FeatureCache
 from extract import BackboneError, DatasetError, ExtractionError, ImageReadError
 from extract.datasets import DataAbsentError
 from extract.distributed import SINGLE, DistContext, JobError
+from extract.encode import CHANNELS
 from extract.run import extract_categories
 from flow.deploy.export import export_onnx
 from flow.deploy.predict import Predictions, PredictionSummary, Predictor, predict
@@ -147,8 +148,9 @@ class Run:
 
     def predict(self, images, alpha: float = DEFAULT_ALPHA, device: str = "auto",
                 onnx: str | os.PathLike | None = None, batch_size: int = 64) -> Predictions:
-        """Score new images: a list of file paths, PIL images or uint8 arrays (H, W) or (H, W, 3), one of them
-        alone, or a stack of arrays (N, H, W) or (N, H, W, 3) (:func:`image_list`).
+        """Score new images: a list of file paths, PIL images or uint8 arrays (H, W) or (H, W, C) with C 1 to 4,
+        one of them alone, or a stack of arrays (N, H, W) or (N, H, W, C) (:func:`image_list`); read as files are
+        (:func:`extract.encode.image_from`).
 
         Returns:
             :class:`~flow.deploy.predict.Predictions`: every score per image, and for a calibrated run the p-value
@@ -173,8 +175,8 @@ class Run:
 
 
 def image_list(images) -> list:
-    """``images`` as a list of single images: a path, a PIL image or an array (H, W), (H, W, 1) or (H, W, 3) is one
-    image; a stack (N, H, W) or (N, H, W, C) or any other sequence is N images.
+    """``images`` as a list of single images: a path, a PIL image or an array (H, W) or (H, W, C) with C 1 to 4 (gray,
+    gray and alpha, RGB, RGBA) is one image; a stack (N, H, W) or (N, H, W, C) or any other sequence is N images.
 
     Raises:
         ValueError: anything else (the message names what was given).
@@ -184,7 +186,7 @@ def image_list(images) -> list:
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
     if isinstance(images, np.ndarray):
-        one = images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3))
+        one = images.ndim == 2 or (images.ndim == 3 and images.shape[2] in CHANNELS)
         return [images] if one else list(images)
     if isinstance(images, (list, tuple)):
         return list(images)

@@ -55,7 +55,18 @@ def read_image(handle: BinaryIO, name: str) -> Image.Image:
         image.load()
     except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
         raise ImageReadError(f"cannot read image {name}: {_reason(err)}") from None
-    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits (PIL's convert would clip)
+    return eight_bit(image, name)
+
+
+def eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """A decoded image as 8-bit RGB or grayscale, the one rule for files, uploads and PIL images given in memory:
+    16-bit grayscale keeps its top 8 bits (PIL's ``convert`` would clip it), other modes (RGBA, palette, CMYK,
+    bilevel) become RGB.
+
+    Raises:
+        ImageReadError: ``cannot read image <name>: ...`` for a 32-bit image (``I``, ``F``): no defined 8-bit range.
+    """
+    if image.mode.startswith("I;16"):
         return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
     if image.mode in ("I", "F"):
         raise ImageReadError(f"cannot read image {name}: {image.mode!r} (32-bit) images have no defined 8-bit range")

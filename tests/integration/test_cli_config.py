@@ -197,6 +197,20 @@ def test_a_run_predicts_paths_pil_images_and_arrays_alike(tmp_path):
         assert len(one := model.predict(alone, alpha=0.5, device="cpu")) == 1
         np.testing.assert_array_equal(one.score, result.score[:1])
     assert len(model.predict(np.stack([np.asarray(image)] * 3), alpha=0.5, device="cpu")) == 3
+    # an RGBA array is one image (not a stack of 4-pixel-wide ones), scored as its RGBA file and its RGB pixels
+    rgba = np.dstack([np.asarray(image), np.full(np.asarray(image).shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    as_rgba = model.predict(rgba, alpha=0.5, device="cpu")
+    assert len(as_rgba) == 1 and as_rgba.errors == [""]
+    np.testing.assert_array_equal(as_rgba.score, model.predict(str(tmp_path / "rgba.png"), device="cpu").score)
+    np.testing.assert_array_equal(as_rgba.score, result.score[:1])
+    # a 16-bit PIL image is read as its 16-bit file is (its top 8 bits), a 32-bit one refused as its file is
+    sixteen = Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257 + 100)
+    sixteen.save(tmp_path / "sixteen.png")
+    pair = model.predict([sixteen, str(tmp_path / "sixteen.png")], device="cpu")
+    assert pair.errors == ["", ""] and pair.score[0] == pair.score[1]
+    float32 = model.predict(Image.fromarray(np.zeros((8, 8), dtype=np.float32)), device="cpu")
+    assert "'F' (32-bit) images have no defined 8-bit range" in float32.errors[0]
     with pytest.raises(ValueError, match="images must be a path, a PIL image, an array or a list of them; got int"):
         model.predict(3)
     with pytest.raises(ValueError, match="config must be a flow.api.FitConfig .*; got dict"):
