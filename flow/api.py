@@ -244,11 +244,11 @@ def score(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, *, alpha: float = DEFA
     return score_runs(runs_dir=runs_dir, batch_size=batch_size, device=device, log=log, alpha=alpha)
 
 
-def predict_files(run: str | os.PathLike, paths: Sequence[str], out: str | os.PathLike | None = None,
-                  **options) -> PredictionSummary:
-    """Score image files and folders with a run and write one CSV row per file (``pipeline.py predict``; options:
-    see :func:`flow.deploy.predict.predict`)."""
-    return predict(run, list(paths), out=out, **options)
+def predict_files(run: str | os.PathLike, paths: str | os.PathLike | Sequence[str],
+                  out: str | os.PathLike | None = None, **options) -> PredictionSummary:
+    """Score image files and folders (one path alone, or a sequence of them) with a run and write one CSV row per
+    file (``pipeline.py predict``; options: see :func:`flow.deploy.predict.predict`)."""
+    return predict(run, [paths] if isinstance(paths, (str, os.PathLike)) else list(paths), out=out, **options)
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, alpha: float = DEFAULT_ALPHA, **options) -> dict[str, float]:

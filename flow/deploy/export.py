@@ -148,7 +148,6 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
             raise ValueError(f"--out {out} is inside --check-images {path}; choose a path outside it")
         if Path(path).is_file() and out.is_file() and os.path.samefile(path, out):
             raise ValueError(f"--out {out} is the --check-images file {path}; choose another name")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = read_run_record(run)
     features = run_features(run, record)
     calibration = read_calibration(run, record)
@@ -166,6 +165,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, alpha: float = D
     images = torch.stack([transform(image) for image in _load_images(check_images)])
     import tempfile
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # once the run, its backbone and the check images are read
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)

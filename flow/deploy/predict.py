@@ -162,7 +162,13 @@ class Predictor:
             self.device = resolve_device(device)
             self.encoder = rebuild_encoder(self.features, self.device, weights=weights, log=log)
             self.scorer = load_scorer(self.run, self.device)
-        else:
+        else:  # the graph holds the backbone and runs on onnxruntime's CPU provider: nothing to say otherwise
+            if weights is not None:
+                raise ValueError(f"--weights {weights} sets the PyTorch backbone; with --onnx the backbone is the "
+                                 "graph's: give one of them")
+            if device == "cuda":
+                raise ValueError("--device cuda: the --onnx graph runs on onnxruntime's CPU provider; use --device "
+                                 "cpu or auto, or drop --onnx")
             self.encoder = preprocessing_only(self.features)
             self.session = _checked_session(onnx, self.run, self.record)
             meta = read_metadata(self.session)
@@ -332,7 +338,6 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
     record = read_run_record(run)
     read_calibration(run, record)  # a damaged calibration is refused before anything else is done
     out = Path(out) if out is not None else run / PREDICTIONS_FILE
-    check_writable_dir(out.parent, "--out")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name")
     check_not_a_run_file(out)
@@ -346,6 +351,7 @@ def predict(run: str | os.PathLike, paths: list[str], out: str | os.PathLike | N
         raise ValueError(f"no image files under {', '.join(paths)}"
                          + (f" ({n} file{'' if n == 1 else 's'} that {'is' if n == 1 else 'are'} not an image"
                             f"{'' if n == 1 else 's'})" if n else ""))
+    check_writable_dir(out.parent, "--out")  # created once the inputs are known good, not by a refused call
     predictor = Predictor(run, device=device, onnx=onnx, weights=weights, log=log)
     if predictor.calibrated and smallest_p_value(predictor.num_calibration) > alpha:
         log(f"note: with {predictor.num_calibration} held-out rows no p-value can be <= alpha {alpha}, so nothing "

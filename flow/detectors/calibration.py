@@ -128,9 +128,13 @@ def check_alpha(alpha: float) -> float:
     Raises:
         ValueError: otherwise (the message names ``--alpha``).
     """
-    if not 0.0 < float(alpha) < 1.0:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"--alpha must be a number in (0, 1); got {alpha!r}") from None
+    if isinstance(alpha, bool) or not 0.0 < value < 1.0:
         raise ValueError(f"--alpha must be in (0, 1); got {alpha}")
-    return float(alpha)
+    return value
 
 
 def smallest_p_value(num_calibration: int) -> float:

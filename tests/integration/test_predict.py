@@ -486,6 +486,22 @@ def test_out_may_not_be_an_input_or_a_run_file(calibrated, tmp_path):
     assert_input_error(invoke("export", str(run), "--out", str(tmp_path / "m2.onnx"), "--check-images",
                               str(tmp_path)), f"--out {tmp_path / 'm2.onnx'} is inside --check-images {tmp_path}")
     assert image.read_bytes() == before and not (tmp_path / "m2.onnx").exists()
+    # options the --onnx path would ignore are refused, not dropped
+    assert_input_error(invoke("predict", str(run), str(image), "--onnx", str(graph), "--weights", str(graph),
+                              "--out", str(tmp_path / "p.csv")), "with --onnx the backbone is the graph's")
+    # a refused call leaves no --out folder behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_input_error(invoke("predict", str(run), str(empty), "--out", str(tmp_path / "new" / "dir" / "p.csv")),
+                       "no image files under")
+    assert_input_error(invoke("export", str(run), "--out", str(tmp_path / "new2" / "m.onnx"), "--check-images",
+                              str(empty)), "no image files")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
+    from flow.api import predict_files
+
+    one = predict_files(run, str(image), out=tmp_path / "one.csv", device="cpu", num_workers=0, progress=False,
+                        log=lambda line: None)  # one path alone is one path, not its characters
+    assert len(read_csv(tmp_path / "one.csv")[1]) == 1 and one is not None
 
 
 def test_a_val_fraction_that_holds_out_no_row_is_refused(calibrated, tmp_path):

@@ -61,6 +61,12 @@ def test_alpha_outside_the_open_interval_is_refused(alpha):
         check_alpha(alpha)
 
 
+@pytest.mark.parametrize("alpha", [None, "x", [0.1], True, float("nan")])
+def test_an_alpha_that_is_not_a_number_in_the_interval_is_refused_naming_it(alpha):
+    with pytest.raises(ValueError, match=r"--alpha must be (a number )?in \(0, 1\); got"):
+        check_alpha(alpha)
+
+
 def test_false_alarm_band_is_the_binomial_quantile():
     from scipy.stats import binom
 
