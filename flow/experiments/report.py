@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from flow.detectors.calibration import DEFAULT_ALPHA, decision_threshold, min_calibration_rows, smallest_p_value
-from flow.store.run_folder import PRIMARY_SCORES, read_calibration, score_names
+from flow.store.run_folder import PRIMARY_SCORES, atomic_write_text, read_calibration, score_names
 
 SUMMARY_KEYS = ("dataset", "backbone", "method", "setting", "score")
 
@@ -72,7 +72,7 @@ def write_summary_csv(path: Path, rows: list[dict], metric: str = "auroc") -> Pa
     writer.writeheader()
     writer.writerows(summary)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 
@@ -163,7 +163,7 @@ def write_report(path: Path, rows: list[dict], records: list[dict], title: str,
         parts += ["", "## Plots", ""]
         parts += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(parts) + "\n")
     return path
 
 

@@ -93,3 +93,23 @@ def test_the_report_says_when_a_calibrated_run_cannot_flag_anything():
     text = "\n".join(_calibration_part(rows(19)))
     assert "from 19 held-out normal rows per run" in text and "No image can be flagged" not in text
     assert _calibration_part([{**rows(0)[0], "false_alarm_rate": ""}]) == []
+
+
+def test_a_summary_interrupted_while_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import os
+
+    from flow.experiments import report
+    from flow.store import run_folder
+
+    rows = [{"cache": "c", "method": "knn", "score": "cosine", "setting": "", "feature_transform": "raw",
+             "normal_class": 0, "normal_name": "a", "seed": 0, "auroc": 0.9}]
+    path = report.write_summary_csv(tmp_path / "s.csv", rows)
+    before = path.read_text()
+
+    def killed(*args):
+        raise OSError("killed")
+
+    monkeypatch.setattr(run_folder.os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        report.write_summary_csv(path, [{**rows[0], "auroc": 0.5}])
+    assert path.read_text() == before and os.listdir(tmp_path) == ["s.csv"]  # no half-written file, no leftover
