@@ -96,12 +96,14 @@ def load_dataset_image(path: str) -> Image.Image:
         raise ImageReadError(f"{err}; {RESUME_ADVICE}") from None
 
 
-def _visible_image(path: str) -> bool:
-    """An image file by extension (torchvision's ``IMG_EXTENSIONS``) that is not hidden (``.name``, e.g. macOS
-    ``._x.png`` resource forks)."""
+def _visible_image(path: str, root: str | None = None) -> bool:
+    """An image file by extension (torchvision's ``IMG_EXTENSIONS``) that is not hidden: neither its name (``.x``,
+    e.g. macOS ``._x.png`` resource forks) nor, with ``root``, a folder between ``root`` and it (a class folder's
+    ``.ipynb_checkpoints/``) starts with a dot."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+    parts = Path(os.path.relpath(path, root)).parts if root is not None else (os.path.basename(path),)
+    return not any(part.startswith(".") for part in parts) and has_file_allowed_extension(path, IMG_EXTENSIONS)
 
 
 def check_unique_files(root: Path, paths: list[str], option: str = "--data-root") -> None:

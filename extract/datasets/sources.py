@@ -9,6 +9,7 @@ counts can be checked before any image is decoded. The Datasets here serve image
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,8 @@ class VisibleImageFolder(ImageFolder):
 
     def __init__(self, root: str, fixed_classes: list[str] | None = None, **kwargs) -> None:
         self.fixed_classes = fixed_classes
-        super().__init__(root, loader=load_dataset_image, is_valid_file=_visible_image, **kwargs)
+        super().__init__(root, loader=load_dataset_image, is_valid_file=functools.partial(_visible_image, root=root),
+                         **kwargs)
 
     def find_classes(self, directory):  # torchvision's hook for choosing the classes
         names = self.fixed_classes if self.fixed_classes is not None else sorted(

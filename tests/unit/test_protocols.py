@@ -482,6 +482,8 @@ def test_mvtec_links_and_hidden_folders(tmp_path):
     (root / "bottle" / "test" / ".ipynb_checkpoints").mkdir()
     Image.new("RGB", (4, 4)).save(root / "bottle" / "test" / ".ipynb_checkpoints" / "x.png")
     Image.new("RGB", (4, 4)).save(root / "bottle" / "test" / "good" / "._000.png")  # a macOS resource fork
+    (root / "bottle" / "test" / "good" / ".ipynb_checkpoints").mkdir()  # hidden, inside a class folder
+    Image.new("RGB", (4, 4)).save(root / "bottle" / "test" / "good" / ".ipynb_checkpoints" / "000-checkpoint.png")
     (root / ".cache" / "train" / "good").mkdir(parents=True)
     assert ds.mvtec_categories(root) == ["bottle", "screw"]
     source = build_dataset("mvtec", root, False, no_transform, category="bottle")
