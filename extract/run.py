@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from cache import CacheError, ChunkStore
+from cache import CacheError, ChunkStore, FeatureCache
 from cache.chunks import describe_need, human_bytes, remove_finished_leftovers
 
 from .backbone import DEFAULT_LAYER, LEGACY_SEMANTIC_VECTORS, TokenEncoder, create_backbone, parse_layer
@@ -204,6 +204,7 @@ def extract_features(dataset: str = "digits", data_root: str | None = None, down
                 settings["semantic_vector"] = encoder.semantic_vector
             path = Path(cache_dir) / cache_file_name(dataset, backbone, settings)
             if dist.is_main and skip_existing and not overwrite and path.exists():
+                _check_same_images(path, source)
                 say(f"using the existing cache {path}")
                 finished = path
             else:
@@ -433,6 +434,22 @@ def _assemble(store: ChunkStore, source, encoder: TokenEncoder, loaded, config: 
         attrs["train_per_class"] = train_per_class
         attrs["train_subset_seed"] = TRAIN_SUBSET_SEED
     return store.assemble(attrs, fine_labels=fine_labels)
+
+
+def _check_same_images(path: Path, source) -> None:
+    """Refuse to reuse the cache at ``path`` when its images are not the dataset's now (images added to or removed
+    from a folder tree since: the cache's name says what was extracted, not from which files).
+
+    Raises:
+        CacheError: names the cache, the first split that differs, and how to extract again.
+    """
+    with FeatureCache(path) as fc:
+        for split, part in source.splits.items():
+            stored = fc.split(split).sample_ids
+            if list(stored) != list(part.sample_ids):
+                raise CacheError(f"the cache {path} holds other {split} images than the dataset has now ({len(stored)} "
+                                 f"in the cache, {len(part.sample_ids)} now): run 'extract' with --overwrite to "
+                                 "extract them again, or move the cache away")
 
 
 def extract_categories(dataset: str, data_root: str | None, category: str | None, **options) -> list[Path]:

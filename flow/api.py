@@ -70,7 +70,8 @@ def extract(dataset: str = "digits", cache_dir: str | os.PathLike = DEFAULT_CACH
         dataset: one of :data:`extract.DATASETS` (``digits``: scikit-learn's 8x8 digits, no download).
         cache_dir: the folder receiving the cache.
         skip_existing: return an existing cache of the same settings instead of refusing (``overwrite=True``
-            replaces it).
+            replaces it); one that holds other images than the dataset has now (a folder tree changed since) is
+            refused (:class:`cache.CacheError`), not reused.
         log: where to print status lines.
         dist: a distributed job's context (torchrun), or :data:`extract.distributed.SINGLE`.
         **options: the other ``extract`` options by name (``backbone``, ``data_root``, ``patch_grid``,

@@ -585,6 +585,21 @@ def test_baseline_methods_fit_and_score_next_to_the_flow(tmp_path):
     assert_input_error(conflict, "--no-caff means --method sanf-nocaff; got --method knn")
 
 
+def test_a_cache_is_not_reused_once_the_images_of_its_folder_tree_changed(tmp_path):
+    data = make_image_tree(tmp_path / "data")
+    args = ["sweep", *extract_args(data, tmp_path / "cache", backbone=SMALL)[1:], "--methods", "knn", "--normal",
+            "blue", "--runs-dir", str(tmp_path / "runs")]
+    assert_ok(invoke(*args))
+    (cache,) = (tmp_path / "cache").glob("*.h5")
+    before = cache.read_bytes()
+    blue = sorted((data / "train" / "blue").iterdir())
+    shutil.copy(blue[0], data / "train" / "blue" / "added.png")  # one more train image
+    refused = invoke(*args)
+    assert_input_error(refused, f"the cache {cache} holds other train images than the dataset has now ({2 * len(blue)} "
+                                f"in the cache, {2 * len(blue) + 1} now): run 'extract' with --overwrite")
+    assert cache.read_bytes() == before
+
+
 def test_sweep_fits_every_method_and_seed_and_writes_the_summary(tree, tmp_path):
     """``run``: extract once (then reuse), two seeds of the flow, the baselines once, a summary whose mean
     column is the mean of its class columns, and a report."""
