@@ -178,6 +178,12 @@ def _folder_split(root: Path, split: str, transform: Callable, option: str = "--
                            f"{', '.join(f'{split}/{c}/' for c in empty)} hold{'' if len(empty) > 1 else 's'} no "
                            f"images; every class needs images in {expected}{empty_hint}")
     ids = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
+    for name in ids:  # a name in another encoding than UTF-8 cannot be stored as a sample id (nor in the CSVs)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise DatasetError(f"{option} {root}: the file name {shown!r} is not valid UTF-8; rename it") from None
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return list(dataset.classes), SplitSource(dataset, ids, labels)
 

@@ -563,3 +563,15 @@ def test_a_train_subset_larger_than_a_class_is_refused_naming_the_class():
     source = build_dataset("digits", None, False, transform=None)
     with pytest.raises(DatasetError, match=r"--train-per-class 100: class '0' of digits has 89 train images"):
         source.take_train_subset(100, seed=0)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    import os
+
+    from conftest import make_image_tree
+
+    root = make_image_tree(tmp_path / "data")
+    first = sorted((root / "train" / "blue").iterdir())[0]
+    os.link(first, os.path.join(os.fsencode(root / "train" / "blue"), b"caf\xe9.png"))  # a Latin-1 name
+    with pytest.raises(DatasetError, match=r"the file name 'train/blue/caf\\\\xe9.png' is not valid UTF-8; rename it"):
+        build_dataset("folder", root, False, no_transform)
