@@ -575,3 +575,16 @@ def test_a_file_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
     os.link(first, os.path.join(os.fsencode(root / "train" / "blue"), b"caf\xe9.png"))  # a Latin-1 name
     with pytest.raises(DatasetError, match=r"the file name 'train/blue/caf\\\\xe9.png' is not valid UTF-8; rename it"):
         build_dataset("folder", root, False, no_transform)
+
+
+def test_images_in_a_sub_folder_of_a_class_folder_belong_to_that_class(tmp_path):
+    import shutil
+
+    from conftest import make_image_tree
+
+    root = make_image_tree(tmp_path / "data")
+    (root / "train" / "red" / "more").mkdir()
+    shutil.copy(sorted((root / "train" / "blue").iterdir())[0], root / "train" / "red" / "more" / "x.png")
+    train = build_dataset("folder", root, False, no_transform).splits["train"]
+    (index,) = [i for i, name in enumerate(train.sample_ids) if name == "train/red/more/x.png"]
+    assert train.labels[index] == 1  # red, as docs/datasets.md says
