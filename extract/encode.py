@@ -162,6 +162,13 @@ def image_batches(images: list[ImageInput], transform: Callable, size: tuple[int
         yield indices, batch, list(errors)
 
 
+def _shorter_side(resize) -> int | None:
+    """The length a torchvision ``Resize`` step gives an image's shorter side (its size an int, or one value), or
+    None when it resizes to a fixed height and width."""
+    size = resize.size
+    return int(size) if isinstance(size, int) else int(size[0]) if len(size) == 1 else None
+
+
 @dataclass
 class CacheEncoder:
     """A backbone rebuilt from a cache's provenance, with its preprocessing.
@@ -200,10 +207,10 @@ class CacheEncoder:
         from torchvision import transforms
 
         steps = []
-        for step in self.transform().transforms[1].transforms:
+        for step in self._geometry():
             if isinstance(step, transforms.Resize):
                 size = step.size if isinstance(step.size, int) else "x".join(map(str, step.size))
-                side = "shorter side " if isinstance(step.size, int) or len(step.size) == 1 else ""
+                side = "shorter side " if _shorter_side(step) is not None else ""
                 steps.append(f"resize ({side}{size} px, {step.interpolation.value}"
                              f"{', antialias' if step.antialias else ''})")
             elif isinstance(step, transforms.CenterCrop):
@@ -215,12 +222,11 @@ class CacheEncoder:
         before the centre crop), or None when it resizes to a fixed size."""
         from torchvision import transforms
 
-        for step in self.transform().transforms[1].transforms:
-            if isinstance(step, transforms.Resize):
-                size = step.size
-                if isinstance(size, int) or len(size) == 1:
-                    return int(size if isinstance(size, int) else size[0])
-        return None
+        return next((_shorter_side(s) for s in self._geometry() if isinstance(s, transforms.Resize)), None)
+
+    def _geometry(self) -> list:
+        """The resize and crop steps of the preprocessing (timm's eval transform, after the RGB conversion)."""
+        return self.transform().transforms[1].transforms
 
     def autocast(self):
         """The recorded forward precision (``precision``: autocast for bf16/fp16)."""

@@ -76,10 +76,10 @@ class Group(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+#: The commands that run as torchrun jobs (``command(job=True)``); the others refuse to start under torchrun.
+JOB_COMMANDS: list[str] = []
 #: Old spellings that still work, with the new ones: ``run`` (the command) is ``sweep`` ("run" is a run folder),
 #: ``--features`` is ``--transform`` ("features" are the cached tokens), ``--no-caff`` is ``--method sanf-nocaff``.
-#: the commands that run as torchrun jobs (``command(job=True)``); the others refuse to
-JOB_COMMANDS: list[str] = []
 DEPRECATED = {"run": "sweep", "--features": "--transform", "--no-caff": "--method sanf-nocaff"}
 
 

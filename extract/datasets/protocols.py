@@ -606,7 +606,7 @@ def build_dataset(name: str, data_root: str | Path | None, download: bool, trans
         "folder": lambda: (build_good_defect(root, transform, "folder") if layout == "good-defect"
                            else build_folder(root, transform)),
     }
-    if name in ("digits", "folder", "cats-vs-dogs", "mvtec"):
+    if name not in DOWNLOADED:
         source = builders[name]()
     else:
         source = _read_release(name, root, builders[name])

@@ -223,12 +223,12 @@ def fit_cache(cache: str | os.PathLike, config: FitConfig = FitConfig(), runs_di
         flow_config = config.flow_config(int(fc.attrs["feature_dim"])) if config.is_flow else None
         size = _flow_size(flow_config, int(fc.attrs["num_patches"]), log) if config.is_flow else {}
         names = _check_slots(fc, cache, config, classes, runs_dir, setting, features)
+        settings_of = {k: _settings(config, k, setting, features, fingerprint, flow_config) for k in classes}
         for k in classes:  # every class's run folder before the first fit, not after some of them
-            _check_replace(runs_dir / names[k], _settings(config, k, setting, features, fingerprint, flow_config),
-                           overwrite)
+            _check_replace(runs_dir / names[k], settings_of[k], overwrite)
         for k in classes:
             path = runs_dir / names[k]
-            settings = _settings(config, k, setting, features, fingerprint, flow_config)
+            settings = settings_of[k]
             kept = keep_existing and _kept_run(path, settings, log)
             if kept:
                 outcomes.append(kept)
